@@ -1,0 +1,37 @@
+# The verbs a newcomer types. Every target installs what it needs into ~/.cache/kubetune (once) first.
+SHELL := /bin/bash
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)
+PY = "$$(bash scripts/venv.sh)/bin/python"
+BUILD = bash e2e/cluster/build.sh
+
+.PHONY: demo test e2e bench lint venv binaries
+
+## demo: boot a local control plane (unless kubectl reaches a cluster), install the chart, train a tiny model
+demo:
+	$(BUILD)
+	$(PY) -m e2e.demo
+
+## test: unit and integration tests (operator, trainer on CPU with a real local S3 server)
+test:
+	$(BUILD) versitygw
+	$(PY) -m pytest tests -q
+
+## e2e: tests against a real API server booted from locally built binaries
+e2e:
+	$(BUILD)
+	$(PY) -m pytest e2e -q
+
+## bench: trainer throughput, kubetune against the plain padded transformers+peft loop
+bench:
+	$(PY) -m kubetune_trainer.bench --model tiny
+
+## lint: ruff on everything, mypy strict on the operator
+lint:
+	$(PY) -m ruff check operator trainer_image tests e2e
+	$(PY) -m mypy
+
+venv:
+	bash scripts/venv.sh
+
+binaries:
+	$(BUILD)

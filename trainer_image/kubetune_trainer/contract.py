@@ -1,0 +1,267 @@
+"""The one contract between the operator and the trainer.
+
+Torch-free and dependency-free on purpose: the operator imports this module to render the trainer config
+(the ConfigMap) and to parse the termination message; the trainer imports it to read the config and to
+write that message. Both sides change together, behind ``CONTRACT_VERSION``.
+
+JSON keys are camelCase, as in the FineTuneJob spec they come from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONTRACT_VERSION = 1
+
+# Where things are inside the trainer pod.
+CONFIG_MOUNT_DIR = "/etc/kubetune"
+CONFIG_FILE_NAME = "config.json"
+CONFIG_PATH_ENV = "KUBETUNE_CONFIG"
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+WORK_DIR_ENV = "KUBETUNE_WORK_DIR"
+DEFAULT_WORK_DIR = "/scratch"
+METRICS_PORT = 9090
+# Kubernetes truncates a termination message at 4096 bytes; we stay below it so the JSON always parses.
+TERMINATION_MESSAGE_LIMIT = 4000
+
+# Prometheus metric names the trainer serves and the operator scrapes (all gauges).
+METRIC_STEP = "kubetune_trainer_step"
+METRIC_TOTAL_STEPS = "kubetune_trainer_total_steps"
+METRIC_EPOCH = "kubetune_trainer_epoch"
+METRIC_TRAIN_LOSS = "kubetune_trainer_train_loss"
+METRIC_EVAL_LOSS = "kubetune_trainer_eval_loss"
+METRIC_BEST_EVAL_LOSS = "kubetune_trainer_best_eval_loss"
+METRIC_BEST_STEP = "kubetune_trainer_best_step"
+METRIC_LEARNING_RATE = "kubetune_trainer_learning_rate"
+METRIC_GRAD_NORM = "kubetune_trainer_grad_norm"
+METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
+METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
+METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
+
+
+class TrainerReason:
+    """Reasons the trainer reports in a failed termination message; the operator copies them onto the
+    FineTuneJob's ``Failed`` condition unchanged."""
+
+    INVALID_CONFIG = "InvalidConfig"
+    """The rendered config could not be read or has values the trainer cannot use."""
+    DATASET_NOT_FOUND = "DatasetNotFound"
+    """The dataset URI names no object (or a prefix with no .jsonl/.json/.parquet object)."""
+    INVALID_DATASET = "InvalidDataset"
+    """One or more records are malformed; the message names the first line numbers and the count."""
+    EMPTY_DATASET = "EmptyDataset"
+    """The dataset was read but holds no usable example."""
+    ACCESS_DENIED = "AccessDenied"
+    """S3 refused the credentials for a read or a write."""
+    MODEL_NOT_FOUND = "ModelNotFound"
+    """The base model URI names nothing loadable."""
+    INVALID_MODEL = "InvalidModel"
+    """The base model was found but could not be loaded (missing config, tokenizer or weights)."""
+    OUT_OF_MEMORY = "OutOfMemory"
+    """The accelerator ran out of memory even at the smallest token budget."""
+    TRAINING_DIVERGED = "TrainingDiverged"
+    """The loss became NaN or infinite."""
+    UPLOAD_FAILED = "UploadFailed"
+    """The result could not be written to the output URI."""
+    STORAGE_ERROR = "StorageError"
+    """S3 failed in a way other than not-found or access-denied (endpoint unreachable, throttled, ...)."""
+    INTERNAL_ERROR = "InternalError"
+    """An unexpected error in the trainer; the message carries its type and text."""
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _to_json_dict(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {
+            _camel(f.name): _to_json_dict(getattr(obj, f.name))
+            for f in fields(obj)
+            if getattr(obj, f.name) is not None
+        }
+    if isinstance(obj, dict):
+        return {k: _to_json_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_json_dict(v) for v in obj]
+    return obj
+
+
+def _from_json_dict(cls: type[Any], data: dict[str, Any] | None) -> Any:
+    """Build dataclass ``cls`` from a camelCase dict; unknown keys are rejected so a typo cannot hide."""
+    if data is None:
+        return cls()
+    known = {_camel(f.name): f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, f in known.items():
+        if key not in data:
+            continue
+        value = data[key]
+        nested = _NESTED.get((cls.__name__, f.name))
+        kwargs[f.name] = _from_json_dict(nested, value) if nested and value is not None else value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    train: str = ""  # s3:// URI of an object or a prefix
+    validation: str | None = None  # s3:// URI; exclusive with validation_split
+    validation_split: float | None = None  # fraction of train held out for eval
+    format: str = "Auto"  # Auto | Messages | PromptCompletion | Alpaca | ShareGPT | Text
+    column_map: dict[str, str] | None = None  # our key -> the dataset's key, e.g. {"prompt": "question"}
+    max_seq_length: int = 2048  # longer examples are truncated, and counted
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every linear layer but the output head
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    epochs: float | None = None  # exclusive with max_steps; one of them is set after defaulting
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    batch_tokens: int | None = None  # tokens per optimizer step (exclusive with micro_batch_size)
+    micro_batch_size: int | None = None  # examples per micro-step, with gradient_accumulation
+    gradient_accumulation: int | None = None
+    warmup_ratio: float = 0.03
+    scheduler: str = "Cosine"  # Cosine | Linear | Constant
+    weight_decay: float = 0.0
+    seed: int = 42
+    train_on: str = "Completions"  # Completions | All
+    packing: bool = True
+    eval_every_steps: int | None = None  # None: about ten evaluations per run
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = ""  # s3:// prefix, ends with "/"
+    merge_adapter: bool = False
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str | None = None  # None: AWS
+    region: str = "us-east-1"
+    force_path_style: bool = False
+    # Credentials never travel in the config: they arrive as AWS_* env vars from the referenced Secret.
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int | None = None
+    every_minutes: float | None = 30.0
+    keep: int = 2
+
+
+@dataclass(frozen=True)
+class JobRef:
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything the trainer needs, rendered by the operator from a FineTuneJob spec."""
+
+    version: int = CONTRACT_VERSION
+    job: JobRef = field(default_factory=JobRef)
+    base_model: str = ""  # s3://bucket/prefix/, hf://org/name[@rev], pvc://claim/path or a local path
+    method: str = "LoRA"  # LoRA | Full
+    lora: LoraConfig | None = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    gpus: int = 1
+    metrics_port: int = METRICS_PORT
+
+    def to_json(self) -> str:
+        return json.dumps(_to_json_dict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("trainer config: expected a JSON object")
+        version = data.get("version")
+        if version != CONTRACT_VERSION:
+            raise ValueError(
+                f"trainer config version {version!r} is not {CONTRACT_VERSION}: "
+                "the operator and the trainer image are from different releases"
+            )
+        config: TrainerConfig = _from_json_dict(cls, data)
+        return config
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    uri: str = ""
+    files: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    sha256: str = ""  # of adapter_model.safetensors (LoRA) or model.safetensors (Full, first shard)
+    base_model: str = ""
+
+
+@dataclass(frozen=True)
+class TerminationSummary:
+    """What the trainer writes to its termination message, success or failure."""
+
+    version: int = CONTRACT_VERSION
+    outcome: str = "Failed"  # Succeeded | Failed
+    reason: str = ""  # a TrainerReason on failure, "Completed" on success
+    message: str = ""
+    adapter: AdapterRecord | None = None
+    metrics: dict[str, float] | None = None  # trainLoss, evalLoss, bestEvalLoss, bestStep, ...
+    progress: dict[str, float] | None = None  # step, totalSteps, epoch, trainedTokens
+    checkpoint: dict[str, Any] | None = None  # {uri, step}
+    provenance: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes: provenance is dropped first, then the
+        message is shortened, so the outcome and the adapter record always arrive."""
+        data = _to_json_dict(self)
+        text = json.dumps(data, separators=(",", ":"))
+        if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+            data.pop("provenance", None)
+            text = json.dumps(data, separators=(",", ":"))
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and len(data.get("message", "")) > 40:
+            data["message"] = data["message"][: len(data["message"]) // 2] + " ...(truncated)"
+            text = json.dumps(data, separators=(",", ":"))
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> TerminationSummary:
+        data = json.loads(text)
+        if not isinstance(data, dict) or "outcome" not in data:
+            raise ValueError("termination message is not a kubetune summary")
+        summary: TerminationSummary = _from_json_dict(cls, data)
+        return summary
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_NESTED: dict[tuple[str, str], type[Any]] = {
+    ("TrainerConfig", "job"): JobRef,
+    ("TrainerConfig", "lora"): LoraConfig,
+    ("TrainerConfig", "dataset"): DatasetConfig,
+    ("TrainerConfig", "hyperparameters"): Hyperparameters,
+    ("TrainerConfig", "output"): OutputConfig,
+    ("TrainerConfig", "s3"): S3Config,
+    ("TrainerConfig", "checkpointing"): CheckpointConfig,
+    ("TerminationSummary", "adapter"): AdapterRecord,
+}
