@@ -42,6 +42,12 @@ METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
 
 
+# Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at once
+# on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit code
+# is retried up to spec.backoffLimit times, resuming from the newest checkpoint.
+EXIT_CODE_PERMANENT_FAILURE = 2
+
+
 class TrainerReason:
     """Reasons the trainer reports in a failed termination message; the operator copies them onto the
     FineTuneJob's ``Failed`` condition unchanged."""
@@ -70,6 +76,21 @@ class TrainerReason:
     """S3 failed in a way other than not-found or access-denied (endpoint unreachable, throttled, ...)."""
     INTERNAL_ERROR = "InternalError"
     """An unexpected error in the trainer; the message carries its type and text."""
+
+
+# Failures a restart cannot fix: the trainer exits with EXIT_CODE_PERMANENT_FAILURE for these.
+PERMANENT_REASONS = frozenset(
+    {
+        TrainerReason.INVALID_CONFIG,
+        TrainerReason.DATASET_NOT_FOUND,
+        TrainerReason.INVALID_DATASET,
+        TrainerReason.EMPTY_DATASET,
+        TrainerReason.ACCESS_DENIED,
+        TrainerReason.MODEL_NOT_FOUND,
+        TrainerReason.INVALID_MODEL,
+        TrainerReason.OUT_OF_MEMORY,
+    }
+)
 
 
 def _camel(name: str) -> str:

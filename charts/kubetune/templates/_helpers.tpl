@@ -1,0 +1,104 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: fullnameOverride, else "<release>-<name>" (just the release name when it
+already contains the chart name). Capped at 52 characters so suffixes such as "-helm-test" stay within 63.
+*/}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "kubetune.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource of the release; the operator's own resources add its component label. */}}
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{/* Labels that select the operator pods; never change them on upgrade (Deployment selectors are immutable). */}}
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image reference: digest wins over tag; tag defaults to the chart's appVersion. */}}
+{{- define "kubetune.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The kopf peering object's name, used when more than one replica runs. */}}
+{{- define "kubetune.peeringName" -}}
+{{- include "kubetune.fullname" . }}
+{{- end }}
+
+{{/*
+What the operator does in a namespace it watches, and nothing more (tests/chart/test_chart_rbac.py checks
+these rules against the operator's own API calls and the handlers it registers with kopf). Secrets are
+absent on purpose: the trainer pod references the S3 credentials Secret by name and the kubelet resolves it;
+the operator never reads it. Nothing is ever deleted by the operator: owner references let the garbage
+collector remove a FineTuneJob's ConfigMap and Job with it.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# kopf watches FineTuneJobs and keeps its bookkeeping in annotations; the operator re-reads one before acting.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, patch]
+# Conditions, phase, progress, metrics and the adapter record.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status]
+  verbs: [patch]
+# The trainer Job: created once, watched, and patched only to (un)suspend it.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch]
+# The trainer config, rewritten only while no trainer Job exists yet.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# Trainer pods: their IP (for the metrics scrape), their state and termination message (the result).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# Events on FineTuneJobs: phase transitions, and kopf's own warnings.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if and .peering (not .clusterwide) }}
+# kopf peering between operator replicas, per watched namespace.
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch]
+{{- end }}
+{{- end }}

@@ -1,0 +1,80 @@
+"""Pure parts of the node agent and the launcher: no cluster needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from e2e.cluster.cluster import IDENTITIES
+from e2e.cluster.pki import PKI
+from e2e.cluster.pod_runtime import ConfigError, ImageMap, expand, field_value, quantity, resource_value
+
+IMAGES = Path(__file__).resolve().parents[1] / "cluster" / "images.yaml"
+
+
+@pytest.fixture
+def images() -> ImageMap:
+    return ImageMap.load(IMAGES, "/venv/bin/python")
+
+
+def test_expand_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)", env) == "1-two"
+    assert expand("$(MISSING)", env) == "$(MISSING)"
+    assert expand("$$(A)", env) == "$(A)"
+    assert expand("cost: $5 $(A)", env) == "cost: $5 1"
+
+
+def test_image_entrypoint_and_command_rules(images: ImageMap) -> None:
+    assert images.resolve("kubetune/trainer:0.1.0", [], []) == (
+        ["/venv/bin/python", "-m", "kubetune_trainer"],
+        {"PYTHONUNBUFFERED": "1"},
+    )
+    argv, _ = images.resolve("ghcr.io/acme/kubetune/operator:1.2", [], ["--standalone"])
+    assert argv == ["/venv/bin/python", "-m", "kubetune_operator", "--standalone"]
+    assert images.resolve("busybox:1.36", [], [])[0] == ["sh"]
+    assert images.resolve("busybox", ["sh", "-c"], ["echo hi"])[0] == ["sh", "-c", "echo hi"]
+    assert images.resolve("python:3.11-slim", ["python", "-c", "1"], [])[0] == ["/venv/bin/python", "-c", "1"]
+
+
+def test_unknown_image_names_the_config_file(images: ImageMap) -> None:
+    with pytest.raises(ConfigError) as err:
+        images.resolve("registry.example/unknown:1", [], [])
+    assert err.value.reason == "ErrImagePull" and "images.yaml" in err.value.message
+
+
+def test_field_refs() -> None:
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "labels": {"app": "x"}},
+        "spec": {"nodeName": "agent-0", "serviceAccountName": "sa"},
+    }
+    assert field_value(pod, "status.podIP", "127.0.0.5", "127.0.0.1") == "127.0.0.5"
+    assert field_value(pod, "metadata.labels['app']", "", "") == "x"
+    assert field_value(pod, "spec.serviceAccountName", "", "") == "sa"
+    with pytest.raises(ConfigError):
+        field_value(pod, "status.phase", "", "")
+
+
+def test_resource_field_refs() -> None:
+    container = {"resources": {"limits": {"memory": "2Gi"}, "requests": {"cpu": "1500m"}}}
+    assert resource_value(container, {"resource": "limits.memory", "divisor": "1Mi"}, {}) == "2048"
+    assert resource_value(container, {"resource": "requests.cpu"}, {}) == "2"
+    assert resource_value(container, {"resource": "limits.cpu"}, {"cpu": "16"}) == "16"
+    assert quantity("250m") == pytest.approx(0.25)
+
+
+def test_pki_identities_and_sans(tmp_path: Path) -> None:
+    pki = PKI(tmp_path)
+    pki.ensure(list(IDENTITIES.values()))
+    serving = x509.load_pem_x509_certificate(pki.cert("apiserver").read_bytes())
+    sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "kubernetes.default.svc"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    admin = x509.load_pem_x509_certificate(pki.cert("admin").read_bytes())
+    orgs = [a.value for a in admin.subject.get_attributes_for_oid(x509.oid.NameOID.ORGANIZATION_NAME)]
+    assert orgs == ["system:masters"]
+    before = pki.ca_cert.read_bytes()
+    pki.ensure(list(IDENTITIES.values()))
+    assert pki.ca_cert.read_bytes() == before, "a second ensure must keep the CA"

@@ -1,0 +1,211 @@
+"""The operator against a real API server, with its trainer pods on KWOK GPU nodes: children and pod spec as
+the builders promise, results and failures from the termination message, suspend/resume, and cascading
+deletion by the garbage collector. KWOK plays the trainer: a test ends a pod by annotating it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from e2e.cluster.kube import KubeClient
+from e2e.tests.helpers import ON_KWOK, condition, ftj_path, has_condition, make_ftj, pods_of, s3_secret
+from kubetune_trainer import contract
+
+JSON = dict[str, Any]
+SUCCESS_SHA = "4f" * 32
+
+
+@pytest.fixture(scope="module")
+def ns(operator: Any, kube: KubeClient) -> str:
+    namespace = str(operator.namespace)
+    kube.apply_yaml(f"/api/v1/namespaces/{namespace}/secrets", s3_secret("AKIAEXAMPLE", "example-secret"))
+    return namespace
+
+
+def trainer_selector(name: str) -> str:
+    return f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer"
+
+
+def wait_trainer_pod(kube: KubeClient, ns: str, name: str, phase: str = "Running") -> JSON:
+    found: list[JSON] = []
+
+    def check(_: JSON) -> bool:
+        found[:] = [
+            p for p in pods_of(kube, ns, trainer_selector(name)) if p.get("status", {}).get("phase") == phase
+        ]
+        return bool(found)
+
+    kube.wait_for(f"/api/v1/namespaces/{ns}", check, timeout=60, what=f"a {phase} trainer pod of {name}")
+    return found[0]
+
+
+def wait_phase(kube: KubeClient, ns: str, name: str, phase: str, timeout: float = 60) -> JSON:
+    return kube.wait_for(
+        ftj_path(ns, name),
+        lambda o: o.get("status", {}).get("phase") == phase,
+        timeout=timeout,
+        what=f"FineTuneJob {name} to reach phase {phase}",
+    )
+
+
+def end_pod(
+    kube: KubeClient, ns: str, pod: JSON, outcome: str, message: str = "", exit_code: int = 1
+) -> None:
+    annotations = {
+        "kubetune.io/kwok-outcome": outcome,
+        "kubetune.io/kwok-message": message,
+        "kubetune.io/kwok-exit-code": str(exit_code),
+    }
+    kube.patch(
+        f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}", {"metadata": {"annotations": annotations}}
+    )
+
+
+def owned_by(obj: JSON, ftj: JSON) -> bool:
+    return any(
+        ref.get("controller") and ref["uid"] == ftj["metadata"]["uid"] and ref["kind"] == "FineTuneJob"
+        for ref in obj["metadata"].get("ownerReferences", [])
+    )
+
+
+def test_children_and_trainer_pod_follow_the_contract(kube: KubeClient, ns: str) -> None:
+    ftj = kube.create(ftj_path(ns), make_ftj("contract", gpus=2, placement=ON_KWOK))
+    pod = wait_trainer_pod(kube, ns, "contract")
+    job = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/contract-trainer")
+    cm = kube.get(f"/api/v1/namespaces/{ns}/configmaps/contract-config")
+    for child in (job, cm):
+        assert owned_by(child, ftj)
+        assert child["metadata"]["labels"]["kubetune.io/job-name"] == "contract"
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
+    config = contract.TrainerConfig.from_json(cm["data"][contract.CONFIG_FILE_NAME])
+    assert (config.method, config.base_model, config.gpus) == ("LoRA", "s3://models/tiny/", 2)
+    assert config.job.uid == ftj["metadata"]["uid"]
+
+    assert pod["spec"]["nodeName"].startswith("kwok-gpu-")
+    labels = pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "kubetune-trainer"
+    assert labels["job-name"] == "contract-trainer"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = spec["containers"]
+    assert c["name"] == "trainer" and c["image"] == "kubetune/trainer:0.1.0"
+    assert "command" not in c and "args" not in c
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["KUBETUNE_CONFIG"]["value"] == "/etc/kubetune/config.json"
+    assert env["KUBETUNE_WORK_DIR"]["value"] == "/scratch"
+    assert env["HF_HOME"]["value"] == "/scratch/hf"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/etc/kubetune"]]["configMap"]["name"] == "contract-config"
+    assert "emptyDir" in volumes[mounts["/scratch"]] and "emptyDir" in volumes[mounts["/tmp"]]
+
+    running = wait_phase(kube, ns, "contract", "Running")
+    assert running["status"]["trainerJob"] == "contract-trainer"
+    assert has_condition(running, "Running")
+
+
+def test_success_is_reported_from_the_termination_message(kube: KubeClient, ns: str) -> None:
+    kube.create(ftj_path(ns), make_ftj("succeeds", placement=ON_KWOK))
+    pod = wait_trainer_pod(kube, ns, "succeeds")
+    summary = contract.TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        message="adapter written to s3://adapters/succeeds/",
+        adapter=contract.AdapterRecord(
+            uri="s3://adapters/succeeds/",
+            files=["adapter_config.json", "adapter_model.safetensors"],
+            size_bytes=12345,
+            sha256=SUCCESS_SHA,
+            base_model="s3://models/tiny/",
+        ),
+        metrics={"trainLoss": 1.25},
+        progress={"step": 10, "totalSteps": 10},
+    )
+    end_pod(kube, ns, pod, "Succeeded", summary.to_json(), exit_code=0)
+    done = wait_phase(kube, ns, "succeeds", "Succeeded")
+    status = done["status"]
+    assert status["adapter"]["sha256"] == SUCCESS_SHA
+    assert status["adapter"]["uri"] == "s3://adapters/succeeds/"
+    succeeded = condition(done, "Succeeded")
+    assert succeeded is not None and succeeded["status"] == "True" and succeeded["reason"] == "Completed"
+    assert status.get("completionTime")
+
+
+@pytest.mark.parametrize(
+    ("name", "exit_code", "message", "reason"),
+    [
+        (
+            "bad-data",
+            contract.EXIT_CODE_PERMANENT_FAILURE,
+            contract.TerminationSummary(
+                outcome="Failed", reason="InvalidDataset", message="lines 3, 9: not valid JSON"
+            ).to_json(),
+            "InvalidDataset",
+        ),
+        ("crashes", 1, "", "BackoffLimitExceeded"),
+    ],
+)
+def test_failing_trainer_ends_failed_with_a_reason(
+    kube: KubeClient, ns: str, name: str, exit_code: int, message: str, reason: str
+) -> None:
+    kube.create(ftj_path(ns), make_ftj(name, placement=ON_KWOK, backoff_limit=0))
+    pod = wait_trainer_pod(kube, ns, name)
+    end_pod(kube, ns, pod, "Failed", message, exit_code=exit_code)
+    failed = wait_phase(kube, ns, name, "Failed")
+    cond = condition(failed, "Failed")
+    assert cond is not None and cond["status"] == "True"
+    assert cond["reason"] == reason, cond
+    if message:
+        assert "lines 3, 9" in cond["message"]
+
+
+def test_suspend_and_resume(kube: KubeClient, ns: str) -> None:
+    kube.create(ftj_path(ns), make_ftj("pausable", placement=ON_KWOK, suspend=True))
+    suspended = wait_phase(kube, ns, "pausable", "Suspended")
+    assert has_condition(suspended, "Suspended")
+    job = kube.wait_for(f"/apis/batch/v1/namespaces/{ns}/jobs/pausable-trainer", bool, timeout=30)
+    assert job["spec"]["suspend"] is True
+    assert pods_of(kube, ns, trainer_selector("pausable")) == []
+
+    kube.patch(ftj_path(ns, "pausable"), {"spec": {"suspend": False}})
+    wait_trainer_pod(kube, ns, "pausable")
+    wait_phase(kube, ns, "pausable", "Running")
+
+    kube.patch(ftj_path(ns, "pausable"), {"spec": {"suspend": True}})
+    wait_phase(kube, ns, "pausable", "Suspended")
+    kube.wait_for(
+        f"/api/v1/namespaces/{ns}",
+        lambda _: pods_of(kube, ns, trainer_selector("pausable")) == [],
+        timeout=60,
+        what="the suspended job's pods to be gone",
+    )
+
+
+def test_delete_cascades_to_children(kube: KubeClient, ns: str) -> None:
+    kube.create(ftj_path(ns), make_ftj("doomed", placement=ON_KWOK))
+    wait_trainer_pod(kube, ns, "doomed")
+    kube.delete(ftj_path(ns, "doomed"))
+    kube.wait_gone(ftj_path(ns, "doomed"), timeout=60)
+    kube.wait_gone(f"/apis/batch/v1/namespaces/{ns}/jobs/doomed-trainer", timeout=60)
+    kube.wait_gone(f"/api/v1/namespaces/{ns}/configmaps/doomed-config", timeout=60)
+    kube.wait_for(
+        f"/api/v1/namespaces/{ns}",
+        lambda _: pods_of(kube, ns, trainer_selector("doomed")) == [],
+        timeout=60,
+        what="the deleted job's pods to be gone",
+    )

@@ -1,0 +1,100 @@
+"""A FineTuneJob that really trains: the trainer pod runs on the node agent as a local process, reads a tiny
+model and a chat dataset from a real S3 server, trains LoRA on the CPU and uploads the adapter; the operator
+reports Succeeded with the adapter's sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.cluster.cluster import ClusterInfo
+from e2e.cluster.kube import KubeClient
+from e2e.cluster.s3 import S3Server
+from e2e.tests.helpers import ON_AGENT, condition, container_log, ftj_path, make_ftj, pods_of, s3_secret
+
+JSON = dict[str, Any]
+
+
+def chat_rows(n: int) -> list[JSON]:
+    rows = []
+    for i in range(n):
+        a, b = i % 13, (i * 7) % 11
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} equals {a + b}."},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    from kubetune_trainer.tiny import save_tiny_model
+
+    client = s3.client()
+    for bucket in ("models", "datasets", "adapters"):
+        client.create_bucket(Bucket=bucket)
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    for path in sorted(Path(model_dir).iterdir()):
+        client.upload_file(str(path), "models", f"tiny/{path.name}")
+    body = "\n".join(json.dumps(r) for r in chat_rows(48)) + "\n"
+    client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=body.encode())
+    return s3
+
+
+def test_lora_job_trains_on_the_node_agent_and_uploads_the_adapter(
+    cluster: ClusterInfo, kube: KubeClient, operator: Any, buckets: S3Server
+) -> None:
+    ns = operator.namespace
+    kube.apply_yaml(
+        f"/api/v1/namespaces/{ns}/secrets", s3_secret(buckets.access_key, buckets.secret_key, "s3-train")
+    )
+    manifest = make_ftj(
+        "tiny-lora",
+        placement=ON_AGENT,
+        s3_endpoint=buckets.endpoint,
+        hyperparameters={
+            "maxSteps": 4,
+            "learningRate": 0.001,
+            "microBatchSize": 4,
+            "gradientAccumulation": 1,
+        },
+        extra_spec={"dataset": {"train": "s3://datasets/chat/train.jsonl", "maxSeqLength": 128}},
+    )
+    manifest["spec"]["s3"]["credentialsSecretRef"]["name"] = "s3-train"
+    kube.create(ftj_path(ns), manifest)
+
+    def finished(obj: JSON) -> bool:
+        return obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+    try:
+        done = kube.wait_for(
+            ftj_path(ns, "tiny-lora"), finished, timeout=300, what="the training job to finish"
+        )
+    finally:
+        pods = pods_of(kube, ns, "kubetune.io/job-name=tiny-lora")
+        for pod in pods:
+            print(f"--- trainer log {pod['metadata']['name']} ---")
+            print(container_log(cluster, ns, pod["metadata"]["name"], "trainer")[-4000:])
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (condition(done, "Failed"), status.get("message"))
+    pod = pods[0]
+    assert pod["spec"]["nodeName"] == cluster.agent_nodes[0]
+    assert pod["status"]["podIP"].startswith("127.0.0.")
+
+    adapter = status["adapter"]
+    assert adapter["uri"] == "s3://adapters/tiny-lora/"
+    obj = buckets.client().get_object(Bucket="adapters", Key="tiny-lora/adapter_model.safetensors")
+    assert adapter["sha256"] == hashlib.sha256(obj["Body"].read()).hexdigest()
+    keys = {
+        o["Key"] for o in buckets.client().list_objects_v2(Bucket="adapters", Prefix="tiny-lora/")["Contents"]
+    }
+    assert {"tiny-lora/adapter_config.json", "tiny-lora/adapter_model.safetensors"} <= keys
+    assert status["progress"]["step"] == 4

@@ -1,0 +1,174 @@
+"""The batch/v1 Job that runs the trainer pod (the trainer-pod contract in DESIGN §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_operator import labels
+from kubetune_operator.builders.common import child_metadata, spec_of
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.models import FineTuneJob
+from kubetune_trainer import contract
+
+TRAINER_UID = 1000
+HF_HOME = contract.DEFAULT_WORK_DIR + "/hf"
+AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+AWS_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
+HF_TOKEN_KEY = "HF_TOKEN"
+
+
+def desired_suspend(job: FineTuneJob) -> bool:
+    """A Job with a Kueue queue starts suspended: Kueue admits it by setting suspend to false."""
+    spec = spec_of(job)
+    return spec.suspend or bool(spec.queue_name)
+
+
+def trainer_image(job: FineTuneJob, config: OperatorConfig) -> str:
+    return spec_of(job).trainer.image or config.trainer_image
+
+
+def _secret_env(name: str, secret: str, *, optional: bool) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": name}
+    if optional:
+        ref["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _env(job: FineTuneJob) -> list[dict[str, Any]]:
+    spec = spec_of(job)
+    env: list[dict[str, Any]] = [
+        {
+            "name": contract.CONFIG_PATH_ENV,
+            "value": f"{contract.CONFIG_MOUNT_DIR}/{contract.CONFIG_FILE_NAME}",
+        },
+        {"name": contract.WORK_DIR_ENV, "value": contract.DEFAULT_WORK_DIR},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    s3_secret = spec.s3.credentials_secret_ref
+    if s3_secret is not None:
+        env += [_secret_env(key, s3_secret.name, optional=False) for key in AWS_SECRET_KEYS]
+        env += [_secret_env(key, s3_secret.name, optional=True) for key in AWS_OPTIONAL_SECRET_KEYS]
+    model_secret = spec.base_model.credentials_secret_ref
+    if model_secret is not None:
+        # hf:// models read HF_TOKEN; the key is optional so one Secret can serve every scheme.
+        env.append(_secret_env(HF_TOKEN_KEY, model_secret.name, optional=True))
+    # The user's env comes last: for a repeated name, Kubernetes uses the last entry.
+    env += [dict(item) for item in spec.trainer.env]
+    return env
+
+
+def _resources(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    res = spec_of(job).resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu  # no CPU limit: throttling a data loader starves the GPU
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus > 0:
+        gpu_name = res.gpu_resource_name or config.gpu_resource_name
+        requests[gpu_name] = limits[gpu_name] = res.gpus
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            {
+                # The trainer exits with this code when a restart would fail the same way (bad data, no
+                # access, no model): fail at once instead of burning the backoff budget on GPUs.
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": labels.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_CODE_PERMANENT_FAILURE],
+                },
+            },
+            {
+                # Preemption and eviction are not the trainer's fault: retry without counting the attempt.
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
+    }
+
+
+def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    spec = spec_of(job)
+    job_labels = {labels.LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": labels.config_map_name(job.name)}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": contract.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": contract.DEFAULT_WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.resources.gpus > 1:
+        # NCCL between local GPUs needs more shared memory than the runtime's 64 MiB default.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    container: dict[str, Any] = {
+        "name": labels.TRAINER_CONTAINER,
+        "image": trainer_image(job, config),
+        "env": _env(job),
+        "ports": [
+            {"name": labels.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}
+        ],
+        "resources": _resources(job, config),
+        "volumeMounts": mounts,
+        "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.resources.tolerations]
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    job_spec: dict[str, Any] = {
+        "suspend": desired_suspend(job),
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": _pod_failure_policy(),
+        "template": {
+            "metadata": {"labels": labels.trainer_pod_labels(job.name)},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": child_metadata(job, labels.trainer_job_name(job.name), job_labels),
+        "spec": job_spec,
+    }

@@ -1,0 +1,178 @@
+"""FineTuneJob conditions: metav1.Condition shape, the documented reasons, and the phase derived from them.
+
+Condition types (a list-map keyed by ``type``):
+
+- ``Validated``  the spec passed the operator's checks and the trainer config was rendered.
+- ``Running``    the trainer container is running (True), or why it is not (False).
+- ``Suspended``  the trainer Job is suspended, by ``spec.suspend`` or while Kueue has not admitted it.
+- ``Succeeded``  terminal: the result was written (present only once True).
+- ``Failed``     terminal: the run failed for the reason given (present only once True).
+- ``Reconciling`` / ``Stalled``  the kstatus pair, so Flux, Argo CD and kpt judge health without custom code:
+  Reconciling=True while the job is on its way, Stalled=True when it cannot get further on its own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+from kubetune_operator.models import Condition
+from kubetune_trainer.contract import TrainerReason
+
+VALIDATED: Final = "Validated"
+RUNNING: Final = "Running"
+SUSPENDED: Final = "Suspended"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+RECONCILING: Final = "Reconciling"
+STALLED: Final = "Stalled"
+
+TRUE: Final = "True"
+FALSE: Final = "False"
+
+
+class Reason:
+    """Every reason the operator writes on a condition (CamelCase, stable: users and alerts match on them)."""
+
+    # Validated
+    SPEC_VALID = "SpecValid"
+    """Validated=True: the spec is complete and consistent; the trainer config was rendered."""
+    INVALID_SPEC = "InvalidSpec"
+    """Validated=False and Failed=True: the spec cannot run; the message lists every problem and its field.
+    Fixing the spec before a trainer Job was created lets the job continue."""
+    CHILD_REJECTED = "ChildRejected"
+    """Failed=True: the API server rejected the trainer ConfigMap or Job built from this spec (the message
+    carries the server's reason), so the run cannot start."""
+
+    # Running (and Reconciling, which mirrors it while the job is on its way)
+    CREATED = "Created"
+    """Running=False: the trainer ConfigMap and Job were created; no trainer pod exists yet."""
+    TRAINER_PENDING = "TrainerPending"
+    """Running=False: the trainer pod exists but its container has not started (scheduling, image pull)."""
+    UNSCHEDULABLE = "Unschedulable"
+    """Running=False: the scheduler cannot place the trainer pod; the message carries the scheduler's words
+    (e.g. insufficient nvidia.com/gpu). The job waits; it is not failed."""
+    CONTAINER_NOT_STARTING = "ContainerNotStarting"
+    """Running=False: the trainer container is stuck waiting (ImagePullBackOff, CreateContainerConfigError
+    for a missing credentials Secret, ...); the message says which and why."""
+    TRAINER_STARTING = "TrainerStarting"
+    """Running=True: the trainer container runs but has reported no training step yet (reading the data,
+    loading the model)."""
+    TRAINING = "Training"
+    """Running=True: the trainer reports optimizer steps; progress and metrics are in the status."""
+    RESTARTING = "Restarting"
+    """Running=False: a trainer attempt failed and the Job starts another (within spec.backoffLimit); the
+    trainer resumes from its newest checkpoint. The message carries the failed attempt's reason."""
+    PREEMPTED = "Preempted"
+    """Running=False: the trainer pod was preempted or evicted (pod condition DisruptionTarget). This does not
+    count against spec.backoffLimit; a new pod resumes from the newest checkpoint."""
+
+    # Suspended
+    SUSPENDED = "Suspended"
+    """Suspended=True: spec.suspend is true; the trainer pod is stopped and no GPU is held."""
+    QUEUED = "Queued"
+    """Suspended=True: spec.queueName is set and Kueue has not admitted the trainer Job yet."""
+    ADMITTED = "Admitted"
+    """Suspended=False: Kueue admitted the trainer Job (it unsuspended it)."""
+    RESUMED = "Resumed"
+    """Suspended=False: spec.suspend went back to false; training resumes from the newest checkpoint."""
+    NOT_SUSPENDED = "NotSuspended"
+    """Suspended=False: the job was never suspended."""
+
+    # Succeeded
+    COMPLETED = "Completed"
+    """Succeeded=True: the trainer finished and wrote its result; status.adapter (LoRA) or status.model
+    (Full) records it."""
+
+    # Failed (besides the trainer's own reasons, copied from its termination message: see TRAINER_REASONS)
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    """Failed=True: the trainer failed more than spec.backoffLimit times; the message carries the last
+    attempt's reason."""
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    """Failed=True: the run took longer than spec.activeDeadlineSeconds and was stopped."""
+    TRAINER_FAILED = "TrainerFailed"
+    """Failed=True: the trainer Job failed without a kubetune summary (e.g. the container crashed); the
+    message carries the container's exit code and log tail."""
+    TRAINER_JOB_MISSING = "TrainerJobMissing"
+    """Failed=True: the trainer Job disappeared before its outcome was recorded (deleted by hand). The
+    operator never re-creates it: a FineTuneJob trains at most once."""
+
+    # Reconciling / Stalled
+    FINISHED = "Finished"
+    """Reconciling=False: the job reached Succeeded or Failed."""
+    WAITING = "Waiting"
+    """Reconciling=False: the job is suspended or queued and waits for a change from outside."""
+    PROGRESSING = "Progressing"
+    """Stalled=False: nothing blocks the job."""
+
+
+TRAINER_REASONS: Final = frozenset(
+    value for key, value in vars(TrainerReason).items() if key.isupper() and isinstance(value, str)
+)
+"""Failure reasons the trainer reports in its termination message; copied onto Failed unchanged."""
+
+
+def now_rfc3339(now: datetime | None = None) -> str:
+    """A metav1.Time as the API writes it: UTC, second precision, "Z"."""
+    moment = now if now is not None else datetime.now(UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def set_condition(
+    conditions: tuple[Condition, ...],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    now: str,
+) -> tuple[Condition, ...]:
+    """Set one condition, keeping ``lastTransitionTime`` unless ``status`` flips (metav1 semantics).
+
+    Other conditions keep their order; a new type is appended."""
+    existing = next((c for c in conditions if c.type == type_), None)
+    transition = existing.last_transition_time if existing and existing.status == status else now
+    updated = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=generation,
+    )
+    if existing is None:
+        return (*conditions, updated)
+    return tuple(updated if c.type == type_ else c for c in conditions)
+
+
+def remove_condition(conditions: tuple[Condition, ...], type_: str) -> tuple[Condition, ...]:
+    return tuple(c for c in conditions if c.type != type_)
+
+
+def find(conditions: tuple[Condition, ...], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: tuple[Condition, ...], type_: str) -> bool:
+    found = find(conditions, type_)
+    return found is not None and found.status == TRUE
+
+
+def derive_phase(conditions: tuple[Condition, ...]) -> str:
+    """The one-word summary for humans and printer columns; the conditions remain the truth."""
+    for type_, phase in (
+        (FAILED, "Failed"),
+        (SUCCEEDED, "Succeeded"),
+        (SUSPENDED, "Suspended"),
+        (RUNNING, "Running"),
+    ):
+        if is_true(conditions, type_):
+            return phase
+    return "Pending"

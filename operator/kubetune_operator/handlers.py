@@ -1,0 +1,267 @@
+"""kopf handlers: each one is a few lines that funnel into ``sync()``, the single reconcile path.
+
+``sync()`` reads the FineTuneJob and its children through the injected ``ClusterIO``, calls the pure
+``reconcile()``, creates what is missing, patches the trainer Job's ``suspend``, writes the status once (only
+when it changed) and posts an Event per condition transition. Handlers never return values (kopf would store
+them under ``status``) and keep kopf's own bookkeeping in ``kubetune.io/`` annotations.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator import labels
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
+from kubetune_operator.models import FineTuneJob, FineTuneJobStatus
+from kubetune_operator.observed import Obj, Observed, pod_to_scrape
+from kubetune_operator.operator_metrics import OperatorMetrics
+from kubetune_operator.reconcile import Outcome, reconcile
+from kubetune_operator.trainer_metrics import MetricsParseError, parse_trainer_metrics
+from kubetune_trainer import contract
+
+RETRY_DELAY_SECONDS = 10
+WATCH_SERVER_TIMEOUT_SECONDS = 300
+"""Ask the API server to end each watch after this long, so a silently dropped connection is noticed."""
+WATCH_CLIENT_TIMEOUT_SECONDS = 330
+API_REQUEST_TIMEOUT_SECONDS = 30
+
+
+class _KeyedLocks:
+    """One lock per FineTuneJob: a FineTuneJob event, its Job's and its pods' events never reconcile the same
+    job at the same time (they would race on creating children and on writing status)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    @contextmanager
+    def hold(self, key: tuple[str, str]) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def drop(self, key: tuple[str, str]) -> None:
+        with self._guard:
+            self._locks.pop(key, None)
+
+
+@dataclass
+class Runtime:
+    """What every handler needs, passed through kopf's memo."""
+
+    config: OperatorConfig
+    metrics: OperatorMetrics
+    io: ClusterIO | None = None
+    """Created by the startup hook unless injected (tests inject a fake)."""
+    peering: str | None = None
+    """kopf peering name; None runs standalone (one replica)."""
+    locks: _KeyedLocks = field(default_factory=_KeyedLocks)
+
+
+def runtime_of(memo: Any) -> Runtime:
+    runtime = getattr(memo, "runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise RuntimeError("the operator's memo carries no Runtime; start it with kubetune_operator.__main__")
+    return runtime
+
+
+# --- the one reconcile path -------------------------------------------------------------------------------
+
+
+def sync(runtime: Runtime, namespace: str, name: str, *, scrape: bool, logger: logging.Logger | Any) -> None:
+    io = runtime.io
+    if io is None:
+        raise RuntimeError("no API client: the startup hook has not run")
+    with runtime.locks.hold((namespace, name)):
+        body = io.get_finetunejob(namespace, name)
+        if body is None:
+            runtime.metrics.forget(namespace, name)
+            return
+        job = FineTuneJob.from_body(body)
+        if job.metadata.deletion_timestamp:
+            return
+        seen = observe(io, job, scrape=scrape, logger=logger)
+        outcome = reconcile(job, seen, runtime.config)
+        outcome = _apply_children(io, job, seen, outcome, runtime.config)
+        if outcome.set_suspend is not None:
+            io.patch_job_suspend(namespace, labels.trainer_job_name(name), outcome.set_suspend)
+        if outcome.status_changed(job.status):
+            io.patch_status(namespace, name, status_patch(job.status, outcome.status))
+        _post_events(io, job, outcome, logger)
+        runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
+
+
+def observe(io: ClusterIO, job: FineTuneJob, *, scrape: bool, logger: logging.Logger | Any) -> Observed:
+    config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
+    trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
+    pods: tuple[Obj, ...] = ()
+    if trainer_job is not None:
+        uid = (trainer_job.get("metadata") or {}).get("uid")
+        pods = tuple(
+            pod
+            for pod in io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
+            if not uid
+            or any(ref.get("uid") == uid for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])
+        )
+    sample = None
+    target = pod_to_scrape(pods) if scrape else None
+    if target is not None:
+        pod, ip = target
+        try:
+            sample = parse_trainer_metrics(io.scrape(ip, contract.METRICS_PORT))
+        except (OSError, MetricsParseError) as exc:
+            logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
+    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample)
+
+
+def _apply_children(
+    io: ClusterIO, job: FineTuneJob, seen: Observed, outcome: Outcome, config: OperatorConfig
+) -> Outcome:
+    for obj in outcome.replace:
+        io.replace(obj)
+    for obj in outcome.create:
+        try:
+            io.create(obj)
+        except Rejected as exc:
+            rejected = f"{obj['kind']} {obj['metadata']['name']}: {exc}"
+            return reconcile(job, replace(seen, rejected=rejected), config)
+    return outcome
+
+
+def status_patch(old: FineTuneJobStatus, new: FineTuneJobStatus) -> Obj:
+    """A JSON merge patch turning ``old`` into ``new``: the whole new status, and null for dropped keys."""
+    before, after = old.to_dict(), new.to_dict()
+    patch: Obj = dict(after)
+    for key in before:
+        if key not in after:
+            patch[key] = None
+    return patch
+
+
+def _post_events(io: ClusterIO, job: FineTuneJob, outcome: Outcome, logger: logging.Logger | Any) -> None:
+    involved = {
+        "apiVersion": labels.API_VERSION,
+        "kind": labels.KIND,
+        "name": job.name,
+        "namespace": job.namespace,
+        "uid": job.metadata.uid,
+    }
+    for event in outcome.events:
+        try:
+            io.post_event(involved, event.type, event.reason, event.message)
+        except (ApiException, OSError) as exc:  # an Event is a courtesy; the status already says it
+            logger.warning("could not post event %s: %s", event.reason, exc)
+
+
+def _run(memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any) -> None:
+    if not namespace or not name:
+        return
+    runtime = runtime_of(memo)
+    try:
+        sync(runtime, namespace, name, scrape=scrape, logger=logger)
+    except (ApiException, OSError) as exc:
+        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
+        raise kopf.TemporaryError(
+            f"reconciling {namespace}/{name} failed: {exc}", delay=RETRY_DELAY_SECONDS
+        ) from exc
+    except Exception as exc:
+        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
+        raise
+
+
+# --- handlers ---------------------------------------------------------------------------------------------
+
+
+def on_finetunejob(name: str | None, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
+    """resume / create / update of spec."""
+    _run(memo, namespace, name, scrape=False, logger=logger)
+
+
+def on_scrape_timer(name: str | None, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
+    """While the trainer runs: read its metrics into status.progress and status.metrics."""
+    _run(memo, namespace, name, scrape=True, logger=logger)
+
+
+def on_child_event(body: Any, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
+    """A trainer Job or pod changed: reconcile the FineTuneJob named in its kubetune.io/job-name label."""
+    owner = ((body.get("metadata") or {}).get("labels") or {}).get(labels.LABEL_JOB_NAME)
+    _run(memo, namespace, owner, scrape=False, logger=logger)
+
+
+def on_finetunejob_deleted(name: str | None, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Children go with the owner reference; here only the job's metric series and lock are dropped."""
+    if name and namespace:
+        runtime = runtime_of(memo)
+        runtime.metrics.forget(namespace, name)
+        runtime.locks.drop((namespace, name))
+
+
+def is_running(status: dict[str, Any] | Any, **_: Any) -> bool:
+    return bool(status) and status.get("phase") == "Running"
+
+
+def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
+    """The one place kopf is configured."""
+    runtime = runtime_of(memo)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=labels.ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=labels.ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = labels.FINALIZER
+    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT_SECONDS
+    settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_SECONDS
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = API_REQUEST_TIMEOUT_SECONDS
+    settings.networking.connect_timeout = 10
+    # Transitions are posted as Events by sync(); kopf adds only its own warnings and errors.
+    settings.posting.level = logging.WARNING
+    if runtime.peering:
+        settings.peering.standalone = False
+        settings.peering.mandatory = True
+        settings.peering.name = runtime.peering
+    else:
+        settings.peering.standalone = True
+    if runtime.io is None:
+        runtime.io = KubeIO(load_api_client(), runtime.config)
+    logger.info(
+        "kubetune operator configured: trainer image %s, scrape interval %ss, peering %s",
+        runtime.config.trainer_image,
+        runtime.config.scrape_interval_seconds,
+        runtime.peering or "standalone",
+    )
+
+
+def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's own connection: $KUBECONFIG or ~/.kube/config when present, the service account otherwise.
+    (A login handler must return its credentials; it stores nothing on any object.)"""
+    return connection_info(load_api_client(), trust_env=settings.networking.trust_env)
+
+
+def register_handlers(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
+    """Attach every handler to ``registry`` (the scrape interval comes from ``config``)."""
+    ftj = (labels.GROUP, labels.VERSION, labels.PLURAL)
+    kopf.on.startup(registry=registry)(on_startup)
+    kopf.on.login(registry=registry)(on_login)
+    kopf.on.resume(*ftj, registry=registry)(on_finetunejob)
+    kopf.on.create(*ftj, registry=registry)(on_finetunejob)
+    kopf.on.update(*ftj, field="spec", registry=registry)(on_finetunejob)
+    kopf.on.delete(*ftj, optional=True, registry=registry)(on_finetunejob_deleted)
+    kopf.timer(*ftj, interval=config.scrape_interval_seconds, when=is_running, registry=registry)(
+        on_scrape_timer
+    )
+    child_filter = {labels.LABEL_JOB_NAME: kopf.PRESENT}
+    kopf.on.event("batch", "v1", "jobs", labels=child_filter, registry=registry, id="trainer-job")(
+        on_child_event
+    )
+    kopf.on.event("", "v1", "pods", labels=child_filter, registry=registry, id="trainer-pod")(on_child_event)

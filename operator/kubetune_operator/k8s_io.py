@@ -1,0 +1,227 @@
+"""The one module that talks to the outside: the Kubernetes API server and the trainer pods' /metrics.
+
+Everything else in the operator is pure. Handlers receive an object with the ``ClusterIO`` shape, so unit
+tests swap in an in-memory fake and the operator uses ``KubeIO`` (a thin JSON-over-HTTP layer on the
+kubernetes client's authenticated ``ApiClient``: objects go in and come out as the plain dicts the builders
+produce and the reconciler reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import kopf
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator import labels
+from kubetune_operator.conditions import now_rfc3339
+from kubetune_operator.config import OperatorConfig
+
+Obj = dict[str, Any]
+REPORTING_COMPONENT = "kubetune-operator"
+
+
+class Rejected(Exception):
+    """The API server refused an object as invalid (HTTP 422); the text is the server's explanation."""
+
+
+class ClusterIO(Protocol):
+    def get_finetunejob(self, namespace: str, name: str) -> Obj | None: ...
+    def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
+    def get_job(self, namespace: str, name: str) -> Obj | None: ...
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]: ...
+    def create(self, obj: Obj) -> Obj:
+        """Create a child; if it exists already (409), return the existing one. Raises Rejected on 422."""
+        ...
+
+    def replace(self, obj: Obj) -> None: ...
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
+    def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None: ...
+    def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None: ...
+    def scrape(self, pod_ip: str, port: int) -> str:
+        """GET http://<pod_ip>:<port>/metrics; raises OSError when unreachable."""
+        ...
+
+
+def _path(obj_or_kind: Obj | str, namespace: str, name: str | None = None) -> str:
+    kind = obj_or_kind if isinstance(obj_or_kind, str) else str(obj_or_kind["kind"])
+    base = {
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+        "Event": f"/api/v1/namespaces/{namespace}/events",
+        "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        labels.KIND: f"/apis/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}",
+    }[kind]
+    return base if name is None else f"{base}/{quote(name, safe='')}"
+
+
+def load_api_client() -> k8s_client.ApiClient:
+    """$KUBECONFIG or ~/.kube/config when present, the pod's service account otherwise."""
+    kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    if any(Path(p).is_file() for p in kubeconfig.split(os.pathsep) if p):
+        api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig.split(os.pathsep)[0]
+        )
+        return api
+    configuration = k8s_client.Configuration()
+    k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return k8s_client.ApiClient(configuration)
+
+
+def connection_info(api: k8s_client.ApiClient, *, trust_env: bool) -> kopf.ConnectionInfo:
+    """kopf's credentials, taken from the same client configuration the operator's own calls use."""
+    cfg = api.configuration
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        trust_env=trust_env,
+    )
+
+
+class KubeIO:
+    """ClusterIO over a real API server."""
+
+    def __init__(self, api: k8s_client.ApiClient, config: OperatorConfig) -> None:
+        self._api = api
+        self._timeout = config.request_timeout_seconds
+        self._scrape_timeout = config.scrape_timeout_seconds
+        self._instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        method_, url, headers, payload, _ = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(
+            method_, url, header_params=headers, body=payload, _request_timeout=self._timeout
+        )
+        response.read()  # type: ignore[no-untyped-call]
+        text = response.data.decode("utf-8") if response.data else ""
+        if not 200 <= response.status <= 299:
+            ApiException.from_response(http_resp=response, body=text, data=None)
+        result: Obj = json.loads(text) if text else {}
+        return result
+
+    def _get_or_none(self, path: str) -> Obj | None:
+        try:
+            return self._request("GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path(labels.KIND, namespace, name))
+
+    def get_config_map(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path("ConfigMap", namespace, name))
+
+    def get_job(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path("Job", namespace, name))
+
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
+        items = self._request("GET", _path("Pod", namespace), query=query).get("items") or []
+        return [dict(item) for item in items]
+
+    def create(self, obj: Obj) -> Obj:
+        namespace = str(obj["metadata"]["namespace"])
+        try:
+            return self._request("POST", _path(obj, namespace), body=obj)
+        except ApiException as exc:
+            if exc.status == 409:
+                existing = self._get_or_none(_path(obj, namespace, str(obj["metadata"]["name"])))
+                if existing is not None:
+                    return existing
+            if exc.status == 422:
+                raise Rejected(_api_message(exc)) from exc
+            raise
+
+    def replace(self, obj: Obj) -> None:
+        namespace, name = str(obj["metadata"]["namespace"]), str(obj["metadata"]["name"])
+        self._request(
+            "PATCH", _path(obj, namespace, name), body=obj, content_type="application/merge-patch+json"
+        )
+
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self._request(
+            "PATCH",
+            _path("Job", namespace, name),
+            body={"spec": {"suspend": suspend}},
+            content_type="application/merge-patch+json",
+        )
+
+    def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None:
+        self._request(
+            "PATCH",
+            _path(labels.KIND, namespace, name) + "/status",
+            body={"status": status_patch},
+            content_type="application/merge-patch+json",
+        )
+
+    def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+        now = now_rfc3339()
+        namespace = str(involved["namespace"])
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
+            "involvedObject": involved,
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": REPORTING_COMPONENT},
+            "reportingComponent": f"{labels.GROUP}/operator",
+            "reportingInstance": self._instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._request("POST", _path("Event", namespace), body=event)
+
+    def scrape(self, pod_ip: str, port: int) -> str:
+        host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+        with urllib.request.urlopen(
+            f"http://{host}:{port}/metrics", timeout=self._scrape_timeout
+        ) as response:
+            body: bytes = response.read()
+        return body.decode("utf-8", errors="replace")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.body or exc.reason)
+
+
+__all__ = ["ClusterIO", "KubeIO", "Rejected", "load_api_client"]

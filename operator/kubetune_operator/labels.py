@@ -1,0 +1,55 @@
+"""Names, labels and annotation keys shared by the builders, the reconciler and the handlers."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+
+# Longest FineTuneJob name: "<name>-trainer" is copied into the pods' job-name label, which caps at 63.
+MAX_NAME_LENGTH: Final = 55
+CONFIG_MAP_SUFFIX: Final = "-config"
+TRAINER_JOB_SUFFIX: Final = "-trainer"
+
+LABEL_JOB_NAME: Final = f"{GROUP}/job-name"
+"""On every child and on the trainer pods: the name of the owning FineTuneJob."""
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "kubetune"
+LABEL_APP_NAME: Final = "app.kubernetes.io/name"
+TRAINER_APP_NAME: Final = "kubetune-trainer"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+TRAINER_COMPONENT: Final = "trainer"
+LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+"""Set on the trainer Job when spec.queueName is set; Kueue admits the Job by unsuspending it."""
+
+ANNOTATION_PREFIX: Final = GROUP
+"""kopf keeps its progress and diff-base annotations under this prefix."""
+FINALIZER: Final = f"{GROUP}/finalizer"
+
+TRAINER_CONTAINER: Final = "trainer"
+METRICS_PORT_NAME: Final = "metrics"
+
+
+def config_map_name(job_name: str) -> str:
+    return job_name + CONFIG_MAP_SUFFIX
+
+
+def trainer_job_name(job_name: str) -> str:
+    return job_name + TRAINER_JOB_SUFFIX
+
+
+def child_labels(job_name: str) -> dict[str, str]:
+    """Labels on the ConfigMap and the Job; the handlers select children by LABEL_JOB_NAME."""
+    return {LABEL_JOB_NAME: job_name, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def trainer_pod_labels(job_name: str) -> dict[str, str]:
+    return {
+        **child_labels(job_name),
+        LABEL_APP_NAME: TRAINER_APP_NAME,
+        LABEL_COMPONENT: TRAINER_COMPONENT,
+    }

@@ -1,0 +1,250 @@
+"""Typed view of a FineTuneJob, parsed once from the object the API server sends.
+
+The CRD schema (crds/kubetune.io_finetunejobs.yaml) is the source of truth for the API; these models mirror
+it with the same camelCase names (as aliases) and the same defaults, so that code below the handlers never
+touches a raw dict. Unknown fields are ignored: the API server has already pruned what the schema does not
+know.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        extra="ignore",
+        coerce_numbers_to_str=True,
+    )
+
+
+# --- spec -------------------------------------------------------------------------------------------------
+
+
+class SecretRef(_Model):
+    name: str
+
+
+class BaseModelSpec(_Model):
+    uri: str
+    credentials_secret_ref: SecretRef | None = None
+
+
+class DatasetSpec(_Model):
+    train: str
+    validation: str | None = None
+    validation_split: float | None = None
+    format: str = "Auto"
+    column_map: dict[str, str] | None = None
+    max_seq_length: int = 2048
+
+
+class LoraSpec(_Model):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+
+class HyperparametersSpec(_Model):
+    epochs: int | None = None
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    batch_tokens: int | None = None
+    micro_batch_size: int | None = None
+    gradient_accumulation: int | None = None
+    warmup_ratio: float = 0.03
+    scheduler: str = "Cosine"
+    weight_decay: float = 0.0
+    seed: int = 42
+    train_on: str = "Completions"
+    packing: bool = True
+    eval_every_steps: int | None = None
+
+
+class OutputSpec(_Model):
+    uri: str
+    merge_adapter: bool = False
+
+
+class S3Spec(_Model):
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    credentials_secret_ref: SecretRef | None = None
+    force_path_style: bool = False
+
+
+class ResourcesSpec(_Model):
+    gpus: int = 1
+    gpu_resource_name: str | None = None  # None: the operator's KUBETUNE_GPU_RESOURCE_NAME
+    cpu: str | None = None
+    memory: str | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: tuple[dict[str, Any], ...] = ()
+    priority_class_name: str | None = None
+
+
+class CheckpointingSpec(_Model):
+    every_steps: int | None = None
+    every_minutes: int | None = None
+    keep: int = 2
+
+
+class TrainerSpec(_Model):
+    image: str | None = None
+    env: tuple[dict[str, Any], ...] = ()
+
+
+class FineTuneJobSpec(_Model):
+    base_model: BaseModelSpec
+    dataset: DatasetSpec
+    method: str
+    lora: LoraSpec | None = None
+    hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
+    output: OutputSpec
+    s3: S3Spec = Field(default_factory=S3Spec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
+    suspend: bool = False
+    active_deadline_seconds: int | None = None
+    backoff_limit: int = 3
+    ttl_seconds_after_finished: int | None = None
+    queue_name: str | None = None
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+
+
+# --- status -----------------------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    """One metav1.Condition."""
+
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+    last_transition_time: str = ""
+    observed_generation: int | None = None
+
+
+class Progress(_Model):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = None
+    eta_seconds: int | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int | None = None
+
+
+class TrainingMetrics(_Model):
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+
+
+class ArtifactRecord(_Model):
+    """Where the trained adapter (LoRA) or model (Full) was written, and what it holds."""
+
+    uri: str = ""
+    files: tuple[str, ...] = ()
+    size_bytes: int = 0
+    sha256: str = ""
+    base_model: str = ""
+
+
+class CheckpointRecord(_Model):
+    uri: str = ""
+    step: int = 0
+
+
+class FineTuneJobStatus(_Model):
+    conditions: tuple[Condition, ...] = ()
+    phase: str | None = None
+    message: str | None = None
+    progress: Progress | None = None
+    metrics: TrainingMetrics | None = None
+    adapter: ArtifactRecord | None = None
+    model: ArtifactRecord | None = None
+    checkpoint: CheckpointRecord | None = None
+    restarts: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    observed_generation: int | None = None
+    trainer_job: str | None = None
+    provenance: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as the API stores it: camelCase keys, unset fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def is_true(self, type_: str) -> bool:
+        found = self.condition(type_)
+        return found is not None and found.status == "True"
+
+
+# --- the whole object -------------------------------------------------------------------------------------
+
+
+class ObjectMeta(_Model):
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 1
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+
+
+class FineTuneJob(_Model):
+    """A FineTuneJob as the operator sees it. ``spec`` is None when the object's spec could not be parsed;
+    ``spec_errors`` then says why, one line per problem, and the job is reported as InvalidSpec."""
+
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec | None = None
+    spec_errors: tuple[str, ...] = ()
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any] | Any) -> FineTuneJob:
+        """Parse an object from the API. Metadata and status must parse; a spec that does not is kept as
+        ``spec_errors`` so the job can say what is wrong in its status instead of crashing the handler."""
+        data = dict(body)
+        metadata = ObjectMeta.model_validate(dict(data.get("metadata") or {}))
+        status = FineTuneJobStatus.model_validate(dict(data.get("status") or {}))
+        try:
+            spec: FineTuneJobSpec | None = FineTuneJobSpec.model_validate(dict(data.get("spec") or {}))
+            errors: tuple[str, ...] = ()
+        except ValidationError as exc:
+            spec, errors = None, tuple(describe_validation_error(exc))
+        return cls(metadata=metadata, spec=spec, spec_errors=errors, status=status)
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem, naming the field by its API path (spec.dataset.train: Field required)."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(
+            ["spec", *(to_camel(str(p)) if isinstance(p, str) else f"[{p}]" for p in error["loc"])]
+        )
+        lines.append(f"{path.replace('.[', '[')}: {error['msg']}")
+    return lines

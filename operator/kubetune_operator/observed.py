@@ -1,0 +1,142 @@
+"""What the operator saw of a FineTuneJob's children, and pure helpers to read it.
+
+Children arrive as the plain dicts the API server returns (camelCase keys), so these helpers read exactly
+the field names of batch/v1 Job and core/v1 Pod.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune_operator import labels
+from kubetune_operator.trainer_metrics import TrainerSample
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    config_map: Obj | None
+    trainer_job: Obj | None
+    pods: tuple[Obj, ...]
+    now: datetime
+    sample: TrainerSample | None = None
+    """The trainer's metrics scraped in this pass; None when not scraped or unreachable."""
+    rejected: str | None = None
+    """Set when the API server refused to create a child built from this spec (HTTP 422): its message."""
+
+
+def _get(obj: Obj | None, *path: str) -> Any:
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def job_condition(job: Obj, type_: str) -> Obj | None:
+    """A batch/v1 Job condition of this type whose status is True."""
+    for cond in _get(job, "status", "conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def job_suspended(job: Obj) -> bool:
+    return bool(_get(job, "spec", "suspend"))
+
+
+def job_failed_count(job: Obj) -> int:
+    return int(_get(job, "status", "failed") or 0)
+
+
+def _created(pod: Obj) -> str:
+    return str(_get(pod, "metadata", "creationTimestamp") or "")
+
+
+def trainer_container_status(pod: Obj) -> Obj | None:
+    for status in _get(pod, "status", "containerStatuses") or []:
+        if status.get("name") == labels.TRAINER_CONTAINER:
+            return dict(status)
+    return None
+
+
+def current_pod(pods: tuple[Obj, ...]) -> Obj | None:
+    """The newest pod that is still on its way (Pending or Running, not being deleted)."""
+    live = [
+        p
+        for p in pods
+        if _get(p, "status", "phase") in ("Pending", "Running", None)
+        and not _get(p, "metadata", "deletionTimestamp")
+    ]
+    return max(live, key=_created) if live else None
+
+
+def last_finished_pod(pods: tuple[Obj, ...], phase: str) -> Obj | None:
+    """The newest pod in phase Failed or Succeeded."""
+    done = [p for p in pods if _get(p, "status", "phase") == phase]
+    return max(done, key=_created) if done else None
+
+
+def pod_to_scrape(pods: tuple[Obj, ...]) -> tuple[str, str] | None:
+    """(pod name, pod IP) of the pod whose trainer container is running, if any."""
+    pod = current_pod(pods)
+    if pod is None or _get(pod, "status", "phase") != "Running":
+        return None
+    container = trainer_container_status(pod)
+    ip = _get(pod, "status", "podIP")
+    if not ip or container is None or "running" not in (container.get("state") or {}):
+        return None
+    return str(_get(pod, "metadata", "name")), str(ip)
+
+
+def pod_name(pod: Obj) -> str:
+    return str(_get(pod, "metadata", "name") or "")
+
+
+def running_since(pod: Obj) -> str | None:
+    """When the trainer container started, if it is running."""
+    container = trainer_container_status(pod)
+    running = _get(container, "state", "running")
+    if running is None:
+        return None
+    return str(running.get("startedAt") or "") or None
+
+
+def unschedulable_message(pod: Obj) -> str | None:
+    for cond in _get(pod, "status", "conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == ("Unschedulable")
+        ):
+            return str(cond.get("message") or "no node fits the pod")
+    return None
+
+
+BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def stuck_waiting(pod: Obj) -> tuple[str, str] | None:
+    """(reason, message) when the trainer container waits for something that needs a person."""
+    waiting = _get(trainer_container_status(pod), "state", "waiting")
+    if not waiting or waiting.get("reason") in BENIGN_WAITING or not waiting.get("reason"):
+        return None
+    return str(waiting["reason"]), str(waiting.get("message") or "")
+
+
+def was_disrupted(pod: Obj) -> bool:
+    """Preempted or evicted: the pod carries condition DisruptionTarget=True."""
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in _get(pod, "status", "conditions") or []
+    )
+
+
+def terminated_state(pod: Obj) -> Obj | None:
+    """The trainer container's terminated state (exitCode, reason, message, finishedAt)."""
+    state = _get(trainer_container_status(pod), "state", "terminated")
+    return dict(state) if state else None

@@ -1,0 +1,602 @@
+"""The one level-based reconcile: (FineTuneJob, what was observed) -> (what to do, the new status).
+
+Pure: no API calls, no clock reads (the time comes in ``Observed.now``). Every handler funnels into this
+function, so the same inputs always give the same answer, whichever event woke the operator.
+
+Lifecycle, each step with the condition reason a user reads:
+
+    created --Validated/SpecValid--> Running=False/Created (ConfigMap + Job created)
+       |-- Suspended/Suspended (spec.suspend)  |-- Suspended/Queued (spec.queueName, until Kueue admits)
+       v
+    Running=False/TrainerPending | Unschedulable | ContainerNotStarting
+       v
+    Running=True/TrainerStarting -> Running=True/Training (progress + metrics scraped)
+       |-- attempt failed: Running=False/Restarting (status.restarts++) or /Preempted, then back
+       v
+    Succeeded/Completed (adapter record from the termination message)
+    Failed/<trainer reason> | BackoffLimitExceeded | DeadlineExceeded | TrainerFailed | TrainerJobMissing
+
+A finished FineTuneJob (Succeeded or Failed, except the fixable InvalidSpec/ChildRejected) never creates a
+child again: re-applying a manifest never retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_operator import conditions as cond
+from kubetune_operator import labels, observed
+from kubetune_operator.builders import (
+    build_config_map,
+    build_trainer_job,
+    desired_suspend,
+    render_trainer_config,
+)
+from kubetune_operator.builders.trainer_job import trainer_image
+from kubetune_operator.conditions import FALSE, TRUE, Reason
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.models import (
+    ArtifactRecord,
+    CheckpointRecord,
+    Condition,
+    FineTuneJob,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    Progress,
+    TrainingMetrics,
+)
+from kubetune_operator.observed import Obj, Observed
+from kubetune_operator.trainer_metrics import TrainerSample
+from kubetune_operator.validation import validate
+from kubetune_trainer.contract import TerminationSummary
+
+FIXABLE_FAILURES = frozenset({Reason.INVALID_SPEC, Reason.CHILD_REJECTED})
+"""Failed reasons that a spec edit can clear, because no trainer Job was ever created."""
+WARNING_REASONS = frozenset(
+    {
+        Reason.INVALID_SPEC,
+        Reason.CHILD_REJECTED,
+        Reason.UNSCHEDULABLE,
+        Reason.CONTAINER_NOT_STARTING,
+        Reason.RESTARTING,
+        Reason.PREEMPTED,
+    }
+)
+_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+MESSAGE_LIMIT = 1024
+"""Longest message kept on a condition; longer texts (log tails) keep their end, where the error is."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the FineTuneJob."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    create: tuple[Obj, ...]
+    """Children to create (idempotently: an existing one is left alone)."""
+    replace: tuple[Obj, ...]
+    """Children to overwrite: only the ConfigMap, and only before the trainer Job exists."""
+    set_suspend: bool | None
+    """Patch the trainer Job's spec.suspend to this value; None: leave it."""
+    status: FineTuneJobStatus
+    events: tuple[Event, ...]
+
+    def status_changed(self, old: FineTuneJobStatus) -> bool:
+        return self.status.to_dict() != old.to_dict()
+
+
+def is_finished(status: FineTuneJobStatus) -> bool:
+    """Succeeded, or Failed for a reason a spec edit cannot clear."""
+    if cond.is_true(status.conditions, cond.SUCCEEDED):
+        return True
+    failed = cond.find(status.conditions, cond.FAILED)
+    return failed is not None and failed.status == TRUE and failed.reason not in FIXABLE_FAILURES
+
+
+class _Status:
+    """The status under construction, with the condition writer bound to this pass's generation and time."""
+
+    def __init__(self, old: FineTuneJobStatus, generation: int, now: str) -> None:
+        self.old = old
+        self.fields: dict[str, Any] = {}
+        self.conditions = old.conditions
+        self.generation = generation
+        self.now = now
+
+    def set(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.conditions = cond.set_condition(
+            self.conditions, type_, status, reason, _clip(message), generation=self.generation, now=self.now
+        )
+
+    def remove(self, type_: str) -> None:
+        self.conditions = cond.remove_condition(self.conditions, type_)
+
+    def build(self) -> FineTuneJobStatus:
+        phase = cond.derive_phase(self.conditions)
+        status = self.old.model_copy(
+            update={
+                **self.fields,
+                "conditions": self.conditions,
+                "phase": phase,
+                "message": _headline(self.conditions),
+                "observed_generation": self.generation,
+            }
+        )
+        return status
+
+
+def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outcome:
+    now = cond.now_rfc3339(seen.now)
+    old = job.status
+    st = _Status(old, job.metadata.generation, now)
+    if is_finished(old):
+        return Outcome((), (), None, st.build(), ())
+
+    started = bool(old.trainer_job) or seen.trainer_job is not None
+    problems = validate(job)
+    if problems and not started:
+        _fail_before_start(st, Reason.INVALID_SPEC, "; ".join(problems))
+        return _outcome(st, old, (), (), None)
+    if seen.rejected and not started:
+        _fail_before_start(st, Reason.CHILD_REJECTED, f"the API server rejected a child: {seen.rejected}")
+        return _outcome(st, old, (), (), None)
+    assert job.spec is not None  # validate() reports a missing spec
+    spec = job.spec
+
+    if problems:
+        st.set(cond.VALIDATED, FALSE, Reason.INVALID_SPEC, "; ".join(problems))
+    else:
+        st.set(cond.VALIDATED, TRUE, Reason.SPEC_VALID, "the spec is valid; the trainer config was rendered")
+    if cond.find(st.conditions, cond.FAILED) is not None:
+        st.remove(cond.FAILED)  # a fixable failure, now fixed
+        st.remove(cond.STALLED)
+
+    create: list[Obj] = []
+    replace: list[Obj] = []
+    desired_config = build_config_map(job, config)
+    if seen.config_map is None:
+        create.append(desired_config)
+    elif not started and seen.config_map.get("data") != desired_config["data"]:
+        replace.append(desired_config)
+
+    set_suspend: bool | None = None
+    trainer_job = seen.trainer_job
+    if trainer_job is None and old.trainer_job:
+        _finish_failed(
+            st,
+            Reason.TRAINER_JOB_MISSING,
+            f"the trainer Job {old.trainer_job} was deleted before its outcome was recorded; a FineTuneJob "
+            "trains at most once: create a new FineTuneJob to train again",
+        )
+        create = []
+    elif trainer_job is None:
+        create.append(build_trainer_job(job, config))
+        st.fields["trainer_job"] = labels.trainer_job_name(job.name)
+        st.fields["restarts"] = 0
+        if old.provenance is None:
+            st.fields["provenance"] = _operator_provenance(job, config)
+        if desired_suspend(job):
+            _suspended(st, spec)
+        else:
+            st.set(cond.SUSPENDED, FALSE, Reason.NOT_SUSPENDED, "the job is not suspended")
+            st.set(
+                cond.RUNNING,
+                FALSE,
+                Reason.CREATED,
+                f"created trainer Job {labels.trainer_job_name(job.name)}",
+            )
+            _reconciling(st)
+    else:
+        st.fields["trainer_job"] = str(trainer_job["metadata"]["name"])
+        set_suspend = _follow_job(st, job, spec, trainer_job, seen)
+    return _outcome(st, old, tuple(create), tuple(replace), set_suspend)
+
+
+# --- following the trainer Job ----------------------------------------------------------------------------
+
+
+def _follow_job(
+    st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed
+) -> bool | None:
+    failed_attempts = observed.job_failed_count(trainer_job)
+    if observed.job_condition(trainer_job, "Complete") is not None:
+        _succeed(st, job, spec, trainer_job, seen)
+        return None
+    job_failed = observed.job_condition(trainer_job, "Failed")
+    if job_failed is not None:
+        _fail_from_job(st, spec, trainer_job, job_failed, seen)
+        return None
+
+    st.fields["restarts"] = max(st.old.restarts or 0, failed_attempts)
+    set_suspend: bool | None = None
+    suspended = observed.job_suspended(trainer_job)
+    if spec.suspend and not suspended:
+        set_suspend, suspended = True, True
+    elif not spec.suspend and suspended and not spec.queue_name:
+        set_suspend, suspended = False, False
+    if suspended:
+        _suspended(st, spec)
+        return set_suspend
+
+    was = cond.find(st.old.conditions, cond.SUSPENDED)
+    if was is not None and was.status == TRUE:
+        if was.reason == Reason.QUEUED and not spec.suspend:
+            st.set(
+                cond.SUSPENDED,
+                FALSE,
+                Reason.ADMITTED,
+                f"Kueue admitted the trainer Job from queue {spec.queue_name}",
+            )
+        else:
+            st.set(
+                cond.SUSPENDED,
+                FALSE,
+                Reason.RESUMED,
+                "spec.suspend is false; training resumes from the newest checkpoint",
+            )
+    elif was is None:
+        st.set(cond.SUSPENDED, FALSE, Reason.NOT_SUSPENDED, "the job is not suspended")
+    _trainer_progress(st, trainer_job, seen)
+    return set_suspend
+
+
+def _suspended(st: _Status, spec: FineTuneJobSpec) -> None:
+    if spec.suspend:
+        reason, message = Reason.SUSPENDED, "spec.suspend is true; the trainer is stopped and holds no GPU"
+    else:
+        reason = Reason.QUEUED
+        message = f"waiting for Kueue to admit the trainer Job (queue {spec.queue_name})"
+    st.set(cond.SUSPENDED, TRUE, reason, message)
+    st.set(cond.RUNNING, FALSE, reason, message)
+    st.set(cond.RECONCILING, FALSE, Reason.WAITING, message)
+    st.set(cond.STALLED, FALSE, Reason.PROGRESSING, "")
+
+
+def _reconciling(st: _Status) -> None:
+    running = cond.find(st.conditions, cond.RUNNING)
+    assert running is not None
+    st.set(cond.RECONCILING, TRUE, running.reason, running.message)
+    st.set(cond.STALLED, FALSE, Reason.PROGRESSING, "")
+
+
+def _trainer_progress(st: _Status, trainer_job: Obj, seen: Observed) -> None:
+    pods = seen.pods
+    pod = observed.current_pod(pods)
+    last_failed = observed.last_finished_pod(pods, "Failed")
+    started_at = observed.running_since(pod) if pod is not None else None
+    if pod is not None and started_at is not None:
+        if st.old.start_time is None:
+            st.fields["start_time"] = started_at
+        previous = cond.find(st.old.conditions, cond.RUNNING)
+        step = seen.sample.step if seen.sample is not None else None
+        training = (step is not None and step > 0) or (
+            seen.sample is None and previous is not None and previous.reason == Reason.TRAINING
+        )
+        if training:
+            st.set(cond.RUNNING, TRUE, Reason.TRAINING, f"training in pod {observed.pod_name(pod)}")
+        else:
+            st.set(
+                cond.RUNNING,
+                TRUE,
+                Reason.TRAINER_STARTING,
+                f"trainer started in pod {observed.pod_name(pod)}; preparing data and model",
+            )
+        if seen.sample is not None:
+            _apply_sample(st, seen.sample)
+    else:
+        reason, message = _why_not_running(trainer_job, pod, last_failed)
+        st.set(cond.RUNNING, FALSE, reason, message)
+    _reconciling(st)
+
+
+def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None) -> tuple[str, str]:
+    if pod is not None:
+        name = observed.pod_name(pod)
+        unschedulable = observed.unschedulable_message(pod)
+        if unschedulable is not None:
+            return Reason.UNSCHEDULABLE, f"trainer pod {name} cannot be scheduled: {unschedulable}"
+        stuck = observed.stuck_waiting(pod)
+        if stuck is not None:
+            detail = f"{stuck[0]}: {stuck[1]}" if stuck[1] else stuck[0]
+            return Reason.CONTAINER_NOT_STARTING, f"container trainer in pod {name} is waiting: {detail}"
+    if last_failed is not None:
+        if observed.was_disrupted(last_failed):
+            return (
+                Reason.PREEMPTED,
+                f"trainer pod {observed.pod_name(last_failed)} was preempted or evicted; a new pod resumes "
+                "from the newest checkpoint",
+            )
+        attempts = observed.job_failed_count(trainer_job)
+        return (
+            Reason.RESTARTING,
+            f"attempt {attempts} failed ({_attempt_detail(last_failed)}); "
+            "restarting from the newest checkpoint",
+        )
+    if pod is not None:
+        return Reason.TRAINER_PENDING, f"trainer pod {observed.pod_name(pod)} is starting"
+    return Reason.CREATED, f"trainer Job {trainer_job['metadata']['name']} created; waiting for its pod"
+
+
+def _apply_sample(st: _Status, sample: TrainerSample) -> None:
+    old_progress = st.old.progress or Progress()
+    step = _int(sample.step, old_progress.step)
+    total = _int(sample.total_steps, old_progress.total_steps)
+    percent = old_progress.percent
+    if step is not None and total:
+        percent = round(min(100.0, 100.0 * step / total), 1)
+    st.fields["progress"] = Progress(
+        step=step,
+        total_steps=total,
+        epoch=_num(sample.epoch, old_progress.epoch, 3),
+        percent=percent,
+        eta_seconds=_int(sample.eta_seconds, old_progress.eta_seconds),
+        tokens_per_second=_num(sample.tokens_per_second, old_progress.tokens_per_second, 1),
+        trained_tokens=_int(sample.trained_tokens, old_progress.trained_tokens),
+    )
+    old_metrics = st.old.metrics or TrainingMetrics()
+    st.fields["metrics"] = TrainingMetrics(
+        train_loss=_sig(sample.train_loss, old_metrics.train_loss),
+        eval_loss=_sig(sample.eval_loss, old_metrics.eval_loss),
+        learning_rate=_sig(sample.learning_rate, old_metrics.learning_rate),
+        grad_norm=_sig(sample.grad_norm, old_metrics.grad_norm),
+        best_eval_loss=_sig(sample.best_eval_loss, old_metrics.best_eval_loss),
+        best_step=_int(sample.best_step, old_metrics.best_step),
+    )
+
+
+# --- endings ----------------------------------------------------------------------------------------------
+
+
+def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed) -> None:
+    pod = observed.last_finished_pod(seen.pods, "Succeeded")
+    summary, problem = _summary(pod)
+    kind = "adapter" if spec.method == "LoRA" else "model"
+    if summary is not None and summary.adapter is not None:
+        record = summary.adapter
+        st.fields[kind] = ArtifactRecord(
+            uri=record.uri,
+            files=tuple(record.files),
+            size_bytes=record.size_bytes,
+            sha256=record.sha256,
+            base_model=record.base_model or spec.base_model.uri,
+        )
+        message = f"{kind} written to {record.uri}"
+    else:
+        message = (
+            f"the trainer Job completed but its result record could not be read ({problem}); "
+            f"look for the {kind} under {spec.output.uri}"
+        )
+    if summary is not None:
+        _apply_summary(st, summary, finished=True)
+    completed = str((trainer_job.get("status") or {}).get("completionTime") or st.now)
+    _record_times(st, trainer_job, pod, completed)
+    st.fields["restarts"] = max(st.old.restarts or 0, observed.job_failed_count(trainer_job))
+    st.set(cond.SUCCEEDED, TRUE, Reason.COMPLETED, message)
+    st.set(cond.RUNNING, FALSE, Reason.COMPLETED, "training finished")
+    st.set(cond.RECONCILING, FALSE, Reason.FINISHED, "the job finished")
+    st.set(cond.STALLED, FALSE, Reason.FINISHED, "")
+
+
+def _fail_from_job(
+    st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, job_failed: Obj, seen: Observed
+) -> None:
+    pod = observed.last_finished_pod(seen.pods, "Failed")
+    summary, _ = _summary(pod)
+    attempts = observed.job_failed_count(trainer_job)
+    detail = _attempt_detail(pod) if pod is not None else "no trainer pod is left to inspect"
+    job_reason = str(job_failed.get("reason") or "")
+    if job_reason == "DeadlineExceeded":
+        reason = Reason.DEADLINE_EXCEEDED
+        message = (
+            f"the run took longer than activeDeadlineSeconds={spec.active_deadline_seconds} and was stopped"
+        )
+    elif job_reason == "BackoffLimitExceeded":
+        reason = Reason.BACKOFF_LIMIT_EXCEEDED
+        message = (
+            f"the trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {detail}"
+        )
+    elif summary is not None and summary.reason and _REASON_PATTERN.match(summary.reason):
+        reason, message = summary.reason, summary.message or summary.reason
+    else:
+        reason = Reason.TRAINER_FAILED
+        job_message = str(job_failed.get("message") or job_reason or "failed")
+        message = f"the trainer Job failed ({job_message}); last attempt: {detail}"
+    if summary is not None:
+        _apply_summary(st, summary, finished=False)
+    _record_times(st, trainer_job, pod, str(job_failed.get("lastTransitionTime") or st.now))
+    st.fields["restarts"] = max(st.old.restarts or 0, attempts - 1)
+    _finish_failed(st, reason, message)
+
+
+def _finish_failed(st: _Status, reason: str, message: str) -> None:
+    st.fields.setdefault("completion_time", st.now)
+    st.set(cond.FAILED, TRUE, reason, message)
+    st.set(cond.RUNNING, FALSE, reason, message)
+    st.set(cond.RECONCILING, FALSE, Reason.FINISHED, "the job finished")
+    st.set(cond.STALLED, TRUE, reason, message)
+
+
+def _fail_before_start(st: _Status, reason: str, message: str) -> None:
+    if reason == Reason.INVALID_SPEC:
+        st.set(cond.VALIDATED, FALSE, reason, message)
+    st.set(cond.FAILED, TRUE, reason, message)
+    st.set(cond.RECONCILING, FALSE, reason, message)
+    st.set(cond.STALLED, TRUE, reason, message)
+
+
+def _record_times(st: _Status, trainer_job: Obj, pod: Obj | None, completed: str) -> None:
+    st.fields["completion_time"] = completed
+    if st.old.start_time is None:
+        terminated = observed.terminated_state(pod) if pod is not None else None
+        started = (terminated or {}).get("startedAt") or (trainer_job.get("status") or {}).get("startTime")
+        st.fields["start_time"] = str(started or completed)
+
+
+def _summary(pod: Obj | None) -> tuple[TerminationSummary | None, str]:
+    """The trainer's termination summary from this pod, or why there is none."""
+    if pod is None:
+        return None, "no trainer pod is left to read"
+    terminated = observed.terminated_state(pod)
+    text = (terminated or {}).get("message")
+    if not text:
+        return None, f"pod {observed.pod_name(pod)} has no termination message"
+    try:
+        return TerminationSummary.from_json(str(text)), ""
+    except (ValueError, TypeError) as exc:
+        return (
+            None,
+            f"the termination message of pod {observed.pod_name(pod)} is not a kubetune summary: {exc}",
+        )
+
+
+def _attempt_detail(pod: Obj) -> str:
+    """One line about how a trainer pod ended: the trainer's own reason if it wrote one, else the exit."""
+    summary, _ = _summary(pod)
+    if summary is not None and summary.reason:
+        return f"{summary.reason}: {summary.message}" if summary.message else summary.reason
+    terminated = observed.terminated_state(pod)
+    if observed.was_disrupted(pod):
+        return f"pod {observed.pod_name(pod)} was preempted or evicted"
+    if terminated is None:
+        reason = ((pod.get("status") or {}).get("reason")) or "unknown"
+        return f"pod {observed.pod_name(pod)} failed ({reason})"
+    parts = [f"exit code {terminated.get('exitCode')}"]
+    if terminated.get("reason"):
+        parts.append(str(terminated["reason"]))
+    text = f"container trainer ended with {', '.join(parts)}"
+    tail = str(terminated.get("message") or "").strip()
+    return f"{text}: {tail[-400:]}" if tail else text
+
+
+def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) -> None:
+    old_progress = st.old.progress or Progress()
+    p = summary.progress or {}
+    step = _int(p.get("step"), old_progress.step)
+    total = _int(p.get("totalSteps"), old_progress.total_steps)
+    st.fields["progress"] = Progress(
+        step=step,
+        total_steps=total,
+        epoch=_num(p.get("epoch"), old_progress.epoch, 3),
+        percent=100.0 if finished else old_progress.percent,
+        eta_seconds=0 if finished else old_progress.eta_seconds,
+        tokens_per_second=_num(p.get("tokensPerSecond"), old_progress.tokens_per_second, 1),
+        trained_tokens=_int(p.get("trainedTokens"), old_progress.trained_tokens),
+    )
+    m = summary.metrics or {}
+    old_metrics = st.old.metrics or TrainingMetrics()
+    st.fields["metrics"] = TrainingMetrics(
+        train_loss=_sig(m.get("trainLoss"), old_metrics.train_loss),
+        eval_loss=_sig(m.get("evalLoss"), old_metrics.eval_loss),
+        learning_rate=_sig(m.get("learningRate"), old_metrics.learning_rate),
+        grad_norm=_sig(m.get("gradNorm"), old_metrics.grad_norm),
+        best_eval_loss=_sig(m.get("bestEvalLoss"), old_metrics.best_eval_loss),
+        best_step=_int(m.get("bestStep"), old_metrics.best_step),
+    )
+    checkpoint = summary.checkpoint or {}
+    if checkpoint.get("uri"):
+        st.fields["checkpoint"] = CheckpointRecord(
+            uri=str(checkpoint["uri"]), step=int(checkpoint.get("step") or 0)
+        )
+    if summary.provenance:
+        st.fields["provenance"] = {**(st.old.provenance or {}), **summary.provenance}
+
+
+# --- small helpers ----------------------------------------------------------------------------------------
+
+
+def _operator_provenance(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    rendered = json.loads(render_trainer_config(job, config).to_json())
+    return {
+        "trainerImage": trainer_image(job, config),
+        "baseModel": rendered["baseModel"],
+        "method": rendered["method"],
+        "hyperparameters": rendered["hyperparameters"],
+        **({"lora": rendered["lora"]} if "lora" in rendered else {}),
+    }
+
+
+def _outcome(
+    st: _Status,
+    old: FineTuneJobStatus,
+    create: tuple[Obj, ...],
+    replace: tuple[Obj, ...],
+    set_suspend: bool | None,
+) -> Outcome:
+    status = st.build()
+    return Outcome(
+        create, replace, set_suspend, status, _transition_events(old.conditions, status.conditions)
+    )
+
+
+EVENT_CONDITIONS = (cond.VALIDATED, cond.SUSPENDED, cond.RUNNING, cond.SUCCEEDED, cond.FAILED)
+
+
+def _transition_events(old: tuple[Condition, ...], new: tuple[Condition, ...]) -> tuple[Event, ...]:
+    """One Event per condition whose status or reason changed (the kstatus pair only mirrors these)."""
+    events: list[Event] = []
+    for type_ in EVENT_CONDITIONS:
+        after = cond.find(new, type_)
+        before = cond.find(old, type_)
+        if after is None or after.reason == Reason.NOT_SUSPENDED:
+            continue
+        if before is not None and (before.status, before.reason) == (after.status, after.reason):
+            continue
+        if type_ in (cond.SUCCEEDED, cond.FAILED) and after.status != TRUE:
+            continue
+        if type_ == cond.RUNNING and after.status == FALSE and cond.is_true(new, cond.FAILED):
+            continue  # the Failed event says it
+        if type_ == cond.RUNNING and after.reason in (Reason.COMPLETED, Reason.SUSPENDED, Reason.QUEUED):
+            continue  # the Succeeded / Suspended event says it
+        warning = (type_ == cond.FAILED) or after.reason in WARNING_REASONS
+        event = Event("Warning" if warning else "Normal", after.reason, after.message)
+        if all((e.reason, e.message) != (event.reason, event.message) for e in events):
+            events.append(event)
+    return tuple(events)
+
+
+def _headline(conditions: tuple[Condition, ...]) -> str | None:
+    for type_ in (cond.FAILED, cond.SUCCEEDED, cond.SUSPENDED, cond.RUNNING, cond.VALIDATED):
+        found = cond.find(conditions, type_)
+        if found is not None and (found.status == TRUE or type_ in (cond.RUNNING, cond.VALIDATED)):
+            return found.message or None
+    return None
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_LIMIT else "..." + message[-(MESSAGE_LIMIT - 3) :]
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _int(value: Any, fallback: int | None) -> int | None:
+    number = _finite(value)
+    return max(0, int(number)) if number is not None else fallback
+
+
+def _num(value: Any, fallback: float | None, digits: int) -> float | None:
+    number = _finite(value)
+    return round(max(0.0, number), digits) if number is not None else fallback
+
+
+def _sig(value: Any, fallback: float | None) -> float | None:
+    """Five significant digits: enough to read, few enough that noise does not rewrite the status."""
+    number = _finite(value)
+    return float(f"{number:.5g}") if number is not None else fallback

@@ -1,0 +1,62 @@
+"""Checks on a parsed spec, run before any child is created.
+
+The CRD's schema and CEL rules reject most of these at admission; the operator repeats the cross-field rules
+so that an object that got in another way (an older CRD, validation turned off) fails with a clear message
+instead of a confused trainer.
+"""
+
+from __future__ import annotations
+
+from kubetune_operator import labels
+from kubetune_operator.models import FineTuneJob
+
+BASE_MODEL_SCHEMES = ("s3://", "hf://", "pvc://")
+
+
+def validate(job: FineTuneJob) -> list[str]:
+    """Every problem at once, each naming its field and what to do."""
+    if job.spec is None:
+        return list(job.spec_errors) or [
+            "spec: missing; a FineTuneJob needs baseModel, dataset, method, output"
+        ]
+    spec = job.spec
+    problems: list[str] = []
+    if len(job.name) > labels.MAX_NAME_LENGTH:
+        problems.append(
+            f"metadata.name: {len(job.name)} characters, at most {labels.MAX_NAME_LENGTH} allowed "
+            f"(the trainer Job is named <name>{labels.TRAINER_JOB_SUFFIX}); choose a shorter name"
+        )
+    if spec.method not in ("LoRA", "Full"):
+        problems.append(f"spec.method: {spec.method!r} is not LoRA or Full")
+    if spec.lora is not None and spec.method != "LoRA":
+        problems.append("spec.lora: only allowed with method LoRA; remove the lora block or set method: LoRA")
+    hp = spec.hyperparameters
+    if (hp.epochs is None) == (hp.max_steps is None):
+        problems.append("spec.hyperparameters: set exactly one of epochs or maxSteps")
+    if hp.batch_tokens is not None and (
+        hp.micro_batch_size is not None or hp.gradient_accumulation is not None
+    ):
+        problems.append(
+            "spec.hyperparameters: batchTokens cannot be combined with microBatchSize/gradientAccumulation; "
+            "use one style"
+        )
+    if spec.dataset.validation is not None and spec.dataset.validation_split is not None:
+        problems.append("spec.dataset: set validation or validationSplit, not both")
+    if not spec.base_model.uri.startswith(BASE_MODEL_SCHEMES):
+        problems.append(
+            f"spec.baseModel.uri: {spec.base_model.uri!r} must start with one of "
+            f"{', '.join(BASE_MODEL_SCHEMES)}"
+        )
+    for field, uri in (
+        ("spec.dataset.train", spec.dataset.train),
+        ("spec.dataset.validation", spec.dataset.validation),
+    ):
+        if uri is not None and not uri.startswith("s3://"):
+            problems.append(f"{field}: {uri!r} must be an s3:// URI")
+    if not (spec.output.uri.startswith("s3://") and spec.output.uri.endswith("/")):
+        problems.append(f"spec.output.uri: {spec.output.uri!r} must be an s3:// prefix ending in '/'")
+    if spec.checkpointing.every_steps is not None and spec.checkpointing.every_minutes is not None:
+        problems.append("spec.checkpointing: set everySteps or everyMinutes, not both")
+    if not 0 <= spec.resources.gpus <= 16:
+        problems.append(f"spec.resources.gpus: {spec.resources.gpus} is outside 0..16")
+    return problems

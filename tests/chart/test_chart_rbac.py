@@ -1,0 +1,206 @@
+"""The chart grants the operator exactly what it uses: every request its API module (k8s_io.KubeIO) makes,
+plus what kopf needs for the handlers the operator registers — derived here from the operator's code, not
+written down twice, so a new API call without its RBAC rule (or a rule nothing uses) fails this test."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import kopf
+import pytest
+from chart_helpers import CHART, find, one, render, rules_as_grants
+
+from kubetune_operator import labels
+from kubetune_operator.builders import build_config_map, build_trainer_job
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.handlers import register_handlers
+from kubetune_operator.k8s_io import KubeIO
+from kubetune_operator.models import FineTuneJob
+
+Grants = dict[tuple[str, str], set[str]]
+FULLNAME = "kt-kubetune"
+NAMESPACE = "ml"
+VERB_OF = {
+    ("GET", True): "get",
+    ("GET", False): "list",
+    ("POST", False): "create",
+    ("PATCH", True): "patch",
+    ("PUT", True): "update",
+    ("DELETE", True): "delete",
+}
+PATH = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/[^/]+/(?P<resource>[^/?]+)"
+    r"(?:/(?P<name>[^/?]+)(?:/(?P<sub>[^/?]+))?)?"
+)
+
+
+class _Response:
+    status = 200
+    data = b"{}"
+
+    def read(self) -> bytes:
+        return self.data
+
+
+class RecordingApiClient:
+    """Stands in for kubernetes.client.ApiClient under KubeIO: records each request, answers 200 {}."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+
+    def param_serialize(self, *, method: str, resource_path: str, **_: Any) -> tuple[Any, ...]:
+        return method, resource_path, {}, None, None
+
+    def call_api(self, method: str, url: str, **_: Any) -> _Response:
+        self.requests.append((method, url))
+        return _Response()
+
+
+def grants_of_requests(requests: list[tuple[str, str]]) -> Grants:
+    grants: Grants = {}
+    for method, url in requests:
+        match = PATH.match(url)
+        assert match, f"unexpected API path {url}"
+        resource = match["resource"] + (f"/{match['sub']}" if match["sub"] else "")
+        verb = VERB_OF[(method, match["name"] is not None)]
+        grants.setdefault((match["group"] or "", resource), set()).add(verb)
+    return grants
+
+
+def operator_api_grants() -> Grants:
+    """Drive every KubeIO method with the children the operator's builders produce."""
+    config = OperatorConfig()
+    job = FineTuneJob.from_body(
+        {
+            "apiVersion": labels.API_VERSION,
+            "kind": labels.KIND,
+            "metadata": {"name": "a", "namespace": NAMESPACE, "uid": "u1", "generation": 1},
+            "spec": {
+                "baseModel": {"uri": "s3://m/"},
+                "dataset": {"train": "s3://d/t.jsonl"},
+                "method": "LoRA",
+                "hyperparameters": {"maxSteps": 1},
+                "output": {"uri": "s3://o/"},
+            },
+        }
+    )
+    api = RecordingApiClient()
+    io = KubeIO(api, config)  # type: ignore[arg-type]
+    config_map, trainer_job = build_config_map(job, config), build_trainer_job(job, config)
+    io.get_finetunejob(NAMESPACE, "a")
+    io.get_config_map(NAMESPACE, "a-config")
+    io.get_job(NAMESPACE, "a-trainer")
+    io.list_pods(NAMESPACE, {labels.LABEL_JOB_NAME: "a"})
+    io.create(config_map)
+    io.create(trainer_job)
+    io.replace(config_map)
+    io.patch_job_suspend(NAMESPACE, "a-trainer", False)
+    io.patch_status(NAMESPACE, "a", {"phase": "Running"})
+    io.post_event(
+        {
+            "apiVersion": labels.API_VERSION,
+            "kind": labels.KIND,
+            "name": "a",
+            "namespace": NAMESPACE,
+            "uid": "u1",
+        },
+        "Normal",
+        "Created",
+        "created",
+    )
+    assert len(api.requests) == 10
+    return grants_of_requests(api.requests)
+
+
+def kopf_grants() -> Grants:
+    """kopf lists and watches every resource a handler is registered for, patches its bookkeeping
+    (annotations) onto the resources with change handlers, and posts warnings as core Events."""
+    registry = kopf.OperatorRegistry()
+    register_handlers(registry, OperatorConfig())
+    grants: Grants = {("", "events"): {"create"}}
+    for resource_registry, verbs in (
+        (registry._watching, {"list", "watch"}),
+        (registry._changing, {"list", "watch", "patch"}),
+        (registry._spawning, {"list", "watch", "patch"}),
+    ):
+        for handler in resource_registry.get_all_handlers():
+            selector = handler.selector
+            assert selector is not None and selector.any_name, handler
+            grants.setdefault((selector.group or "", selector.any_name), set()).update(verbs)
+    return grants
+
+
+def expected_namespaced_grants() -> Grants:
+    expected: Grants = {}
+    for source in (operator_api_grants(), kopf_grants()):
+        for key, verbs in source.items():
+            expected.setdefault(key, set()).update(verbs)
+    return expected
+
+
+CRD_OBSERVATION = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+NAMESPACE_OBSERVATION = {("", "namespaces"): {"list", "watch"}}
+
+
+def operator_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in find(docs, "ClusterRole") + find(docs, "Role")
+        if not r["metadata"]["name"].endswith("-helm-test")
+    ]
+
+
+def test_the_derivation_sees_the_operator_at_work() -> None:
+    api = operator_api_grants()
+    assert api[("kubetune.io", "finetunejobs/status")] == {"patch"}
+    assert api[("batch", "jobs")] >= {"create", "patch"}
+    assert ("", "secrets") not in api and ("", "secrets") not in kopf_grants()
+    assert {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods")} <= set(kopf_grants())
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses() -> None:
+    docs = render()
+    (role,) = operator_roles(docs)
+    assert role["kind"] == "ClusterRole" and role["metadata"]["name"] == f"{FULLNAME}-cluster"
+    assert rules_as_grants(role["rules"]) == expected_namespaced_grants() | CRD_OBSERVATION
+    binding = one(docs, "ClusterRoleBinding", f"{FULLNAME}-cluster")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": f"{FULLNAME}-cluster",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": "kubetune-system"}
+    ]
+
+
+def test_namespaced_rbac_is_exactly_what_the_operator_uses_in_each_watched_namespace() -> None:
+    docs = render("-f", str(CHART / "ci" / "namespaced-rbac-values.yaml"))
+    roles = [r for r in operator_roles(docs) if r["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team-a", "ml-team-b"]
+    for role in roles:
+        assert rules_as_grants(role["rules"]) == expected_namespaced_grants()
+    bindings = [b for b in find(docs, "RoleBinding") if b["metadata"]["name"] == FULLNAME]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-team-a", "ml-team-b"]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": "kubetune-system"}
+        ]
+    cluster_role = one(docs, "ClusterRole", f"{FULLNAME}-cluster")
+    assert rules_as_grants(cluster_role["rules"]) == CRD_OBSERVATION | NAMESPACE_OBSERVATION
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "resource"),
+    [
+        ("ha", "ClusterRole", "clusterkopfpeerings"),
+        ("namespaced-ha", "Role", "kopfpeerings"),
+    ],
+)
+def test_peering_adds_only_the_peering_resource(values: str, kind: str, resource: str) -> None:
+    docs = render("-f", str(CHART / "ci" / f"{values}-values.yaml"))
+    role = next(r for r in operator_roles(docs) if r["kind"] == kind)
+    grants = rules_as_grants(role["rules"])
+    assert grants.pop(("kopf.dev", resource)) == {"list", "watch", "patch"}
+    assert not any(group == "kopf.dev" for group, _ in grants)

@@ -1,0 +1,36 @@
+"""The pure parts of `make demo` (e2e/demo.py): its dataset is one the trainer accepts, its manifest one the
+CRD accepts, and its terminal chart draws the curve it is given."""
+
+from __future__ import annotations
+
+from e2e import demo
+from tests.operator.crd_helpers import check
+
+from kubetune_trainer.data import parse_records
+
+
+def test_demo_dataset_parses_as_chat_with_no_problems() -> None:
+    rows = demo.instruction_dataset(60)
+    result = parse_records([("train.jsonl", demo.to_jsonl(rows))])
+    assert result.format == "Messages"
+    assert not result.problems
+    questions = {r["messages"][1]["content"] for r in rows}
+    assert len(questions) > 20, "the examples should vary"
+    assert demo.instruction_dataset(5, offset=10_000) != demo.instruction_dataset(5)
+
+
+def test_demo_finetunejob_passes_the_crd_schema_and_rules() -> None:
+    uris = {"model": "s3://b/models/tiny/", "train": "s3://b/d/train.jsonl", "validation": "s3://b/d/v.jsonl",
+            "output": "s3://b/adapters/run-1/"}
+    manifest = demo.finetunejob(uris, "http://127.0.0.1:9000", steps=40)
+    verdict = check(manifest)
+    assert verdict.ok, verdict.messages()
+    assert manifest["spec"]["resources"]["gpus"] == 0
+    assert len(manifest["metadata"]["name"]) <= 55
+
+
+def test_sparkline_follows_the_values() -> None:
+    assert demo.sparkline([3.0, 2.0, 1.0, 0.0]) == "█▆▃▁"
+    assert demo.sparkline([1.0, 1.0]) == "▁▁"
+    assert len(demo.sparkline([float(i) for i in range(500)], width=60)) == 60
+    assert demo.sparkline([]) == ""

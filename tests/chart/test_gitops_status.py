@@ -1,0 +1,210 @@
+"""The status the operator writes, read the way GitOps tools read it: Flux and kpt by the kstatus rules
+(no custom code), Argo CD through gitops/argocd/health.lua. Each stage of a job's life goes through the
+operator's real reconcile(), so a change there that breaks GitOps health fails here."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from test_argocd_health import argo_health
+
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.models import FineTuneJob
+from kubetune_operator.observed import Observed
+from kubetune_operator.reconcile import reconcile
+from kubetune_trainer.contract import AdapterRecord, TerminationSummary
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+CONFIG = OperatorConfig()
+
+
+def kstatus(obj: dict[str, Any]) -> str:
+    """The generic kstatus verdict for a custom resource (sigs.k8s.io/cli-utils kstatus): InProgress while
+    the status lags the spec or Reconciling=True, Failed when Stalled=True, otherwise Current."""
+    status = obj.get("status") or {}
+    if status.get("observedGeneration", 0) < obj["metadata"].get("generation", 1):
+        return "InProgress"
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    if conditions.get("Reconciling", {}).get("status") == "True":
+        return "InProgress"
+    if conditions.get("Stalled", {}).get("status") == "True":
+        return "Failed"
+    return "Current"
+
+
+def make_ftj(name: str = "chat-lora", **spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/tiny/"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "method": "LoRA",
+        "hyperparameters": {"maxSteps": 10},
+        "output": {"uri": "s3://adapters/chat/"},
+        "s3": {"endpoint": "http://s3.local:9000", "credentialsSecretRef": {"name": "s3-creds"}},
+        "resources": {"gpus": 0},
+        **spec_overrides,
+    }
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "uid": "uid-1",
+            "generation": 1,
+            "creationTimestamp": "2025-06-01T11:59:00Z",
+        },
+        "spec": spec,
+    }
+
+
+def make_trainer_job(
+    ftj: dict[str, Any],
+    *,
+    suspend: bool = False,
+    condition: str | None = None,
+    reason: str = "",
+    failed: int = 0,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"failed": failed}
+    if condition:
+        status["conditions"] = [
+            {
+                "type": condition,
+                "status": "True",
+                "reason": reason,
+                "lastTransitionTime": "2025-06-01T12:00:00Z",
+            }
+        ]
+        if condition == "Complete":
+            status["completionTime"] = "2025-06-01T12:00:00Z"
+    return {
+        "metadata": {"name": f"{ftj['metadata']['name']}-trainer", "namespace": "ml"},
+        "spec": {"suspend": suspend},
+        "status": status,
+    }
+
+
+def make_pod(phase: str, *, running: bool = False, message: str = "", exit_code: int = 0) -> dict[str, Any]:
+    state: dict[str, Any]
+    if running:
+        state = {"running": {"startedAt": "2025-06-01T11:59:30Z"}}
+    elif phase in ("Succeeded", "Failed"):
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "message": message,
+                "finishedAt": "2025-06-01T12:00:00Z",
+            }
+        }
+    else:
+        state = {"waiting": {"reason": "ContainerCreating"}}
+    return {
+        "metadata": {
+            "name": "chat-lora-trainer-abcde",
+            "namespace": "ml",
+            "creationTimestamp": "2025-06-01T11:59:10Z",
+        },
+        "status": {
+            "phase": phase,
+            "podIP": "10.0.0.7",
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+def step(
+    ftj: dict[str, Any],
+    *,
+    config_map: bool = True,
+    trainer_job: dict[str, Any] | None = None,
+    pods: tuple[dict[str, Any], ...] = (),
+) -> dict[str, Any]:
+    """One reconcile pass; returns the FineTuneJob as the API would hold it afterwards."""
+    outcome = reconcile(
+        FineTuneJob.from_body(ftj),
+        Observed(
+            config_map={"data": {}} if config_map else None, trainer_job=trainer_job, pods=pods, now=NOW
+        ),
+        CONFIG,
+    )
+    updated = copy.deepcopy(ftj)
+    updated["status"] = outcome.status.to_dict()
+    return updated
+
+
+def verdicts(obj: dict[str, Any]) -> tuple[str, str]:
+    return kstatus(obj), argo_health(obj)["status"]
+
+
+def test_new_job_is_in_progress() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    assert ftj["status"]["observedGeneration"] == 1
+    assert verdicts(ftj) == ("InProgress", "Progressing")
+
+
+def test_running_job_is_in_progress() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    ftj = step(ftj, trainer_job=make_trainer_job(ftj), pods=(make_pod("Running", running=True),))
+    assert ftj["status"]["phase"] == "Running"
+    assert verdicts(ftj) == ("InProgress", "Progressing")
+
+
+def test_succeeded_job_is_current_and_healthy() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    summary = TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        message="done",
+        adapter=AdapterRecord(
+            uri="s3://adapters/chat/",
+            files=["adapter_model.safetensors"],
+            size_bytes=10,
+            sha256="cd" * 32,
+            base_model="s3://models/tiny/",
+        ),
+    )
+    ftj = step(
+        ftj,
+        trainer_job=make_trainer_job(ftj, condition="Complete"),
+        pods=(make_pod("Succeeded", message=summary.to_json()),),
+    )
+    assert ftj["status"]["phase"] == "Succeeded"
+    assert verdicts(ftj) == ("Current", "Healthy")
+    assert argo_health(ftj)["message"] == "Fine-tuned: s3://adapters/chat/"
+
+
+def test_failed_job_is_failed_and_degraded() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    ftj = step(
+        ftj,
+        trainer_job=make_trainer_job(ftj, condition="Failed", reason="BackoffLimitExceeded", failed=4),
+        pods=(make_pod("Failed", exit_code=1, message="Traceback ..."),),
+    )
+    assert ftj["status"]["phase"] == "Failed"
+    assert verdicts(ftj) == ("Failed", "Degraded")
+
+
+def test_invalid_spec_is_failed_and_degraded() -> None:
+    ftj = step(make_ftj(output={"uri": "not-a-uri"}), config_map=False)
+    assert verdicts(ftj) == ("Failed", "Degraded")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"), [({"suspend": True}, "Suspended"), ({"queueName": "team-a"}, "Queued")]
+)
+def test_suspended_or_queued_job_is_current_and_suspended(overrides: dict[str, Any], reason: str) -> None:
+    ftj = step(make_ftj(**overrides), config_map=False)
+    ftj = step(ftj, trainer_job=make_trainer_job(ftj, suspend=True))
+    suspended = next(c for c in ftj["status"]["conditions"] if c["type"] == "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("True", reason)
+    assert verdicts(ftj) == ("Current", "Suspended")
+
+
+def test_spec_change_not_yet_observed_is_in_progress() -> None:
+    ftj = step(make_ftj(suspend=True), config_map=False)
+    ftj["metadata"]["generation"] = 2
+    assert verdicts(ftj) == ("InProgress", "Progressing")

@@ -1,0 +1,414 @@
+"""FineTuneJob manifests the CRD must accept or reject, as data.
+
+The unit tests check every case against the CRD with jsonschema and a CEL interpreter; the e2e suite
+replays the same cases against a real API server. Dependency-free on purpose, so both can import it.
+
+A case starts from a valid base manifest (``"lora"`` or ``"full"``) and applies ``changes``: dotted field
+paths mapped to new values, ``None`` removing the field. With ``update`` set, the changed manifest is
+created first and ``update`` is then applied on top of it as an update (this is how the transition rules,
+the ones that compare with ``oldSelf``, get exercised). ``message`` is a fragment of the API server's
+rejection (``""``: the object is accepted) and ``field`` is the field path the server reports it under
+(``""`` for a rule on the whole object). ``keyword`` names the OpenAPI keyword that rejects the object;
+``None`` means a CEL rule does.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+API_VERSION = "kubetune.io/v1alpha1"
+KIND = "FineTuneJob"
+
+
+def base_manifest(base: str = "lora", name: str = "ftj-case") -> dict[str, Any]:
+    """A complete, valid FineTuneJob: ``"lora"`` (LoRA, batchTokens, validation file) or ``"full"``."""
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/llama-3.2-1b/"},
+        "dataset": {"train": "s3://datasets/support/train.jsonl", "format": "Auto"},
+        "hyperparameters": {"epochs": 3, "learningRate": 0.0002, "batchTokens": 16384},
+        "output": {"uri": "s3://adapters/support-bot/"},
+        "s3": {
+            "endpoint": "http://minio.storage:9000",
+            "forcePathStyle": True,
+            "credentialsSecretRef": {"name": "s3-creds"},
+        },
+        "resources": {"gpus": 1},
+    }
+    if base == "lora":
+        spec["method"] = "LoRA"
+        spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05}
+        spec["dataset"]["validation"] = "s3://datasets/support/val.jsonl"
+    elif base == "full":
+        spec["method"] = "Full"
+        spec["output"] = {"uri": "s3://models-out/support-bot-full/"}
+        spec["hyperparameters"] = {"maxSteps": 500, "learningRate": 0.00002, "microBatchSize": 2}
+    else:
+        raise ValueError(f"unknown base manifest {base!r}: use 'lora' or 'full'")
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
+
+
+def apply_changes(manifest: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``manifest`` with each dotted path set to its value (``None`` removes the field)."""
+    result = copy.deepcopy(manifest)
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return result
+
+
+@dataclass(frozen=True)
+class CrdCase:
+    name: str
+    changes: dict[str, Any]
+    message: str = ""
+    field: str = ""
+    keyword: str | None = None
+    base: str = "lora"
+    update: dict[str, Any] | None = None
+
+    @property
+    def valid(self) -> bool:
+        return not self.message
+
+    def manifests(self, name: str = "ftj-case") -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the object to create, the object to update it to or None). ``name`` is used unless the case
+        sets metadata.name itself."""
+        created = apply_changes(base_manifest(self.base, name), self.changes)
+        updated = apply_changes(created, self.update) if self.update is not None else None
+        return created, updated
+
+
+IMMUTABLE = "create a new FineTuneJob instead"
+
+_ENV_FROM_SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
+
+CASES: list[CrdCase] = [
+    # metadata.name length (children are <name>-trainer and <name>-config)
+    CrdCase("name-55-chars-accepted", {"metadata.name": "a" * 55}),
+    CrdCase(
+        "name-56-chars-rejected",
+        {"metadata.name": "a" * 56},
+        "metadata.name must be at most 55 characters",
+    ),
+    # lora only with method LoRA
+    CrdCase("lora-block-with-lora-method", {}),
+    CrdCase("lora-method-without-lora-block", {"spec.lora": None}),
+    CrdCase("full-method-without-lora-block", {}, base="full"),
+    CrdCase(
+        "lora-block-with-full-method",
+        {"spec.lora": {"r": 8}},
+        "spec.lora is allowed only when spec.method is LoRA",
+        field="spec",
+        base="full",
+    ),
+    # exactly one of epochs / maxSteps
+    CrdCase(
+        "max-steps-instead-of-epochs",
+        {"spec.hyperparameters.epochs": None, "spec.hyperparameters.maxSteps": 100},
+    ),
+    CrdCase(
+        "epochs-and-max-steps",
+        {"spec.hyperparameters.maxSteps": 100},
+        "set exactly one of spec.hyperparameters.epochs or spec.hyperparameters.maxSteps",
+        field="spec.hyperparameters",
+    ),
+    CrdCase(
+        "neither-epochs-nor-max-steps",
+        {"spec.hyperparameters.epochs": None},
+        "set exactly one of spec.hyperparameters.epochs or spec.hyperparameters.maxSteps",
+        field="spec.hyperparameters",
+    ),
+    # one batching style
+    CrdCase(
+        "micro-batch-with-accumulation",
+        {
+            "spec.hyperparameters.batchTokens": None,
+            "spec.hyperparameters.microBatchSize": 4,
+            "spec.hyperparameters.gradientAccumulation": 8,
+        },
+    ),
+    CrdCase("no-batching-style-lets-the-trainer-pick", {"spec.hyperparameters.batchTokens": None}),
+    CrdCase(
+        "batch-tokens-with-micro-batch",
+        {"spec.hyperparameters.microBatchSize": 4},
+        "batchTokens cannot be combined with microBatchSize or",
+        field="spec.hyperparameters",
+    ),
+    CrdCase(
+        "batch-tokens-with-accumulation",
+        {"spec.hyperparameters.gradientAccumulation": 4},
+        "batchTokens cannot be combined with microBatchSize or",
+        field="spec.hyperparameters",
+    ),
+    # validation xor validationSplit
+    CrdCase("validation-split-only", {"spec.dataset.validation": None, "spec.dataset.validationSplit": 0.1}),
+    CrdCase("no-validation-set", {"spec.dataset.validation": None}),
+    CrdCase(
+        "validation-and-validation-split",
+        {"spec.dataset.validationSplit": 0.1},
+        "set at most one of spec.dataset.validation",
+        field="spec.dataset",
+    ),
+    # checkpointing: at most one interval
+    CrdCase("checkpoint-every-steps", {"spec.checkpointing": {"everySteps": 200, "keep": 3}}),
+    CrdCase("checkpoint-every-minutes", {"spec.checkpointing": {"everyMinutes": 15}}),
+    CrdCase(
+        "checkpoint-every-steps-and-minutes",
+        {"spec.checkpointing": {"everySteps": 200, "everyMinutes": 15}},
+        "set at most one of spec.checkpointing.everySteps or spec.checkpointing.everyMinutes",
+        field="spec.checkpointing",
+    ),
+    # URIs
+    CrdCase("base-model-from-hub-with-revision", {"spec.baseModel.uri": "hf://meta-llama/Llama-3.2-1B@main"}),
+    CrdCase("base-model-from-hub-without-org", {"spec.baseModel.uri": "hf://gpt2"}),
+    CrdCase("base-model-from-pvc", {"spec.baseModel.uri": "pvc://models/llama-3.2-1b"}),
+    CrdCase(
+        "base-model-over-http",
+        {"spec.baseModel.uri": "https://example.com/llama"},
+        "spec.baseModel.uri must be s3://bucket/prefix/, hf://org/name[@revision] or",
+        field="spec.baseModel.uri",
+    ),
+    CrdCase(
+        "base-model-hub-path-too-deep",
+        {"spec.baseModel.uri": "hf://meta-llama/Llama-3.2-1B/extra"},
+        "spec.baseModel.uri must be s3://bucket/prefix/, hf://org/name[@revision] or",
+        field="spec.baseModel.uri",
+    ),
+    CrdCase("train-is-a-prefix", {"spec.dataset.train": "s3://datasets/support/"}),
+    CrdCase(
+        "train-is-a-local-path",
+        {"spec.dataset.train": "/data/train.jsonl"},
+        "spec.dataset.train must be an S3 URI",
+        field="spec.dataset.train",
+    ),
+    CrdCase(
+        "validation-on-another-store",
+        {"spec.dataset.validation": "gs://datasets/val.jsonl"},
+        "spec.dataset.validation must be an S3 URI",
+        field="spec.dataset.validation",
+    ),
+    CrdCase(
+        "output-without-trailing-slash",
+        {"spec.output.uri": "s3://adapters/support-bot"},
+        "spec.output.uri must end with '/'",
+        field="spec.output.uri",
+    ),
+    CrdCase(
+        "output-not-in-s3",
+        {"spec.output.uri": "file:///tmp/out/"},
+        "spec.output.uri must be an S3 prefix",
+        field="spec.output.uri",
+    ),
+    CrdCase("s3-endpoint-https", {"spec.s3.endpoint": "https://s3.eu-central-1.amazonaws.com"}),
+    CrdCase("s3-block-omitted", {"spec.s3": None}),
+    CrdCase(
+        "s3-endpoint-without-scheme",
+        {"spec.s3.endpoint": "minio.storage:9000"},
+        "spec.s3.endpoint must be an http:// or https:// URL",
+        field="spec.s3.endpoint",
+    ),
+    # trainer env entries
+    CrdCase(
+        "trainer-env-value-from-secret",
+        {"spec.trainer": {"env": [{"name": "HF_TOKEN", "valueFrom": _ENV_FROM_SECRET}]}},
+    ),
+    CrdCase(
+        "trainer-env-value-and-value-from",
+        {"spec.trainer": {"env": [{"name": "HF_TOKEN", "value": "x", "valueFrom": _ENV_FROM_SECRET}]}},
+        "sets value or valueFrom, not both",
+        field="spec.trainer.env[0]",
+    ),
+    # what the OpenAPI schema itself rejects
+    CrdCase("method-unknown", {"spec.method": "QLoRA"}, 'Unsupported value: "QLoRA"', "spec.method", "enum"),
+    CrdCase(
+        "format-unknown",
+        {"spec.dataset.format": "CSV"},
+        'Unsupported value: "CSV"',
+        "spec.dataset.format",
+        "enum",
+    ),
+    CrdCase(
+        "scheduler-unknown",
+        {"spec.hyperparameters.scheduler": "Step"},
+        'Unsupported value: "Step"',
+        "spec.hyperparameters.scheduler",
+        "enum",
+    ),
+    CrdCase("lora-rank-zero", {"spec.lora.r": 0}, "greater than or equal to 1", "spec.lora.r", "minimum"),
+    CrdCase(
+        "learning-rate-zero",
+        {"spec.hyperparameters.learningRate": 0},
+        "should be greater than 0",
+        "spec.hyperparameters.learningRate",
+        "minimum",
+    ),
+    CrdCase(
+        "too-many-gpus",
+        {"spec.resources.gpus": 17},
+        "less than or equal to 16",
+        "spec.resources.gpus",
+        "maximum",
+    ),
+    CrdCase(
+        "validation-split-half",
+        {"spec.dataset.validation": None, "spec.dataset.validationSplit": 0.5},
+        "should be less than 0.5",
+        "spec.dataset.validationSplit",
+        "maximum",
+    ),
+    CrdCase(
+        "max-seq-length-too-short",
+        {"spec.dataset.maxSeqLength": 8},
+        "greater than or equal to 16",
+        "spec.dataset.maxSeqLength",
+        "minimum",
+    ),
+    CrdCase(
+        "epochs-as-string",
+        {"spec.hyperparameters.epochs": "3"},
+        "must be of type integer",
+        "spec.hyperparameters.epochs",
+        "type",
+    ),
+    CrdCase("output-missing", {"spec.output": None}, "Required value", "spec.output", "required"),
+    CrdCase(
+        "method-missing",
+        {"spec.method": None, "spec.lora": None},
+        "Required value",
+        "spec.method",
+        "required",
+    ),
+    CrdCase(
+        "queue-name-not-a-label-value",
+        {"spec.queueName": "Team Queue"},
+        "should match",
+        "spec.queueName",
+        "pattern",
+    ),
+    CrdCase(
+        "memory-not-a-quantity",
+        {"spec.resources.memory": "lots"},
+        "should match",
+        "spec.resources.memory",
+        "anyOf",
+    ),
+    CrdCase("memory-quantity", {"spec.resources.memory": "64Gi", "spec.resources.cpu": "7500m"}),
+    CrdCase("cpu-as-integer", {"spec.resources.cpu": 8}),
+    # immutability of the fields that define the run (updates)
+    CrdCase("reapply-same-manifest", {}, update={}),
+    CrdCase(
+        "update-base-model",
+        {},
+        "spec.baseModel is immutable: " + IMMUTABLE,
+        field="spec.baseModel",
+        update={"spec.baseModel.uri": "s3://models/llama-3.2-3b/"},
+    ),
+    CrdCase(
+        "update-dataset-train",
+        {},
+        "spec.dataset is immutable: " + IMMUTABLE,
+        field="spec.dataset",
+        update={"spec.dataset.train": "s3://datasets/support/train-v2.jsonl"},
+    ),
+    CrdCase(
+        "update-dataset-add-column-map",
+        {},
+        "spec.dataset is immutable: " + IMMUTABLE,
+        field="spec.dataset",
+        update={"spec.dataset.columnMap": {"prompt": "question"}},
+    ),
+    CrdCase(
+        "update-method",
+        {},
+        "spec.method is immutable: " + IMMUTABLE,
+        field="spec.method",
+        base="full",
+        update={"spec.method": "LoRA"},
+    ),
+    CrdCase(
+        "update-lora-rank",
+        {},
+        "spec.lora is immutable: it defines the training run; " + IMMUTABLE,
+        field="spec",
+        update={"spec.lora.r": 64},
+    ),
+    CrdCase(
+        "update-remove-lora",
+        {},
+        "spec.lora is immutable: it defines the training run; " + IMMUTABLE,
+        field="spec",
+        update={"spec.lora": None},
+    ),
+    CrdCase(
+        "update-add-lora",
+        {"spec.lora": None},
+        "spec.lora is immutable: it defines the training run; " + IMMUTABLE,
+        field="spec",
+        update={"spec.lora": {"r": 8}},
+    ),
+    CrdCase(
+        "update-learning-rate",
+        {},
+        "spec.hyperparameters is immutable: " + IMMUTABLE,
+        field="spec.hyperparameters",
+        update={"spec.hyperparameters.learningRate": 0.0001},
+    ),
+    CrdCase(
+        "update-output-uri",
+        {},
+        "spec.output is immutable: " + IMMUTABLE,
+        field="spec.output",
+        update={"spec.output.uri": "s3://adapters/support-bot-v2/"},
+    ),
+    CrdCase(
+        "update-merge-adapter",
+        {},
+        "spec.output is immutable: " + IMMUTABLE,
+        field="spec.output",
+        update={"spec.output.mergeAdapter": True},
+    ),
+    # what may change on a live job
+    CrdCase("update-suspend", {"spec.suspend": True}, update={"spec.suspend": False}),
+    CrdCase(
+        "update-scheduling",
+        {},
+        update={
+            "spec.resources": {
+                "gpus": 2,
+                "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "priorityClassName": "training-low",
+            },
+            "spec.queueName": "team-a",
+        },
+    ),
+    CrdCase(
+        "update-lifecycle",
+        {},
+        update={
+            "spec.ttlSecondsAfterFinished": 3600,
+            "spec.activeDeadlineSeconds": 86400,
+            "spec.backoffLimit": 5,
+        },
+    ),
+    CrdCase(
+        "update-trainer-s3-and-checkpointing",
+        {},
+        update={
+            "spec.trainer": {"image": "registry.example.com/kubetune/trainer:0.1.1"},
+            "spec.s3.endpoint": "http://minio.storage.svc:9000",
+            "spec.checkpointing": {"everySteps": 50},
+        },
+    ),
+]
+
+INVALID_CASES = [case for case in CASES if not case.valid]
+VALID_CASES = [case for case in CASES if case.valid]

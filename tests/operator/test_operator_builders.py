@@ -1,0 +1,257 @@
+"""The pure builders against expected manifests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kubetune_operator.builders import build_config_map, build_trainer_job, render_trainer_config
+from kubetune_operator.config import OperatorConfig
+from kubetune_trainer import contract
+from operator_factories import make_job, parse
+
+OWNER = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "name": "support-bot",
+    "uid": "uid-support-bot",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+CHILD_LABELS = {"kubetune.io/job-name": "support-bot", "app.kubernetes.io/managed-by": "kubetune"}
+
+
+def job_for(**kwargs: Any) -> Any:
+    return parse(make_job("support-bot", **kwargs))
+
+
+def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
+    manifest = build_trainer_job(job_for(), config)
+    assert manifest == {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "support-bot-trainer",
+            "namespace": "ml",
+            "labels": CHILD_LABELS,
+            "ownerReferences": [OWNER],
+        },
+        "spec": {
+            "suspend": False,
+            "backoffLimit": 3,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
+            "template": {
+                "metadata": {
+                    "labels": {
+                        **CHILD_LABELS,
+                        "app.kubernetes.io/name": "kubetune-trainer",
+                        "app.kubernetes.io/component": "trainer",
+                    }
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "runAsGroup": 1000,
+                        "fsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "registry.example/kubetune/trainer:test",
+                            "env": [
+                                {"name": "KUBETUNE_CONFIG", "value": "/etc/kubetune/config.json"},
+                                {"name": "KUBETUNE_WORK_DIR", "value": "/scratch"},
+                                {"name": "HF_HOME", "value": "/scratch/hf"},
+                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                {
+                                    "name": "AWS_ACCESS_KEY_ID",
+                                    "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}},
+                                },
+                                {
+                                    "name": "AWS_SECRET_ACCESS_KEY",
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+                                    },
+                                },
+                                {
+                                    "name": "AWS_SESSION_TOKEN",
+                                    "valueFrom": {
+                                        "secretKeyRef": {
+                                            "name": "s3-creds",
+                                            "key": "AWS_SESSION_TOKEN",
+                                            "optional": True,
+                                        }
+                                    },
+                                },
+                            ],
+                            "ports": [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+                            "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True},
+                                {"name": "scratch", "mountPath": "/scratch"},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                            ],
+                            "terminationMessagePath": "/dev/termination-log",
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True,
+                            },
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": "support-bot-config"}},
+                        {"name": "scratch", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _pod(manifest: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = manifest["spec"]["template"]["spec"]
+    return pod
+
+
+def test_permanent_failure_exit_code_is_the_contracts(config: OperatorConfig) -> None:
+    rule = build_trainer_job(job_for(), config)["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["onExitCodes"]["values"] == [contract.EXIT_CODE_PERMANENT_FAILURE]
+
+
+def test_gpus_use_the_named_resource_and_shared_memory(config: OperatorConfig) -> None:
+    job = job_for(resources={"gpus": 4, "gpuResourceName": "amd.com/gpu", "cpu": "16", "memory": "128Gi"})
+    pod = _pod(build_trainer_job(job, config))
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "16", "memory": "128Gi", "amd.com/gpu": 4},
+        "limits": {"memory": "128Gi", "amd.com/gpu": 4},
+    }
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+
+
+def test_operator_default_gpu_resource_applies_when_the_job_names_none() -> None:
+    config = OperatorConfig(gpu_resource_name="gpu.example.com/h100")
+    pod = _pod(build_trainer_job(job_for(resources={"gpus": 2}), config))
+    assert pod["containers"][0]["resources"]["limits"] == {"gpu.example.com/h100": 2}
+
+
+def test_cpu_only_job_requests_no_gpu(config: OperatorConfig) -> None:
+    pod = _pod(build_trainer_job(job_for(resources={"gpus": 0, "cpu": 2}), config))
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2"}}
+    assert all(v["name"] != "dshm" for v in pod["volumes"])
+
+
+def test_scheduling_fields_are_passed_to_the_pod(config: OperatorConfig) -> None:
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    job = job_for(
+        resources={
+            "gpus": 1,
+            "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+            "tolerations": [toleration],
+            "priorityClassName": "training-low",
+        }
+    )
+    pod = _pod(build_trainer_job(job, config))
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    assert pod["tolerations"] == [toleration]
+    assert pod["priorityClassName"] == "training-low"
+
+
+@pytest.mark.parametrize(
+    ("suspend", "queue", "want_suspend", "want_label"),
+    [(None, None, False, None), (True, None, True, None), (None, "gpu-queue", True, "gpu-queue")],
+)
+def test_suspend_and_kueue_queue(
+    config: OperatorConfig, suspend: bool | None, queue: str | None, want_suspend: bool, want_label: str | None
+) -> None:
+    manifest = build_trainer_job(job_for(suspend=suspend, queue_name=queue), config)
+    assert manifest["spec"]["suspend"] is want_suspend
+    assert manifest["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == want_label
+
+
+def test_lifecycle_fields_are_copied(config: OperatorConfig) -> None:
+    spec = build_trainer_job(
+        job_for(backoffLimit=0, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600), config
+    )["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (0, 7200, 600)
+
+
+def test_user_env_and_image_override(config: OperatorConfig) -> None:
+    job = job_for(trainer={"image": "my/trainer:dev", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]})
+    container = _pod(build_trainer_job(job, config))["containers"][0]
+    assert container["image"] == "my/trainer:dev"
+    assert container["env"][-1] == {"name": "NCCL_DEBUG", "value": "INFO"}
+
+
+def test_no_s3_secret_means_no_aws_env_and_model_secret_gives_hf_token(config: OperatorConfig) -> None:
+    job = job_for(
+        s3={"endpoint": "http://minio:9000"},
+        baseModel={"uri": "hf://meta-llama/Llama-3.2-1B", "credentialsSecretRef": {"name": "hf"}},
+    )
+    env = _pod(build_trainer_job(job, config))["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert not any(n.startswith("AWS_") for n in names)
+    assert env[-1] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": True}}}
+
+
+def test_config_map_holds_the_rendered_contract(config: OperatorConfig) -> None:
+    manifest = build_config_map(job_for(), config)
+    assert manifest["metadata"] == {
+        "name": "support-bot-config",
+        "namespace": "ml",
+        "labels": CHILD_LABELS,
+        "ownerReferences": [OWNER],
+    }
+    rendered = contract.TrainerConfig.from_json(manifest["data"]["config.json"])
+    assert rendered.job == contract.JobRef(name="support-bot", namespace="ml", uid="uid-support-bot")
+    assert rendered.base_model == "s3://models/llama-3.2-1b/"
+    assert rendered.lora == contract.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=None)
+    assert rendered.hyperparameters.epochs == 3 and rendered.hyperparameters.batch_tokens == 16384
+    assert rendered.s3 == contract.S3Config(endpoint="http://minio.storage:9000", region="us-east-1",
+                                            force_path_style=True)
+    assert rendered.output.uri == "s3://adapters/support-bot/"
+    assert rendered.gpus == 1 and rendered.metrics_port == 9090
+
+
+def test_rendering_fills_operator_defaults(config: OperatorConfig) -> None:
+    job = job_for(s3={}, checkpointing={"everySteps": 50, "keep": 3}, lora={"targetModules": []})
+    rendered = render_trainer_config(job, config)
+    assert rendered.s3.endpoint == "http://s3.default:9000"
+    assert rendered.checkpointing == contract.CheckpointConfig(every_steps=50, every_minutes=None, keep=3)
+    assert rendered.lora is not None and rendered.lora.target_modules is None
+
+
+def test_full_method_renders_no_lora_block(config: OperatorConfig) -> None:
+    rendered = render_trainer_config(job_for(method="Full"), config)
+    assert rendered.method == "Full" and rendered.lora is None
+    assert "lora" not in json.loads(rendered.to_json())
+
+
+def test_lora_target_modules_and_dataset_options(config: OperatorConfig) -> None:
+    job = job_for(
+        lora={"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
+        dataset={"train": "s3://d/train/", "validationSplit": 0.1, "format": "Alpaca",
+                 "columnMap": {"instruction": "question"}, "maxSeqLength": 4096},
+    )
+    rendered = render_trainer_config(job, config)
+    assert rendered.lora == contract.LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    assert rendered.dataset == contract.DatasetConfig(
+        train="s3://d/train/", validation_split=0.1, format="Alpaca", column_map={"instruction": "question"},
+        max_seq_length=4096,
+    )

@@ -1,0 +1,263 @@
+"""Handlers driven directly with kopf-style kwargs and an injected in-memory cluster."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+import pytest
+from fake_cluster import FakeCluster
+from kopf._core.intents import causes
+from kubernetes.client.exceptions import ApiException
+from kubetune_operator import handlers
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.handlers import (
+    Runtime,
+    on_child_event,
+    on_finetunejob,
+    on_finetunejob_deleted,
+    on_scrape_timer,
+    on_startup,
+    register_handlers,
+    status_patch,
+)
+from kubetune_operator.models import FineTuneJobStatus
+from kubetune_operator.operator_metrics import OperatorMetrics
+from kubetune_trainer import contract
+from operator_factories import (
+    NAMESPACE,
+    job_condition,
+    make_job,
+    make_pod,
+    metrics_text,
+    success_summary,
+    terminated,
+    ts,
+)
+
+LOG = logging.getLogger("test")
+
+
+@pytest.fixture
+def cluster() -> FakeCluster:
+    return FakeCluster()
+
+
+@pytest.fixture
+def memo(cluster: FakeCluster, config: OperatorConfig) -> kopf.Memo:
+    return kopf.Memo(runtime=Runtime(config=config, metrics=OperatorMetrics(), io=cluster))
+
+
+def runtime(memo: kopf.Memo) -> Runtime:
+    return handlers.runtime_of(memo)
+
+
+def fire(memo: kopf.Memo, name: str = "a") -> None:
+    on_finetunejob(name=name, namespace=NAMESPACE, memo=memo, logger=LOG, body={}, spec={})
+
+
+def child_event(memo: kopf.Memo, obj: dict[str, Any]) -> None:
+    on_child_event(body=obj, namespace=NAMESPACE, memo=memo, logger=LOG, type="MODIFIED")
+
+
+def status(cluster: FakeCluster, name: str = "a") -> dict[str, Any]:
+    ftj = cluster.get("FineTuneJob", NAMESPACE, name)
+    assert ftj is not None
+    result: dict[str, Any] = ftj.get("status") or {}
+    return result
+
+
+def conditions(cluster: FakeCluster, name: str = "a") -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status(cluster, name).get("conditions", [])}
+
+
+def job_pod(cluster: FakeCluster, **kwargs: Any) -> dict[str, Any]:
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    pod = make_pod(**kwargs)
+    pod["metadata"]["ownerReferences"][0]["uid"] = job["metadata"]["uid"]
+    return cluster.put(pod)
+
+
+def test_create_makes_children_and_writes_status_once(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    config_map = cluster.get("ConfigMap", NAMESPACE, "a-config")
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert config_map is not None and contract.TrainerConfig.from_json(config_map["data"]["config.json"]).job.name == "a"
+    assert job is not None and job["spec"]["suspend"] is False
+    assert status(cluster)["phase"] == "Pending" and status(cluster)["trainerJob"] == "a-trainer"
+    assert cluster.calls["patch_status"] == 1
+    assert ("Normal", "Created", "a") in cluster.events
+
+
+def test_resume_after_restart_creates_no_duplicates_and_writes_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    before = dict(cluster.calls)
+    events = len(cluster.events)
+    fire(memo)  # the operator restarted: @kopf.on.resume
+    assert cluster.calls["create:Job"] == before["create:Job"] == 1
+    assert cluster.calls["create:ConfigMap"] == 1
+    assert cluster.calls["patch_status"] == before["patch_status"]
+    assert len(cluster.events) == events
+
+
+def test_pod_events_and_scrapes_carry_the_job_to_training(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=ts(20))
+    child_event(memo, pod)
+    assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
+    assert cluster.calls["scrape"] == 0  # pod events do not scrape
+    cluster.metrics_pages["10.1.2.3"] = metrics_text(**{
+        contract.METRIC_STEP: 50, contract.METRIC_TOTAL_STEPS: 200, contract.METRIC_TRAIN_LOSS: 1.7,
+        contract.METRIC_TOKENS_PER_SECOND: 4096,
+    })
+    on_scrape_timer(name="a", namespace=NAMESPACE, memo=memo, logger=LOG)
+    assert conditions(cluster)["Running"] == ("True", "Training")
+    assert status(cluster)["progress"]["percent"] == 25.0
+    assert status(cluster)["metrics"]["trainLoss"] == 1.7
+    metrics = runtime(memo).metrics.registry
+    assert metrics.get_sample_value("kubetune_finetunejob_step", {"namespace": NAMESPACE, "name": "a"}) == 50
+    assert metrics.get_sample_value("kubetune_operator_time_to_trainer_start_seconds_count") == 1
+
+
+def test_unreachable_trainer_metrics_do_not_fail_the_pass(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    job_pod(cluster, phase="Running", ip="10.9.9.9", running_since=ts(20))
+    on_scrape_timer(name="a", namespace=NAMESPACE, memo=memo, logger=LOG)
+    assert cluster.calls["scrape"] == 1
+    assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
+
+
+def test_job_completion_records_the_adapter(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
+    job_pod(cluster, phase="Succeeded", terminated=terminated(0, success_summary()))
+    child_event(memo, job)
+    assert status(cluster)["phase"] == "Succeeded"
+    assert status(cluster)["adapter"]["sha256"] == "ab" * 32
+    assert ("Normal", "Completed", "a") in cluster.events
+    registry = runtime(memo).metrics.registry
+    assert registry.get_sample_value("kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"}) == 1
+    assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Succeeded"}) == 1
+
+
+def test_pods_of_another_job_with_the_same_label_are_ignored(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    stranger = make_pod(phase="Running", ip="10.0.0.1", running_since=ts(5))
+    stranger["metadata"]["ownerReferences"][0]["uid"] = "some-older-job"
+    cluster.put(stranger)
+    child_event(memo, stranger)
+    assert conditions(cluster)["Running"] == ("False", "Created")
+
+
+def test_suspend_update_patches_the_trainer_job(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    body = cluster.put(make_job())
+    fire(memo)
+    body = cluster.get("FineTuneJob", NAMESPACE, "a")
+    assert body is not None
+    body["spec"]["suspend"] = True
+    fire(memo)  # @kopf.on.update(field="spec")
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None and job["spec"]["suspend"] is True
+    assert status(cluster)["phase"] == "Suspended"
+    assert ("Normal", "Suspended", "a") in cluster.events
+
+
+def test_rejected_job_fails_with_child_rejected(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    cluster.reject_kinds["Job"] = 'spec.template.spec.priorityClassName: Invalid value: "Bad_Name"'
+    fire(memo)
+    assert cluster.get("Job", NAMESPACE, "a-trainer") is None
+    assert cluster.get("ConfigMap", NAMESPACE, "a-config") is not None
+    assert conditions(cluster)["Failed"] == ("True", "ChildRejected")
+    assert "Bad_Name" in status(cluster)["message"]
+    assert ("Warning", "ChildRejected", "a") in cluster.events
+
+
+def test_api_errors_become_temporary_errors_and_are_counted(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    cluster.fail_with = ApiException(status=500, reason="etcdserver: request timed out")
+    with pytest.raises(kopf.TemporaryError):
+        fire(memo)
+    registry = runtime(memo).metrics.registry
+    assert registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1
+
+
+def test_events_of_a_deleted_job_are_ignored_and_its_series_dropped(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    registry = runtime(memo).metrics.registry
+    assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 1
+    cluster.delete("FineTuneJob", NAMESPACE, "a")
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    child_event(memo, job)  # no error, nothing written
+    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo)
+    assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 0
+
+
+def test_child_events_without_the_label_do_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    child_event(memo, {"metadata": {"name": "x", "labels": {}}})
+    assert sum(cluster.calls.values()) == 0
+
+
+def test_status_patch_nulls_dropped_fields() -> None:
+    old = FineTuneJobStatus(phase="Failed", message="bad", trainer_job=None)
+    new = FineTuneJobStatus(phase="Pending", trainer_job="a-trainer")
+    assert status_patch(old, new) == {"phase": "Pending", "trainerJob": "a-trainer", "conditions": [],
+                                      "message": None}
+
+
+def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
+    registry = kopf.OperatorRegistry()
+    register_handlers(registry, OperatorConfig(scrape_interval_seconds=3))
+    changing = registry._changing.get_all_handlers()
+    triggers = {"resume" if h.initial else h.reason for h in changing if h.fn is on_finetunejob}
+    assert triggers == {"resume", causes.Reason.CREATE, causes.Reason.UPDATE}
+    update = next(h for h in changing if h.reason == causes.Reason.UPDATE)
+    assert update.field == ("spec",)
+    deleting = next(h for h in changing if h.fn is on_finetunejob_deleted)
+    assert deleting.requires_finalizer is False
+    timers = registry._spawning.get_all_handlers()
+    assert [(t.fn, t.interval) for t in timers] == [(on_scrape_timer, 3)]
+    watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
+    assert watched == {("batch", "jobs"), ("", "pods")}
+    activities = {h.activity for h in registry._activities.get_all_handlers()}
+    assert {causes.Activity.STARTUP, causes.Activity.AUTHENTICATION} <= activities
+
+
+def test_timer_runs_only_while_running() -> None:
+    assert handlers.is_running(status={"phase": "Running"})
+    assert not handlers.is_running(status={"phase": "Succeeded"})
+    assert not handlers.is_running(status={})
+
+
+def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
+    settings = kopf.OperatorSettings()
+    runtime(memo).peering = "kubetune"
+    on_startup(settings=settings, memo=memo, logger=LOG)
+    assert settings.watching.server_timeout == 300 and settings.watching.client_timeout == 330
+    assert settings.networking.request_timeout == 30
+    assert settings.posting.level == logging.WARNING
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert settings.persistence.progress_storage.prefix == "kubetune.io"
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    assert settings.persistence.diffbase_storage.prefix == "kubetune.io"
+    assert (settings.peering.standalone, settings.peering.name, settings.peering.mandatory) == (
+        False, "kubetune", True)
+    assert runtime(memo).io is cluster  # an injected client is kept
+
+
+def test_startup_without_peering_runs_standalone(memo: kopf.Memo) -> None:
+    settings = kopf.OperatorSettings()
+    on_startup(settings=settings, memo=memo, logger=LOG)
+    assert settings.peering.standalone is True

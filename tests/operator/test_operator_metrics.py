@@ -1,0 +1,90 @@
+"""Parsing the trainer's /metrics, and the operator's own metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from kubetune_operator.models import FineTuneJobStatus, Progress, TrainingMetrics
+from kubetune_operator.operator_metrics import OperatorMetrics
+from kubetune_operator.trainer_metrics import MetricsParseError, TrainerSample, parse_trainer_metrics
+from kubetune_trainer import contract
+from operator_factories import metrics_text, ts
+from prometheus_client import generate_latest
+
+
+def test_contract_gauges_are_read_from_prometheus_text() -> None:
+    text = metrics_text(**{
+        contract.METRIC_STEP: 120,
+        contract.METRIC_TOTAL_STEPS: 420,
+        contract.METRIC_EPOCH: 0.86,
+        contract.METRIC_TRAIN_LOSS: 1.42,
+        contract.METRIC_LEARNING_RATE: 1.9e-4,
+        contract.METRIC_TOKENS_PER_SECOND: 51234,
+        contract.METRIC_TRAINED_TOKENS: 1966080,
+        contract.METRIC_ETA_SECONDS: 300,
+        "python_gc_objects_collected": 7,
+    })
+    sample = parse_trainer_metrics(text)
+    assert sample == TrainerSample(step=120, total_steps=420, epoch=0.86, train_loss=1.42, learning_rate=1.9e-4,
+                                   tokens_per_second=51234, trained_tokens=1966080, eta_seconds=300)
+
+
+def test_nan_means_not_reported() -> None:
+    text = metrics_text(**{contract.METRIC_EVAL_LOSS: math.nan, contract.METRIC_STEP: 3})
+    sample = parse_trainer_metrics(text)
+    assert sample.eval_loss is None and sample.step == 3
+
+
+def test_non_prometheus_text_is_an_error() -> None:
+    with pytest.raises(MetricsParseError):
+        parse_trainer_metrics('kubetune_trainer_step{broken 1\n')
+
+
+def _value(metrics: OperatorMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def status(phase: str, start: str | None = None, done: str | None = None, step: int | None = None) -> FineTuneJobStatus:
+    return FineTuneJobStatus(
+        phase=phase,
+        start_time=start,
+        completion_time=done,
+        progress=Progress(step=step, tokens_per_second=1000.0) if step is not None else None,
+        metrics=TrainingMetrics(train_loss=1.5) if step is not None else None,
+    )
+
+
+def test_jobs_by_phase_and_per_job_gauges_and_forget() -> None:
+    metrics = OperatorMetrics()
+    metrics.record("ml", "a", ts(0), FineTuneJobStatus(), status("Running", ts(30), step=40))
+    metrics.record("ml", "b", ts(0), FineTuneJobStatus(), status("Pending"))
+    assert _value(metrics, "kubetune_operator_finetunejobs", {"phase": "Running"}) == 1
+    assert _value(metrics, "kubetune_operator_finetunejobs", {"phase": "Pending"}) == 1
+    assert _value(metrics, "kubetune_finetunejob_step", {"namespace": "ml", "name": "a"}) == 40
+    assert _value(metrics, "kubetune_finetunejob_train_loss", {"namespace": "ml", "name": "a"}) == 1.5
+    assert _value(metrics, "kubetune_finetunejob_tokens_per_second", {"namespace": "ml", "name": "a"}) == 1000
+    metrics.forget("ml", "a")
+    assert _value(metrics, "kubetune_finetunejob_step", {"namespace": "ml", "name": "a"}) is None
+    assert _value(metrics, "kubetune_operator_finetunejobs", {"phase": "Running"}) == 0
+    assert b'kubetune_finetunejob_step{name="a"' not in generate_latest(metrics.registry)
+
+
+def test_start_and_duration_are_observed_once_at_their_transition() -> None:
+    metrics = OperatorMetrics()
+    running = status("Running", ts(30), step=1)
+    metrics.record("ml", "a", ts(0), FineTuneJobStatus(), running)
+    metrics.record("ml", "a", ts(0), running, running)  # a later pass: nothing new
+    assert _value(metrics, "kubetune_operator_time_to_trainer_start_seconds_count") == 1
+    assert _value(metrics, "kubetune_operator_time_to_trainer_start_seconds_sum") == 30
+    done = status("Succeeded", ts(30), ts(600), step=10)
+    metrics.record("ml", "a", ts(0), running, done)
+    metrics.record("ml", "a", ts(0), done, done)
+    assert _value(metrics, "kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"}) == 1
+    assert _value(metrics, "kubetune_operator_job_duration_seconds_sum", {"outcome": "Succeeded"}) == 600
+
+
+def test_reconcile_errors_counter_is_exposed() -> None:
+    metrics = OperatorMetrics()
+    metrics.reconcile_errors.labels(error="ApiException").inc()
+    assert _value(metrics, "kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1

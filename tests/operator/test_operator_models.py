@@ -1,0 +1,102 @@
+"""Parsing the FineTuneJob once into typed models; operator-side spec checks; settings from env."""
+
+from __future__ import annotations
+
+import pytest
+from kubetune_operator.config import ConfigError, OperatorConfig
+from kubetune_operator.models import FineTuneJob, FineTuneJobStatus
+from kubetune_operator.validation import validate
+from operator_factories import make_job, parse
+
+
+def test_spec_parses_with_api_names_and_defaults() -> None:
+    job = parse(make_job("support-bot", resources={"gpus": 2, "memory": "64Gi"}))
+    assert job.spec is not None
+    assert (job.name, job.namespace, job.metadata.generation) == ("support-bot", "ml", 1)
+    assert job.spec.base_model.uri == "s3://models/llama-3.2-1b/"
+    assert job.spec.s3.credentials_secret_ref is not None and job.spec.s3.credentials_secret_ref.name == "s3-creds"
+    assert job.spec.hyperparameters.batch_tokens == 16384
+    assert job.spec.hyperparameters.scheduler == "Cosine"  # default
+    assert (job.spec.resources.gpus, job.spec.resources.memory) == (2, "64Gi")
+    assert job.spec.backoff_limit == 3 and job.spec.suspend is False
+
+
+def test_models_are_frozen() -> None:
+    job = parse(make_job())
+    with pytest.raises(ValueError, match="frozen"):
+        job.metadata.name = "b"  # type: ignore[misc]
+
+
+def test_bad_spec_is_kept_as_errors_naming_the_api_path() -> None:
+    body = make_job(hyperparameters={"epochs": "many"})
+    del body["spec"]["output"]
+    job = FineTuneJob.from_body(body)
+    assert job.spec is None
+    assert any(e.startswith("spec.output:") for e in job.spec_errors)
+    assert any(e.startswith("spec.hyperparameters.epochs:") for e in job.spec_errors)
+
+
+def test_status_round_trips_in_camel_case_without_nulls() -> None:
+    raw = {
+        "phase": "Running",
+        "conditions": [{"type": "Running", "status": "True", "reason": "Training", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+        "progress": {"step": 5, "totalSteps": 10, "tokensPerSecond": 12.5},
+        "trainerJob": "a-trainer",
+        "provenance": {"anything": {"nested": [1, 2]}},
+    }
+    status = FineTuneJobStatus.model_validate(raw)
+    assert status.progress is not None and status.progress.total_steps == 10
+    assert status.to_dict() == raw
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"method": "Full"}, "spec.lora: only allowed with method LoRA"),
+        ({"hyperparameters": {"epochs": 1, "maxSteps": 5}}, "set exactly one of epochs or maxSteps"),
+        ({"hyperparameters": {}}, "set exactly one of epochs or maxSteps"),
+        ({"hyperparameters": {"epochs": 1, "batchTokens": 4096, "microBatchSize": 4}}, "use one style"),
+        ({"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl", "validationSplit": 0.1}},
+         "set validation or validationSplit, not both"),
+        ({"dataset": {"train": "https://example.com/t.jsonl"}}, "spec.dataset.train"),
+        ({"baseModel": {"uri": "gs://m/"}}, "spec.baseModel.uri"),
+        ({"output": {"uri": "s3://out/no-slash"}}, "spec.output.uri"),
+        ({"checkpointing": {"everySteps": 10, "everyMinutes": 5}}, "set everySteps or everyMinutes"),
+    ],
+)
+def test_validation_names_field_and_fix(overrides: dict[str, object], problem: str) -> None:
+    body = make_job(**overrides)  # type: ignore[arg-type]
+    if overrides.get("method") == "Full":
+        body["spec"]["lora"] = {"r": 8}
+    problems = validate(parse(body))
+    assert any(problem in p for p in problems), problems
+
+
+def test_valid_spec_has_no_problems_and_long_names_are_rejected() -> None:
+    assert validate(parse(make_job())) == []
+    long_name = "n" * 56
+    assert any("at most 55" in p for p in validate(parse(make_job(long_name))))
+    assert validate(parse(make_job("n" * 55))) == []
+
+
+def test_config_defaults_and_env_overrides() -> None:
+    assert OperatorConfig.from_env({}) == OperatorConfig()
+    config = OperatorConfig.from_env(
+        {
+            "KUBETUNE_TRAINER_IMAGE": "reg/trainer:1",
+            "KUBETUNE_DEFAULT_S3_ENDPOINT": "http://minio:9000",
+            "KUBETUNE_GPU_RESOURCE_NAME": "amd.com/gpu",
+            "KUBETUNE_SCRAPE_INTERVAL_SECONDS": "2.5",
+        }
+    )
+    assert (config.trainer_image, config.default_s3_endpoint, config.gpu_resource_name) == (
+        "reg/trainer:1", "http://minio:9000", "amd.com/gpu")
+    assert config.scrape_interval_seconds == 2.5
+    assert OperatorConfig().trainer_image == "kubetune/trainer:0.1.0"
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+def test_bad_scrape_interval_says_what_to_set(value: str) -> None:
+    with pytest.raises(ConfigError, match="KUBETUNE_SCRAPE_INTERVAL_SECONDS"):
+        OperatorConfig.from_env({"KUBETUNE_SCRAPE_INTERVAL_SECONDS": value})

@@ -1,0 +1,529 @@
+"""Table-driven tests of the pure reconcile(): one row per lifecycle transition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.models import FineTuneJob
+from kubetune_operator.observed import Observed
+from kubetune_operator.reconcile import Outcome, reconcile
+from kubetune_operator.trainer_metrics import TrainerSample
+from kubetune_trainer import contract
+from operator_factories import (
+    failure_summary,
+    job_condition,
+    make_job,
+    make_pod,
+    make_trainer_job,
+    observed,
+    parse,
+    success_summary,
+    terminated,
+    ts,
+    with_status,
+)
+
+Obj = dict[str, Any]
+T, F = "True", "False"
+
+
+def chain(body: Obj, steps: list[Observed], config: OperatorConfig) -> tuple[Obj, Outcome]:
+    """Reconcile through ``steps``, writing each new status back, as the operator does."""
+    outcome = None
+    for seen in steps:
+        outcome = reconcile(parse(body), seen, config)
+        body = with_status(body, outcome.status)
+    assert outcome is not None
+    return body, outcome
+
+
+def conds(job_status: Any) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in job_status.conditions}
+
+
+def config_map() -> Obj:
+    return {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {}}
+
+
+RUNNING_POD = make_pod(phase="Running", ip="10.0.0.7", running_since=ts(30))
+CREATED = observed()
+RUNNING = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD])
+TRAINING_SAMPLE = TrainerSample(step=100, total_steps=400, epoch=0.75, train_loss=1.52341234, tokens_per_second=51234.56)
+
+
+@dataclass
+class Case:
+    id: str
+    body: Obj
+    steps: list[Observed]
+    phase: str
+    conditions: dict[str, tuple[str, str]]
+    creates: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    set_suspend: bool | None = None
+    message_has: str = ""
+
+
+CASES = [
+    Case(
+        "created -> Validated, children created",
+        make_job(),
+        [CREATED],
+        "Pending",
+        {"Validated": (T, "SpecValid"), "Running": (F, "Created"), "Suspended": (F, "NotSuspended"),
+         "Reconciling": (T, "Created"), "Stalled": (F, "Progressing")},
+        creates=["ConfigMap", "Job"],
+        events=["SpecValid", "Created"],
+    ),
+    Case(
+        "created with suspend -> Suspended",
+        make_job(suspend=True),
+        [CREATED],
+        "Suspended",
+        {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
+        creates=["ConfigMap", "Job"],
+        events=["SpecValid", "Suspended"],
+    ),
+    Case(
+        "created with queueName -> Queued",
+        make_job(queue_name="gpu-queue"),
+        [CREATED],
+        "Suspended",
+        {"Suspended": (T, "Queued"), "Running": (F, "Queued")},
+        creates=["ConfigMap", "Job"],
+        events=["SpecValid", "Queued"],
+        message_has="gpu-queue",
+    ),
+    Case(
+        "invalid spec -> Failed InvalidSpec, nothing created",
+        make_job(method="Full", lora={"r": 8}, hyperparameters={"learningRate": 0.001}),
+        [CREATED],
+        "Failed",
+        {"Validated": (F, "InvalidSpec"), "Failed": (T, "InvalidSpec"), "Stalled": (T, "InvalidSpec"),
+         "Reconciling": (F, "InvalidSpec")},
+        events=["InvalidSpec"],
+        message_has="spec.lora: only allowed with method LoRA",
+    ),
+    Case(
+        "Kueue admits the queued Job -> Suspended=False Admitted",
+        make_job(queue_name="gpu-queue"),
+        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[make_pod()])],
+        "Pending",
+        {"Suspended": (F, "Admitted"), "Running": (F, "TrainerPending"), "Reconciling": (T, "TrainerPending")},
+        events=["Admitted", "TrainerPending"],
+    ),
+    Case(
+        "still queued: Kueue has not admitted -> stays Queued, no patch",
+        make_job(queue_name="gpu-queue"),
+        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True))],
+        "Suspended",
+        {"Suspended": (T, "Queued")},
+    ),
+    Case(
+        "running job suspended by the user -> Job patched suspend=true",
+        make_job(suspend=True),
+        [RUNNING],
+        "Suspended",
+        {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
+        events=["SpecValid", "Suspended"],
+        set_suspend=True,
+    ),
+    Case(
+        "suspended job resumed -> Job patched suspend=false, Resumed",
+        make_job(suspend=False),
+        [
+            observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True)),
+        ],
+        "Pending",
+        {"Suspended": (F, "NotSuspended"), "Running": (F, "Created")},
+        set_suspend=False,
+        events=["SpecValid", "Created"],
+    ),
+    Case(
+        "trainer pod unschedulable -> Running=False Unschedulable with the scheduler's words",
+        make_job(),
+        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1),
+                           pods=[make_pod(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")])],
+        "Pending",
+        {"Running": (F, "Unschedulable"), "Reconciling": (T, "Unschedulable")},
+        events=["Unschedulable"],
+        message_has="3 Insufficient nvidia.com/gpu",
+    ),
+    Case(
+        "missing credentials Secret -> ContainerNotStarting",
+        make_job(),
+        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1),
+                           pods=[make_pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))])],
+        "Pending",
+        {"Running": (F, "ContainerNotStarting")},
+        events=["ContainerNotStarting"],
+        message_has='secret "s3-creds" not found',
+    ),
+    Case(
+        "trainer container started -> Running TrainerStarting",
+        make_job(),
+        [CREATED, RUNNING],
+        "Running",
+        {"Running": (T, "TrainerStarting"), "Reconciling": (T, "TrainerStarting")},
+        events=["TrainerStarting"],
+    ),
+    Case(
+        "trainer reports steps -> Running Training",
+        make_job(),
+        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
+                           sample=TRAINING_SAMPLE)],
+        "Running",
+        {"Running": (T, "Training")},
+        events=["Training"],
+    ),
+    Case(
+        "attempt failed, Job retries -> Restarting with the trainer's reason",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(active=1, failed=1),
+            pods=[
+                make_pod(phase="Failed", created=2, terminated=terminated(1, failure_summary(
+                    "StorageError", "endpoint http://minio.storage:9000 unreachable"))),
+                make_pod(created=300),
+            ],
+        )],
+        "Pending",
+        {"Running": (F, "Restarting")},
+        events=["Restarting"],
+        message_has="StorageError: endpoint http://minio.storage:9000 unreachable",
+    ),
+    Case(
+        "trainer pod preempted -> Preempted",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(active=1),
+            pods=[make_pod(phase="Failed", created=2, disrupted=True, terminated=terminated(143)),
+                  make_pod(created=300)],
+        )],
+        "Pending",
+        {"Running": (F, "Preempted")},
+        events=["Preempted"],
+    ),
+    Case(
+        "Job complete -> Succeeded Completed with the adapter record",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
+            pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+        )],
+        "Succeeded",
+        {"Succeeded": (T, "Completed"), "Running": (F, "Completed"), "Reconciling": (F, "Finished"),
+         "Stalled": (F, "Finished")},
+        events=["Completed"],
+        message_has="adapter written to s3://adapters/support-bot/",
+    ),
+    Case(
+        "trainer exits with a permanent failure -> Failed with the trainer's reason",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
+            pods=[make_pod(phase="Failed", terminated=terminated(
+                contract.EXIT_CODE_PERMANENT_FAILURE,
+                failure_summary("InvalidDataset", "lines 3, 7 are not JSON (2 bad lines)")))],
+        )],
+        "Failed",
+        {"Failed": (T, "InvalidDataset"), "Running": (F, "InvalidDataset"), "Stalled": (T, "InvalidDataset"),
+         "Reconciling": (F, "Finished")},
+        events=["InvalidDataset"],
+        message_has="lines 3, 7 are not JSON",
+    ),
+    Case(
+        "retries exhausted -> Failed BackoffLimitExceeded naming the last attempt",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
+            pods=[make_pod(phase="Failed", created=9, terminated=terminated(
+                1, failure_summary("StorageError", "throttled")))],
+        )],
+        "Failed",
+        {"Failed": (T, "BackoffLimitExceeded"), "Stalled": (T, "BackoffLimitExceeded")},
+        events=["BackoffLimitExceeded"],
+        message_has="failed 4 times (backoffLimit 3); last attempt: StorageError: throttled",
+    ),
+    Case(
+        "activeDeadlineSeconds passed -> Failed DeadlineExceeded",
+        make_job(activeDeadlineSeconds=3600),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]),
+            pods=[make_pod(phase="Failed", terminated=terminated(137))],
+        )],
+        "Failed",
+        {"Failed": (T, "DeadlineExceeded")},
+        events=["DeadlineExceeded"],
+        message_has="activeDeadlineSeconds=3600",
+    ),
+    Case(
+        "trainer crashed without a summary -> Failed TrainerFailed with exit code and log tail",
+        make_job(),
+        [CREATED, RUNNING, observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy",
+                                                                             "container trainer exited 2")]),
+            pods=[make_pod(phase="Failed", terminated=terminated(2, "Traceback ...\nImportError: no module x"))],
+        )],
+        "Failed",
+        {"Failed": (T, "TrainerFailed")},
+        events=["TrainerFailed"],
+        message_has="exit code 2, Error: Traceback ...\nImportError: no module x",
+    ),
+    Case(
+        "trainer Job deleted mid-run -> Failed TrainerJobMissing, never re-created",
+        make_job(),
+        [CREATED, RUNNING, observed(config_map=config_map())],
+        "Failed",
+        {"Failed": (T, "TrainerJobMissing"), "Stalled": (T, "TrainerJobMissing")},
+        events=["TrainerJobMissing"],
+        message_has="create a new FineTuneJob",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_transition(case: Case, config: OperatorConfig) -> None:
+    _, outcome = chain(case.body, case.steps, config)
+    status = outcome.status
+    assert status.phase == case.phase
+    got = conds(status)
+    for type_, expected in case.conditions.items():
+        assert got.get(type_) == expected, f"{type_}: {got.get(type_)} != {expected}"
+    assert [obj["kind"] for obj in outcome.create] == case.creates
+    assert [e.reason for e in outcome.events] == case.events
+    assert outcome.set_suspend == case.set_suspend
+    assert case.message_has in (status.message or "")
+    assert status.observed_generation == 1
+
+
+def test_new_job_records_trainer_job_and_provenance(config: OperatorConfig) -> None:
+    _, outcome = chain(make_job("support-bot"), [CREATED], config)
+    assert outcome.status.trainer_job == "support-bot-trainer"
+    assert outcome.status.restarts == 0
+    provenance = outcome.status.provenance or {}
+    assert provenance["trainerImage"] == config.trainer_image
+    assert provenance["hyperparameters"]["epochs"] == 3
+    assert provenance["lora"]["r"] == 16
+    job_obj = next(o for o in outcome.create if o["kind"] == "Job")
+    assert job_obj["spec"]["suspend"] is False
+
+
+def test_training_progress_and_metrics_from_the_scrape(config: OperatorConfig) -> None:
+    seen = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
+                    sample=TRAINING_SAMPLE)
+    _, outcome = chain(make_job(), [CREATED, seen], config)
+    status = outcome.status
+    assert status.progress is not None and status.metrics is not None
+    assert (status.progress.step, status.progress.total_steps, status.progress.percent) == (100, 400, 25.0)
+    assert status.progress.epoch == 0.75
+    assert status.progress.tokens_per_second == 51234.6
+    assert status.metrics.train_loss == 1.5234
+    assert status.start_time == ts(30)
+
+
+def test_without_a_new_scrape_progress_and_training_state_are_kept(config: OperatorConfig) -> None:
+    scraped = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
+                       sample=TRAINING_SAMPLE)
+    body, first = chain(make_job(), [CREATED, scraped], config)
+    _, second = chain(body, [RUNNING], config)  # a pod event: no scrape
+    assert second.status.progress == first.status.progress
+    assert conds(second.status)["Running"] == (T, "Training")
+    assert second.events == ()
+    assert not second.status_changed(first.status)
+
+
+def test_condition_time_survives_progress_updates(config: OperatorConfig) -> None:
+    def scraped(step: int, now: float) -> Observed:
+        return observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
+                        sample=TrainerSample(step=step, total_steps=400), now=now)
+
+    body, first = chain(make_job(), [CREATED, scraped(10, 100)], config)
+    _, later = chain(body, [scraped(20, 200)], config)
+    running = next(c for c in later.status.conditions if c.type == "Running")
+    assert running.last_transition_time == ts(100)
+    assert later.status.progress is not None and later.status.progress.step == 20
+
+
+def test_restarts_follow_the_jobs_failed_count(config: OperatorConfig) -> None:
+    retry = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1, failed=2),
+                     pods=[make_pod(phase="Failed", terminated=terminated(1)), make_pod(created=50)])
+    _, outcome = chain(make_job(), [CREATED, retry], config)
+    assert outcome.status.restarts == 2
+    assert "exit code 1" in (outcome.status.message or "")
+
+
+def test_success_record_progress_and_times(config: OperatorConfig) -> None:
+    done = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+    )
+    _, outcome = chain(make_job(), [CREATED, RUNNING, done], config)
+    status = outcome.status
+    assert status.adapter is not None and status.model is None
+    assert status.adapter.uri == "s3://adapters/support-bot/"
+    assert status.adapter.files == ("adapter_config.json", "adapter_model.safetensors")
+    assert (status.adapter.size_bytes, status.adapter.sha256) == (45219840, "ab" * 32)
+    assert status.progress is not None and (status.progress.step, status.progress.percent) == (420, 100.0)
+    assert status.metrics is not None and status.metrics.best_step == 280
+    assert status.checkpoint is not None and status.checkpoint.step == 420
+    assert (status.start_time, status.completion_time) == (ts(30), ts(400))
+    assert (status.provenance or {})["rows"] == 1000 and "trainerImage" in (status.provenance or {})
+
+
+def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
+    done = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary("s3://models/out/")))],
+    )
+    _, outcome = chain(make_job(method="Full"), [CREATED, done], config)
+    assert outcome.status.adapter is None
+    assert outcome.status.model is not None and outcome.status.model.uri == "s3://models/out/"
+    assert outcome.status.message == "model written to s3://models/out/"
+
+
+def test_success_without_readable_summary_still_succeeds_and_says_why(config: OperatorConfig) -> None:
+    done = observed(config_map=config_map(),
+                    trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]))
+    _, outcome = chain(make_job(), [CREATED, done], config)
+    assert conds(outcome.status)["Succeeded"] == (T, "Completed")
+    assert outcome.status.adapter is None
+    assert "could not be read" in (outcome.status.message or "")
+    assert "s3://adapters/support-bot/" in (outcome.status.message or "")
+
+
+def test_backoff_failure_counts_restarts(config: OperatorConfig) -> None:
+    failed = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(1))],
+    )
+    _, outcome = chain(make_job(), [CREATED, failed], config)
+    assert outcome.status.restarts == 3
+    assert outcome.status.completion_time == ts(500)
+    assert all(e.type == "Warning" for e in outcome.events)
+
+
+def test_finished_job_whose_trainer_job_was_removed_by_ttl_keeps_its_record(config: OperatorConfig) -> None:
+    done = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+    )
+    body, finished = chain(make_job(ttlSecondsAfterFinished=60), [CREATED, done], config)
+    _, after_ttl = chain(body, [observed(now=900)], config)  # Job, pods and ConfigMap gone
+    assert after_ttl.create == () and after_ttl.set_suspend is None and after_ttl.events == ()
+    assert after_ttl.status == finished.status
+    assert after_ttl.status.adapter is not None
+
+
+def test_reapplying_a_finished_job_never_retrains(config: OperatorConfig) -> None:
+    failed = observed(config_map=config_map(),
+                      trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]))
+    body, _ = chain(make_job(), [CREATED, failed], config)
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = 2
+    _, outcome = chain(body, [observed()], config)
+    assert outcome.create == () and outcome.set_suspend is None
+    assert outcome.status.phase == "Failed"
+    assert outcome.status.observed_generation == 2
+
+
+def test_same_inputs_twice_change_nothing(config: OperatorConfig) -> None:
+    body, first = chain(make_job(), [CREATED, RUNNING], config)
+    _, second = chain(body, [RUNNING], config)
+    assert second.events == () and second.create == ()
+    assert second.status == first.status
+
+
+def test_operator_restart_with_lost_status_adopts_existing_children(config: OperatorConfig) -> None:
+    _, outcome = chain(make_job(), [RUNNING], config)
+    assert outcome.create == ()
+    assert outcome.status.trainer_job == "a-trainer"
+    assert conds(outcome.status)["Running"] == (T, "TrainerStarting")
+
+
+def test_missing_config_map_is_recreated_but_not_the_job(config: OperatorConfig) -> None:
+    body, _ = chain(make_job(), [CREATED], config)
+    _, outcome = chain(body, [observed(trainer_job=make_trainer_job(active=1))], config)
+    assert [o["kind"] for o in outcome.create] == ["ConfigMap"]
+
+
+def test_config_map_is_rewritten_when_the_spec_changes_before_the_job_exists(config: OperatorConfig) -> None:
+    stale = {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {"config.json": "{}"}}
+    _, outcome = chain(make_job(), [observed(config_map=stale)], config)
+    assert [o["kind"] for o in outcome.replace] == ["ConfigMap"]
+    assert [o["kind"] for o in outcome.create] == ["Job"]
+
+
+def test_rejected_child_fails_with_the_servers_reason(config: OperatorConfig) -> None:
+    rejected = observed(rejected='Job a-trainer: spec.template.spec.tolerations[0].operator: Unsupported value: "Eq"')
+    _, outcome = chain(make_job(), [rejected], config)
+    assert conds(outcome.status)["Failed"] == (T, "ChildRejected")
+    assert outcome.create == ()
+    assert "Unsupported value" in (outcome.status.message or "")
+
+
+def test_fixing_an_invalid_spec_before_start_lets_the_job_run(config: OperatorConfig) -> None:
+    bad = make_job(hyperparameters={"epochs": 1, "maxSteps": 10})
+    body, failed = chain(bad, [CREATED], config)
+    assert failed.status.phase == "Failed" and failed.create == ()
+    body["spec"]["hyperparameters"] = {"epochs": 1}
+    body["metadata"]["generation"] = 2
+    _, fixed = chain(body, [CREATED], config)
+    assert "Failed" not in conds(fixed.status) and "Stalled" in conds(fixed.status)
+    assert conds(fixed.status)["Stalled"] == (F, "Progressing")
+    assert [o["kind"] for o in fixed.create] == ["ConfigMap", "Job"]
+    assert fixed.status.phase == "Pending"
+
+
+def test_unparseable_spec_names_the_field(config: OperatorConfig) -> None:
+    body = make_job()
+    del body["spec"]["dataset"]["train"]
+    _, outcome = chain(body, [CREATED], config)
+    assert outcome.status.phase == "Failed"
+    assert "spec.dataset.train" in (outcome.status.message or "")
+
+
+def test_long_messages_keep_their_end(config: OperatorConfig) -> None:
+    tail = "x" * 3000 + " the real error"
+    failed = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(2, tail))],
+    )
+    _, outcome = chain(make_job(), [CREATED, failed], config)
+    message = outcome.status.message or ""
+    assert len(message) <= 1024 and message.endswith("the real error")
+
+
+def test_status_is_parseable_back(config: OperatorConfig) -> None:
+    body, outcome = chain(make_job(), [CREATED, RUNNING], config)
+    assert FineTuneJob.from_body(body).status == outcome.status
+
+
+def test_suspend_then_resume_emits_suspended_then_resumed(config: OperatorConfig) -> None:
+    body, _ = chain(make_job(), [CREATED, RUNNING], config)
+    body["spec"]["suspend"] = True
+    body, suspended = chain(body, [RUNNING], config)
+    assert suspended.set_suspend is True
+    assert [e.reason for e in suspended.events] == ["Suspended"]
+    body["spec"]["suspend"] = False
+    paused = observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True))
+    _, resumed = chain(body, [paused], config)
+    assert resumed.set_suspend is False
+    assert conds(resumed.status)["Suspended"] == (F, "Resumed")
+    assert "Resumed" in [e.reason for e in resumed.events]
+    assert resumed.status.phase == "Pending"

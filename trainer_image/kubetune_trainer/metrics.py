@@ -1,0 +1,72 @@
+"""Live progress: Prometheus gauges on $POD_IP:9090 (the operator scrapes them) and one JSON line per log
+interval on stdout (the same values, for `kubectl logs`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from kubetune_trainer import contract
+
+GAUGES = {
+    "step": (contract.METRIC_STEP, "Optimizer steps completed"),
+    "total_steps": (contract.METRIC_TOTAL_STEPS, "Optimizer steps planned for the run"),
+    "epoch": (contract.METRIC_EPOCH, "Epochs completed, fractional"),
+    "train_loss": (contract.METRIC_TRAIN_LOSS, "Training loss of the last step (mean over label tokens)"),
+    "eval_loss": (contract.METRIC_EVAL_LOSS, "Loss on the validation set at the last evaluation"),
+    "best_eval_loss": (contract.METRIC_BEST_EVAL_LOSS, "Lowest validation loss so far"),
+    "best_step": (contract.METRIC_BEST_STEP, "Step of the lowest validation loss"),
+    "learning_rate": (contract.METRIC_LEARNING_RATE, "Learning rate of the last step"),
+    "grad_norm": (contract.METRIC_GRAD_NORM, "Gradient norm of the last step, before clipping"),
+    "tokens_per_second": (contract.METRIC_TOKENS_PER_SECOND, "Trained tokens per second over the last interval"),
+    "trained_tokens": (contract.METRIC_TRAINED_TOKENS, "Tokens trained on so far (this run and resumed ones)"),
+    "eta_seconds": (contract.METRIC_ETA_SECONDS, "Estimated seconds until the last step"),
+}
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One JSON line on stdout."""
+    record = {"ts": round(time.time(), 3), "event": event, **fields}
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class Metrics:
+    """Gauges in a registry of their own (one per run, so runs in one process never collide)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in GAUGES.items()}
+        self.values: dict[str, float] = {}
+        self._server: Any = None
+        self.port: int | None = None
+
+    def serve(self, port: int) -> None:
+        """Serve /metrics on $POD_IP (0.0.0.0 without it); port 0 picks a free one."""
+        if not self.enabled:
+            return
+        from prometheus_client import start_http_server
+
+        address = os.environ.get("POD_IP") or "0.0.0.0"
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_address[1])
+
+    def set(self, **values: float | None) -> None:
+        for key, value in values.items():
+            if value is None:
+                continue
+            self.gauges[key].set(float(value))
+            self.values[key] = float(value)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,145 @@
+"""The base model: where it comes from (S3 prefix, PVC or local path, Hugging Face Hub), how it loads, and
+how LoRA or full fine-tuning is set up on it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.contract import LoraConfig, TrainerReason
+from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.storage import S3Uri, Storage
+
+# Where the operator mounts a PersistentVolumeClaim named in a pvc:// URI (pvc://claim/path ->
+# <root>/claim/path); the env variable overrides it.
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def fetch_base_model(uri: str, storage: Storage | None, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A local directory holding the model, and its provenance (what was read, with digests)."""
+    if uri.startswith("s3://"):
+        if storage is None:
+            raise TrainerError(TrainerReason.INVALID_CONFIG, f"baseModel {uri} needs S3 settings")
+        return _fetch_s3_model(uri, storage, work_dir / "base-model")
+    if uri.startswith("hf://"):
+        return _fetch_hub_model(uri, work_dir)
+    if uri.startswith("pvc://"):
+        claim_path = uri[len("pvc://") :]
+        local = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / claim_path
+    else:
+        local = Path(uri)
+    if not (local / "config.json").is_file():
+        raise TrainerError(
+            TrainerReason.MODEL_NOT_FOUND,
+            f"baseModel {uri}: no config.json in {local}; point it at a Hugging Face model directory",
+        )
+    return local, {"uri": uri, "path": str(local)}
+
+
+def _fetch_s3_model(uri: str, storage: Storage, dest: Path) -> tuple[Path, dict[str, Any]]:
+    prefix = S3Uri.parse(uri if uri.endswith("/") else uri + "/")
+    objects = storage.list(prefix, not_found=TrainerReason.MODEL_NOT_FOUND)
+    if not objects:
+        raise TrainerError(
+            TrainerReason.MODEL_NOT_FOUND, f"baseModel {uri} holds no objects; upload the model directory there"
+        )
+    names = [o.uri.key[len(prefix.key) :] for o in objects]
+    if "config.json" not in names:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL,
+            f"baseModel {uri} has no config.json (found {', '.join(names[:8])}); upload a Hugging Face model "
+            "directory (config.json, *.safetensors, tokenizer files)",
+        )
+    files = {}
+    for name, info in zip(names, objects, strict=True):
+        if name.endswith("/"):
+            continue
+        fetched = storage.download(info.uri, dest / name, not_found=TrainerReason.MODEL_NOT_FOUND)
+        files[name] = {"etag": fetched.etag, "sha256": fetched.sha256, "bytes": info.size}
+    digest = hashlib.sha256("".join(f"{n}:{f['sha256']}\n" for n, f in sorted(files.items())).encode())
+    return dest, {"uri": uri, "sha256": digest.hexdigest(), "files": files}
+
+
+def _fetch_hub_model(uri: str, work_dir: Path) -> tuple[Path, dict[str, Any]]:
+    repo, _, revision = uri[len("hf://") :].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id=repo,
+            revision=revision or None,
+            cache_dir=os.environ.get("HF_HOME", str(work_dir / "hf")),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except Exception as err:  # the hub client raises many types (offline, gated, missing revision)
+        raise TrainerError(
+            TrainerReason.MODEL_NOT_FOUND,
+            f"baseModel {uri}: cannot download from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "mirror the model to S3 and use an s3:// URI where the cluster has no Hub access",
+        ) from err
+    resolved = Path(path).name  # the snapshot directory is named by the commit hash
+    return Path(path), {"uri": uri, "revision": resolved}
+
+
+def load_tokenizer(path: Path, uri: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL, f"baseModel {uri}: the tokenizer does not load ({err})"
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, uri: str, dtype: Any) -> Any:
+    """The causal LM, or InvalidModel saying what is missing."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as err:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL, f"baseModel {uri}: the model does not load ({type(err).__name__}: {err})"
+        ) from err
+    return model
+
+
+def apply_method(model: Any, method: str, lora: LoraConfig | None) -> Any:
+    """LoRA adapters on the chosen (default: every linear) layers, or every weight trainable for Full."""
+    if method == "Full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = lora or LoraConfig()
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise TrainerError(
+            TrainerReason.INVALID_CONFIG,
+            f"lora.targetModules {lora.target_modules}: {err}; name modules the model has (e.g. q_proj, v_proj)",
+        ) from err
+
+
+def trainable_parameters(model: Any) -> dict[str, Any]:
+    """Trainable parameters by name (tied weights once), the part of the model a checkpoint stores."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

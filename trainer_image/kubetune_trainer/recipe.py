@@ -1,0 +1,324 @@
+"""The trainer, as one path: load config -> validate -> fetch inputs -> build data -> build model -> train ->
+save -> report.
+
+``main()`` is what the image's ENTRYPOINT runs (``python -m kubetune_trainer``). It always ends by writing a
+``TerminationSummary`` to the termination log, and exits 0 (done), ``EXIT_PERMANENT`` (a restart cannot help:
+bad data, refused credentials, ...), ``EXIT_INTERRUPTED`` (SIGTERM: a checkpoint was written, restart me) or
+``EXIT_RETRYABLE`` (anything else).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer import __name__ as package_name
+from kubetune_trainer.config import load_config
+from kubetune_trainer.contract import (
+    DEFAULT_TERMINATION_LOG,
+    DEFAULT_WORK_DIR,
+    TERMINATION_LOG_ENV,
+    WORK_DIR_ENV,
+    AdapterRecord,
+    Hyperparameters,
+    TerminationSummary,
+    TrainerConfig,
+    TrainerReason,
+)
+from kubetune_trainer.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RETRYABLE,
+    REASON_INTERRUPTED,
+    Interrupted,
+    TrainerError,
+)
+from kubetune_trainer.metrics import Metrics, log_event
+from kubetune_trainer.storage import S3Uri, Storage, make_client
+
+# Tokens per optimizer step when the job gives neither batchTokens nor microBatchSize.
+DEFAULT_BATCH_TOKENS = 16384
+# Tokens per micro-step; unset: sized from the accelerator's free memory (a fixed default on CPU).
+MICRO_BATCH_TOKENS_ENV = "KUBETUNE_MICRO_BATCH_TOKENS"
+
+
+@dataclass
+class Progress:
+    """What the report needs even when the run stops half-way."""
+
+    config: TrainerConfig | None = None
+    trainer: Any = None
+    checkpoint: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def main() -> int:
+    from kubetune_trainer.train import StopFlag
+
+    stop = StopFlag().install()
+    metrics = Metrics()
+    progress = Progress()
+    try:
+        summary = run(stop, metrics, progress)
+        code = EXIT_OK
+    except Interrupted as stopped:
+        summary = _failure(progress, REASON_INTERRUPTED, f"{stopped}; the Job restarts from the last checkpoint")
+        code = EXIT_INTERRUPTED
+    except TrainerError as err:
+        summary = _failure(progress, err.reason, err.message)
+        code = err.exit_code
+    except Exception as err:  # the last line of defence: report it, let the Job retry
+        if type(err).__name__ == "OutOfMemoryError":
+            error = TrainerError(
+                TrainerReason.OUT_OF_MEMORY,
+                f"the accelerator ran out of memory ({err}); lower dataset.maxSeqLength or set "
+                f"{MICRO_BATCH_TOKENS_ENV} in trainer.env to a smaller token budget",
+            )
+            summary, code = _failure(progress, error.reason, error.message), error.exit_code
+        else:
+            traceback.print_exc()
+            summary = _failure(progress, TrainerReason.INTERNAL_ERROR, f"{type(err).__name__}: {err}")
+            code = EXIT_RETRYABLE
+    finally:
+        metrics.close()
+    write_termination_message(summary)
+    log_event("exit", outcome=summary.outcome, reason=summary.reason, message=summary.message, code=code)
+    return code
+
+
+def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
+    # 1. Config: every problem at once, before anything is fetched.
+    config = load_config()
+    progress.config = config
+    hp = config.hyperparameters
+
+    import torch
+
+    from kubetune_trainer import data, model, publish
+    from kubetune_trainer.checkpoint import Checkpointer
+    from kubetune_trainer.fastpath import prepare_model
+    from kubetune_trainer.schedule import build_plan, warmup_steps
+    from kubetune_trainer.train import LoopSettings, Trainer, TrainState, make_optimizer, setup_runtime
+
+    runtime = setup_runtime(config.gpus, hp.seed)
+    if runtime.is_main:
+        metrics.serve(config.metrics_port)
+        log_event("metrics", port=metrics.port)
+    work_dir = work_directory()
+    storage = Storage(make_client(config.s3))
+    log_event("start", job=config.job.name, method=config.method, base_model=config.base_model,
+              device=str(runtime.device), world_size=runtime.world_size)
+
+    already = publish.published(storage, config.output.uri, config.job.uid)
+    if already is not None:
+        record, manifest = already
+        log_event("already_published", uri=record.uri, completed_at=manifest.get("completedAt"))
+        return _success(record, manifest.get("metrics") or {}, manifest.get("progress") or {}, {})
+
+    # 2. Data: fetched and validated (every record, one pass) before any heavy work.
+    fmt, column_map = config.dataset.format, config.dataset.column_map
+    train_parsed, train_objects = data.load_records(storage, config.dataset.train, fmt, column_map)
+    val_records: list[data.Record] = []
+    val_objects: list[Any] = []
+    if config.dataset.validation:
+        val_parsed, val_objects = data.load_records(storage, config.dataset.validation, fmt, column_map)
+        val_records = val_parsed.records
+    train_records = train_parsed.records
+    if config.dataset.validation_split:
+        keep, held = data.split_validation(len(train_records), config.dataset.validation_split, hp.seed)
+        train_records, val_records = [train_records[i] for i in keep], [train_records[i] for i in held]
+    log_event("dataset", format=train_parsed.format, train_records=len(train_records),
+              validation_records=len(val_records), files=len(train_objects) + len(val_objects))
+
+    # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
+    model_dir, model_provenance = model.fetch_base_model(config.base_model, storage, work_dir)
+    tokenizer = model.load_tokenizer(model_dir, config.base_model)
+    tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
+    train_examples, _, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
+    eval_examples: list[Any] = []
+    eval_stats = None
+    if val_records:
+        source = config.dataset.validation or f"{config.dataset.train} (validationSplit)"
+        eval_examples, _, eval_stats = data.tokenize_records(val_records, tokenize, source)
+    if train_stats.truncated:
+        log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
+
+    # 4. Model: weights onto the device, attention for packed batches, LoRA adapters or full training.
+    on_gpu = runtime.device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu and config.method == "LoRA" else torch.float32
+    base = model.load_model(model_dir, config.base_model, dtype).to(runtime.device)
+    prepare_model(base, runtime.device)
+    torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
+    trainable = model.apply_method(base, config.method, config.lora)
+
+    # 5. Plan every step up front; restore the newest checkpoint, if any.
+    batching = resolve_batching(hp, trainable, runtime.device, config.dataset.max_seq_length)
+    lengths = [len(e.input_ids) for e in train_examples]
+    plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
+    eval_batches = batching.micro_batches([len(e.input_ids) for e in eval_examples], range(len(eval_examples)))
+    optimizer = make_optimizer(trainable, hp.learning_rate, hp.weight_decay)
+    checkpointer = Checkpointer(storage, config.output.uri, work_dir, config.checkpointing.keep)
+    restored = checkpointer.restore_latest(model.trainable_parameters(trainable), optimizer)
+    state = TrainState.from_dict(restored.state) if restored else TrainState()
+    progress.provenance = {
+        "dataset": {
+            "format": train_parsed.format,
+            "train": [o.provenance() for o in train_objects],
+            "validation": [o.provenance() for o in val_objects],
+            "rows": len(train_records),
+            "validationRows": len(val_records),
+            **{f"train_{k}": v for k, v in train_stats.as_dict().items()},
+            **({f"validation_{k}": v for k, v in eval_stats.as_dict().items()} if eval_stats else {}),
+        },
+        "baseModel": model_provenance,
+        "resolved": {
+            "totalSteps": plan.total_steps,
+            "stepsPerEpoch": plan.steps_per_epoch,
+            "warmupSteps": warmup_steps(plan.total_steps, hp.warmup_ratio),
+            "microBatchTokens": batching.token_budget,
+            "microBatchExamples": batching.examples_per_micro,
+            "gradientAccumulation": batching.accumulation,
+            "precision": "bf16" if on_gpu else "fp32",
+            "worldSize": runtime.world_size,
+            "trainableParameters": sum(p.numel() for p in model.trainable_parameters(trainable).values()),
+        },
+        "trainer": {"package": package_name, "image": os.environ.get("KUBETUNE_TRAINER_IMAGE", "")},
+    }
+    log_event("plan", total_steps=plan.total_steps, resumed_from=restored.uri if restored else None,
+              resumed_step=state.step, examples=len(train_examples), tokens=train_stats.tokens,
+              micro_batch_tokens=batching.token_budget, accumulation=batching.accumulation)
+
+    # 6. Train.
+    settings = LoopSettings(
+        learning_rate=hp.learning_rate,
+        scheduler=hp.scheduler,
+        warmup_ratio=hp.warmup_ratio,
+        packing=hp.packing,
+        pad_id=int(tokenizer.pad_token_id),
+        eval_every_steps=hp.eval_every_steps,
+        checkpoint_every_steps=config.checkpointing.every_steps,
+        checkpoint_every_minutes=config.checkpointing.every_minutes,
+    )
+    trainer = Trainer(trainable, optimizer, plan, train_examples, eval_batches, eval_examples, settings, runtime,
+                      checkpointer, metrics, stop, state)
+    progress.trainer = trainer
+    started = time.monotonic()
+    trainer.run()
+    seconds = time.monotonic() - started
+
+    # 7. Save: files first, manifest last; then the checkpoints are no longer needed.
+    final_metrics = _metrics(state)
+    final_progress = _progress(state, plan.total_steps, trainer)
+    record = AdapterRecord()
+    if runtime.is_main:
+        summary_file = {
+            "job": {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
+            "method": config.method,
+            "baseModel": config.base_model,
+            "metrics": final_metrics,
+            "progress": final_progress,
+            "losses": state.losses,
+            "trainSeconds": round(seconds, 3),
+            "provenance": progress.provenance,
+        }
+        local = work_dir / "output"
+        publish.write_local(trainable, tokenizer, config.method, config.base_model, summary_file, local,
+                            config.output.merge_adapter)
+        record = publish.upload(storage, local, config.output.uri, config.base_model, config.method,
+                                {"name": config.job.name, "namespace": config.job.namespace,
+                                 "uid": config.job.uid},
+                                {"metrics": final_metrics, "progress": final_progress})
+        storage.delete_prefix(S3Uri.parse(config.output.uri).join("checkpoints/"))
+        shutil.rmtree(local, ignore_errors=True)
+        weights = publish.ADAPTER_WEIGHTS if config.method == "LoRA" else publish.MODEL_WEIGHTS
+        print(f"sha256 {record.sha256}  {config.output.uri}{weights}", flush=True)
+    runtime.barrier()
+    # 8. Report.
+    return _success(record, final_metrics, final_progress, progress.provenance)
+
+
+def resolve_batching(hp: Hyperparameters, model: Any, device: Any, max_seq_length: int) -> Any:
+    """Micro-batches by example count (microBatchSize x gradientAccumulation) or by a token budget sized to
+    the device, with enough accumulation to reach batchTokens per optimizer step."""
+    from kubetune_trainer.fastpath import choose_token_budget
+    from kubetune_trainer.schedule import Batching
+
+    if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
+        return Batching(None, hp.micro_batch_size or 1, hp.gradient_accumulation or 1)
+    step_tokens = hp.batch_tokens or DEFAULT_BATCH_TOKENS
+    requested = os.environ.get(MICRO_BATCH_TOKENS_ENV)
+    budget = choose_token_budget(model, device, int(requested) if requested else None, max_seq_length)
+    budget = min(budget, step_tokens)
+    return Batching(budget, None, max(1, math.ceil(step_tokens / budget)))
+
+
+def work_directory() -> Path:
+    """Scratch space: $KUBETUNE_WORK_DIR (an emptyDir in the pod), or a temporary directory elsewhere."""
+    configured = Path(os.environ.get(WORK_DIR_ENV, DEFAULT_WORK_DIR))
+    try:
+        configured.mkdir(parents=True, exist_ok=True)
+        probe = configured / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+        return Path(tempfile.mkdtemp(prefix="run-", dir=configured))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="kubetune-"))
+
+
+def write_termination_message(summary: TerminationSummary) -> None:
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+    try:
+        path.write_text(summary.to_json())
+    except OSError as err:
+        log_event("termination_message_not_written", path=str(path), error=str(err))
+
+
+def _metrics(state: Any) -> dict[str, float]:
+    values = {
+        "trainLoss": state.train_loss,
+        "evalLoss": state.eval_loss,
+        "bestEvalLoss": state.best_eval_loss,
+        "bestStep": state.best_step,
+        "learningRate": state.learning_rate,
+        "gradNorm": state.grad_norm,
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def _progress(state: Any, total_steps: int, trainer: Any) -> dict[str, float]:
+    return {"step": state.step, "totalSteps": total_steps, "epoch": trainer._epoch(),
+            "trainedTokens": state.trained_tokens}
+
+
+def _success(record: AdapterRecord, metrics: dict[str, float], progress: dict[str, float],
+             provenance: dict[str, Any]) -> TerminationSummary:
+    return TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        message=f"written to {record.uri}",
+        adapter=record,
+        metrics=metrics,
+        progress=progress,
+        provenance=provenance or None,
+    )
+
+
+def _failure(progress: Progress, reason: str, message: str) -> TerminationSummary:
+    trainer = progress.trainer
+    metrics = _metrics(trainer.state) if trainer is not None else None
+    steps = _progress(trainer.state, trainer.total, trainer) if trainer is not None else None
+    checkpoint = None
+    if trainer is not None and trainer.checkpointer is not None and trainer.last_checkpoint_step > 0:
+        checkpoint = {"uri": str(trainer.checkpointer.uri(trainer.last_checkpoint_step)),
+                      "step": trainer.last_checkpoint_step}
+    return TerminationSummary(
+        outcome="Failed", reason=reason, message=message, metrics=metrics or None, progress=steps,
+        checkpoint=checkpoint, provenance=progress.provenance or None,
+    )

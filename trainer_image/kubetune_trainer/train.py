@@ -1,0 +1,363 @@
+"""The training loop, in plain sight: for each planned step, run its micro-batches, normalise the summed loss
+by the step's label tokens, clip, step the optimizer; evaluate, log and checkpoint at intervals; stop cleanly
+on SIGTERM."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.contract import TrainerReason
+from kubetune_trainer.errors import Interrupted, TrainerError
+from kubetune_trainer.fastpath import loss_sum
+from kubetune_trainer.metrics import Metrics, log_event
+from kubetune_trainer.model import trainable_parameters
+from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
+from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
+
+MAX_GRAD_NORM = 1.0
+LOG_LINES_PER_RUN = 100  # about this many JSON progress lines over a whole run, and at least one a minute
+EVALS_PER_RUN = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where it runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    autocast_dtype: torch.dtype | None  # bf16 on GPUs; None (fp32) on CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def setup_runtime(gpus: int, seed: int) -> Runtime:
+    """GPU(s) when the config asks for them and they exist (one process per GPU under accelerate), else CPU
+    with deterministic kernels."""
+    torch.manual_seed(seed)
+    if gpus > 0 and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        state = PartialState()  # joins the process group that `accelerate launch` set up, if any
+        torch.cuda.set_device(state.device)
+        return Runtime(state.device, state.process_index, state.num_processes, torch.bfloat16)
+    torch.use_deterministic_algorithms(True)
+    return Runtime(torch.device("cpu"), 0, 1, None)
+
+
+class StopFlag:
+    """Set by SIGTERM; the loop checks it between micro-batches and stops at the last completed step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_time: float | None = None
+
+    def install(self) -> StopFlag:
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.signal_time = time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights, optimizer and RNG. ``step`` is also the data position."""
+
+    step: int = 0
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    losses: list[float] = field(default_factory=list)  # per step, for the summary and the tests
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    learning_rate: float
+    scheduler: str
+    warmup_ratio: float
+    packing: bool
+    pad_id: int
+    eval_every_steps: int | None
+    checkpoint_every_steps: int | None
+    checkpoint_every_minutes: float | None
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = trainable_parameters(model)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: Plan,
+        examples: Sequence[Example],
+        eval_batches: Sequence[list[int]],
+        eval_examples: Sequence[Example],
+        settings: LoopSettings,
+        runtime: Runtime,
+        checkpointer: Checkpointer | None,
+        metrics: Metrics,
+        stop: StopFlag,
+        state: TrainState,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.plan = plan
+        self.examples = examples
+        self.eval_batches = eval_batches
+        self.eval_examples = eval_examples
+        self.settings = settings
+        self.runtime = runtime
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.stop = stop
+        self.state = state
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.total = plan.total_steps
+        self.warmup = warmup_steps(self.total, settings.warmup_ratio)
+        self.eval_every = settings.eval_every_steps or max(1, self.total // EVALS_PER_RUN)
+        self.log_every = max(1, self.total // LOG_LINES_PER_RUN)
+        self.last_checkpoint_step = state.step
+        self.last_checkpoint_time = time.monotonic()
+        self.on_step: Callable[[TrainState], None] | None = None  # test hook: called after every step
+
+    def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
+        chosen = [pool[i] for i in indices]
+        if self.settings.packing:
+            return collate_packed(chosen).to(self.runtime.device)
+        return collate_padded(chosen, self.settings.pad_id).to(self.runtime.device)
+
+    def run(self) -> TrainState:
+        self.metrics.set(total_steps=self.total, step=self.state.step, trained_tokens=self.state.trained_tokens)
+        window_start, window_tokens = time.monotonic(), 0
+        start_step = self.state.step
+        last_log = time.monotonic()
+        self.model.train()
+        for step in range(self.state.step, self.total):
+            self._stop_if_requested()
+            lr = lr_at(step, self.total, self.settings.learning_rate, self.warmup, self.settings.scheduler)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens, grad_norm = self._step(self.plan.steps[step])
+            self.state.step = step + 1
+            self.state.trained_tokens += tokens
+            self.state.train_loss, self.state.learning_rate, self.state.grad_norm = loss, lr, grad_norm
+            self.state.losses.append(loss)
+            window_tokens += tokens
+
+            if self.eval_batches and (self.state.step % self.eval_every == 0 or self.state.step == self.total):
+                self._evaluate()
+            now = time.monotonic()
+            elapsed = max(now - window_start, 1e-9)
+            tokens_per_s = window_tokens / elapsed
+            eta = (self.total - self.state.step) * elapsed / (self.state.step - start_step)
+            self.metrics.set(
+                step=self.state.step,
+                epoch=self._epoch(),
+                train_loss=loss,
+                learning_rate=lr,
+                grad_norm=grad_norm,
+                trained_tokens=self.state.trained_tokens,
+                tokens_per_second=tokens_per_s,
+                eta_seconds=eta,
+            )
+            if self.state.step % self.log_every == 0 or self.state.step == self.total or now - last_log > 60:
+                self._log_progress(tokens_per_s, eta)
+                last_log = now
+            if self.on_step is not None:
+                self.on_step(self.state)
+            if self._checkpoint_due():
+                self.save_checkpoint()
+        self.runtime.barrier()
+        return self.state
+
+    def _step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
+        """One optimizer step; returns (mean loss over the step's label tokens, tokens, grad norm)."""
+        mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
+        batches = [self.collate(indices, self.examples) for indices in mine]
+        counts = torch.tensor(
+            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)],
+            dtype=torch.float64, device=self.runtime.device,
+        )
+        label_tokens, tokens = (int(v) for v in self.runtime.all_reduce(counts).tolist())
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        for batch in batches:
+            if self.stop.requested and self.runtime.world_size == 1:
+                # Drop the half-accumulated step; the checkpoint is of the last completed one.
+                self.optimizer.zero_grad(set_to_none=True)
+                self._stop_if_requested()
+            with self.runtime.autocast():
+                summed, _ = loss_sum(self.model, batch)
+            (summed / max(1, label_tokens)).backward()
+            loss_total += summed.detach().double()
+        self._all_reduce_gradients()
+        loss = float(self.runtime.all_reduce(loss_total).item()) / max(1, label_tokens)
+        if not math.isfinite(loss):
+            raise TrainerError(
+                TrainerReason.TRAINING_DIVERGED,
+                f"the loss became {loss} at step {self.state.step + 1}; lower hyperparameters.learningRate",
+            )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, tokens, grad_norm
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum gradients over ranks (each rank ran a disjoint share of the step's micro-batches, already
+        divided by the whole step's label tokens)."""
+        if self.runtime.world_size == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.runtime.all_reduce(_flatten_dense_tensors(grads))
+        for param, reduced in zip(self.params, _unflatten_dense_tensors(flat, grads), strict=True):
+            param.grad = reduced
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over every label token of the validation set."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        for indices in self.eval_batches[self.runtime.rank :: self.runtime.world_size]:
+            batch = self.collate(indices, self.eval_examples)
+            with self.runtime.autocast():
+                summed, count = loss_sum(self.model, batch)
+            totals[0] += summed.double()
+            totals[1] += count
+        self.model.train()
+        summed_all, count_all = self.runtime.all_reduce(totals).tolist()
+        return summed_all / max(1.0, count_all)
+
+    def _evaluate(self) -> None:
+        loss = self.evaluate()
+        self.state.eval_loss = loss
+        if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
+            self.state.best_eval_loss, self.state.best_step = loss, self.state.step
+        self.metrics.set(eval_loss=loss, best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step)
+        if self.runtime.is_main:
+            log_event("eval", step=self.state.step, eval_loss=round(loss, 6),
+                      best_eval_loss=round(self.state.best_eval_loss, 6), best_step=self.state.best_step)
+
+    def _epoch(self) -> float:
+        done = self.state.step
+        if self.plan.steps_per_epoch == 0:
+            return 0.0
+        return round(done / self.plan.steps_per_epoch, 4)
+
+    def _log_progress(self, tokens_per_s: float, eta: float) -> None:
+        if self.runtime.is_main:
+            log_event(
+                "progress",
+                step=self.state.step,
+                total_steps=self.total,
+                epoch=self._epoch(),
+                loss=round(self.state.train_loss or 0.0, 6),
+                lr=self.state.learning_rate,
+                grad_norm=round(self.state.grad_norm or 0.0, 6),
+                tokens_per_s=round(tokens_per_s, 1),
+                trained_tokens=self.state.trained_tokens,
+                eta_s=round(eta, 1),
+            )
+
+    def _checkpoint_due(self) -> bool:
+        if self.checkpointer is None or self.state.step >= self.total:
+            return False
+        every_steps = self.settings.checkpoint_every_steps
+        every_minutes = self.settings.checkpoint_every_minutes
+        due = torch.tensor(
+            [
+                float(
+                    (every_steps is not None and self.state.step % every_steps == 0)
+                    or (every_minutes is not None
+                        and time.monotonic() - self.last_checkpoint_time >= every_minutes * 60)
+                )
+            ],
+            device=self.runtime.device,
+        )
+        # Ranks decide together (their clocks differ), so they all reach the barrier in save_checkpoint.
+        return bool(self.runtime.all_reduce(due, op="max").item())
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer is None or self.state.step == self.last_checkpoint_step:
+            return
+        if self.runtime.is_main:
+            started = time.monotonic()
+            target = self.checkpointer.save(
+                self.state.step, trainable_parameters(self.model), self.optimizer, self.state.as_dict()
+            )
+            log_event("checkpoint", step=self.state.step, uri=str(target),
+                      seconds=round(time.monotonic() - started, 3))
+        self.runtime.barrier()
+        self.last_checkpoint_step = self.state.step
+        self.last_checkpoint_time = time.monotonic()
+
+    def _stop_if_requested(self) -> None:
+        flag = torch.tensor([float(self.stop.requested)], device=self.runtime.device)
+        if self.runtime.all_reduce(flag, op="max").item():
+            self.save_checkpoint()
+            raise Interrupted(f"stopped by SIGTERM after step {self.state.step}")
+
