@@ -65,7 +65,7 @@ def crd(kube: KubeClient) -> dict:
         f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}",
         lambda o: any(
             c["type"] == "Established" and c["status"] == "True"
-            for c in o.get("status", {}).get("conditions", [])
+            for c in (o.get("status") or {}).get("conditions") or []
         ),
         timeout=30,
         what="the FineTuneJob CRD to be Established",

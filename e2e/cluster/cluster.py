@@ -219,6 +219,15 @@ class Cluster:
             log(f"cluster {self.name} is already up: {info.server}")
             return info
         self.down(log=lambda _m: None)
+        try:
+            return self._boot(kwok_nodes, agent_nodes, timeout, log)
+        except BaseException:
+            self.down(log=lambda _m: None)
+            raise
+
+    def _boot(
+        self, kwok_nodes: int, agent_nodes: int, timeout: float, log: Callable[[str], None]
+    ) -> ClusterInfo:
         started = time.monotonic()
         binaries = require_binaries(bin_dir())
         for sub in ("etcd", "logs", "pods"):
@@ -249,8 +258,12 @@ class Cluster:
             started,
         )
         self._start("kube-apiserver", [str(binaries["kube-apiserver"]), *self._apiserver_args(ports)])
-        # The controller manager and the scheduler retry until the API server answers, so starting them now
-        # overlaps their start-up with the API server's.
+        admin = self._admin_creds(server)
+        self._wait(
+            "kube-apiserver", lambda: _get(server + "/readyz", admin).status_code == 200, timeout, started
+        )
+        log(f"api server ready after {time.monotonic() - started:.1f}s")
+        # Started only now: both exit at once when RBAC is not bootstrapped yet.
         self._start(
             "kube-controller-manager",
             [
@@ -262,11 +275,6 @@ class Cluster:
             "kube-scheduler",
             [str(binaries["kube-scheduler"]), *self._scheduler_args(ports, kubeconfigs["scheduler"])],
         )
-        admin = self._admin_creds(server)
-        self._wait(
-            "kube-apiserver", lambda: _get(server + "/readyz", admin).status_code == 200, timeout, started
-        )
-        log(f"api server ready after {time.monotonic() - started:.1f}s")
 
         client = KubeClient(admin)
         kwok_names = [f"kwok-gpu-{i}" for i in range(kwok_nodes)]
@@ -337,10 +345,19 @@ class Cluster:
     def down(self, log: Callable[[str], None] = print) -> None:
         """Stop exactly the processes recorded in the pids file (SIGTERM, then SIGKILL)."""
         records = self.pidfile.read()
-        # Node agents first, so they can still tell the API server that their pods are gone.
-        records.sort(key=lambda r: (not r.name.startswith("node-agent"), r.name != "kube-apiserver", r.name))
-        agents = [r for r in records if r.name.startswith("node-agent")]
-        killed = procs.stop(agents, grace=15) + procs.stop([r for r in records if r not in agents], grace=10)
+        # In dependency order: node agents first (they still report their pods), the API server's clients
+        # next, etcd last, so no component spends its grace period retrying a server that is gone.
+        stages = [
+            [r for r in records if r.name.startswith("node-agent")],
+            [
+                r
+                for r in records
+                if r.name not in ("kube-apiserver", "etcd") and not r.name.startswith("node-agent")
+            ],
+            [r for r in records if r.name == "kube-apiserver"],
+            [r for r in records if r.name == "etcd"],
+        ]
+        killed = [name for stage in stages for name in procs.stop(stage, grace=15)]
         for p in self._procs.values():
             if p.poll() is None:
                 p.wait(timeout=5)

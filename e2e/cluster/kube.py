@@ -74,6 +74,8 @@ class KubeClient:
         self.server = creds.server.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        # Without this, $REQUESTS_CA_BUNDLE would override the cluster's CA on every request.
+        self.session.trust_env = False
         self.session.verify = creds.ca_file
         if creds.cert_file and creds.key_file:
             self.session.cert = (creds.cert_file, creds.key_file)

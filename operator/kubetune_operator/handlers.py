@@ -199,9 +199,12 @@ def on_child_event(body: Any, namespace: str | None, memo: Any, logger: Any, **_
     _run(memo, namespace, owner, scrape=False, logger=logger)
 
 
-def on_finetunejob_deleted(name: str | None, namespace: str | None, memo: Any, **_: Any) -> None:
-    """Children go with the owner reference; here only the job's metric series and lock are dropped."""
-    if name and namespace:
+def on_finetunejob_deleted(
+    name: str | None, namespace: str | None, memo: Any, type: str | None = None, **_: Any
+) -> None:
+    """A FineTuneJob is gone (watch event DELETED; there is no finalizer to wait for): its children go with
+    the owner reference, and here its metric series and lock are dropped."""
+    if type == "DELETED" and name and namespace:
         runtime = runtime_of(memo)
         runtime.metrics.forget(namespace, name)
         runtime.locks.drop((namespace, name))
@@ -256,7 +259,7 @@ def register_handlers(registry: kopf.OperatorRegistry, config: OperatorConfig) -
     kopf.on.resume(*ftj, registry=registry)(on_finetunejob)
     kopf.on.create(*ftj, registry=registry)(on_finetunejob)
     kopf.on.update(*ftj, field="spec", registry=registry)(on_finetunejob)
-    kopf.on.delete(*ftj, optional=True, registry=registry)(on_finetunejob_deleted)
+    kopf.on.event(*ftj, registry=registry, id="finetunejob-deleted")(on_finetunejob_deleted)
     kopf.timer(*ftj, interval=config.scrape_interval_seconds, when=is_running, registry=registry)(
         on_scrape_timer
     )

@@ -24,8 +24,8 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_operator import labels
 from kubetune_operator.conditions import now_rfc3339
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.observed import Obj
 
-Obj = dict[str, Any]
 REPORTING_COMPONENT = "kubetune-operator"
 
 

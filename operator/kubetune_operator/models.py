@@ -187,13 +187,6 @@ class FineTuneJobStatus(_Model):
         """The status as the API stores it: camelCase keys, unset fields left out."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
-    def condition(self, type_: str) -> Condition | None:
-        return next((c for c in self.conditions if c.type == type_), None)
-
-    def is_true(self, type_: str) -> bool:
-        found = self.condition(type_)
-        return found is not None and found.status == "True"
-
 
 # --- the whole object -------------------------------------------------------------------------------------
 

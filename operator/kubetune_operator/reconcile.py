@@ -52,6 +52,7 @@ from kubetune_operator.models import (
 from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.trainer_metrics import TrainerSample
 from kubetune_operator.validation import validate
+from kubetune_trainer import contract
 from kubetune_trainer.contract import TerminationSummary
 
 FIXABLE_FAILURES = frozenset({Reason.INVALID_SPEC, Reason.CHILD_REJECTED})
@@ -150,7 +151,12 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     if seen.rejected and not started:
         _fail_before_start(st, Reason.CHILD_REJECTED, f"the API server rejected a child: {seen.rejected}")
         return _outcome(st, old, (), (), None)
-    assert job.spec is not None  # validate() reports a missing spec
+    if job.spec is None:
+        # The run is under way but its spec no longer parses: leave the trainer alone and say so.
+        message = "; ".join(problems)
+        st.set(cond.VALIDATED, FALSE, Reason.INVALID_SPEC, message)
+        st.set(cond.STALLED, TRUE, Reason.INVALID_SPEC, message)
+        return _outcome(st, old, (), (), None)
     spec = job.spec
 
     if problems:
@@ -193,7 +199,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
                 cond.RUNNING,
                 FALSE,
                 Reason.CREATED,
-                f"created trainer Job {labels.trainer_job_name(job.name)}",
+                _created_message(labels.trainer_job_name(job.name)),
             )
             _reconciling(st)
     else:
@@ -209,10 +215,16 @@ def _follow_job(
     st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed
 ) -> bool | None:
     failed_attempts = observed.job_failed_count(trainer_job)
-    if observed.job_condition(trainer_job, "Complete") is not None:
+    # SuccessCriteriaMet / FailureTarget come first, while the Job controller still tidies up its pods; the
+    # outcome is decided then, so the status need not wait for Complete / Failed.
+    if observed.job_condition(trainer_job, "Complete") or observed.job_condition(
+        trainer_job, "SuccessCriteriaMet"
+    ):
         _succeed(st, job, spec, trainer_job, seen)
         return None
-    job_failed = observed.job_condition(trainer_job, "Failed")
+    job_failed = observed.job_condition(trainer_job, "Failed") or observed.job_condition(
+        trainer_job, "FailureTarget"
+    )
     if job_failed is not None:
         _fail_from_job(st, spec, trainer_job, job_failed, seen)
         return None
@@ -293,10 +305,18 @@ def _trainer_progress(st: _Status, trainer_job: Obj, seen: Observed) -> None:
             )
         if seen.sample is not None:
             _apply_sample(st, seen.sample)
+    elif pod is None and last_failed is not None and _about_to_fail(last_failed, st.old):
+        pass  # the Job controller is failing the Job (podFailurePolicy): no "Restarting" in between
     else:
         reason, message = _why_not_running(trainer_job, pod, last_failed)
         st.set(cond.RUNNING, FALSE, reason, message)
     _reconciling(st)
+
+
+def _about_to_fail(last_failed: Obj, old: FineTuneJobStatus) -> bool:
+    terminated = observed.terminated_state(last_failed) or {}
+    permanent = terminated.get("exitCode") == contract.EXIT_CODE_PERMANENT_FAILURE
+    return permanent and cond.find(old.conditions, cond.RUNNING) is not None
 
 
 def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None) -> tuple[str, str]:
@@ -324,7 +344,11 @@ def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None)
         )
     if pod is not None:
         return Reason.TRAINER_PENDING, f"trainer pod {observed.pod_name(pod)} is starting"
-    return Reason.CREATED, f"trainer Job {trainer_job['metadata']['name']} created; waiting for its pod"
+    return Reason.CREATED, _created_message(str(trainer_job["metadata"]["name"]))
+
+
+def _created_message(job_name: str) -> str:
+    return f"trainer Job {job_name} created; waiting for its pod"
 
 
 def _apply_sample(st: _Status, sample: TrainerSample) -> None:

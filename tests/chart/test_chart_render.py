@@ -98,6 +98,7 @@ def test_default_operator_deployment() -> None:
     ]
     env = env_of(container)
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "kubetune/trainer:0.1.0"
     assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == ""
     assert env["KUBETUNE_GPU_RESOURCE_NAME"] == "nvidia.com/gpu"

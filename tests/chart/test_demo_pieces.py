@@ -20,8 +20,9 @@ def test_demo_dataset_parses_as_chat_with_no_problems() -> None:
 
 
 def test_demo_finetunejob_passes_the_crd_schema_and_rules() -> None:
-    uris = {"model": "s3://b/models/tiny/", "train": "s3://b/d/train.jsonl", "validation": "s3://b/d/v.jsonl",
-            "output": "s3://b/adapters/run-1/"}
+    bucket = f"s3://{demo.BUCKET}"
+    uris = {"model": f"{bucket}/models/tiny/", "train": f"{bucket}/datasets/demo/train.jsonl",
+            "validation": f"{bucket}/datasets/demo/validation.jsonl", "output": f"{bucket}/adapters/run-1/"}
     manifest = demo.finetunejob(uris, "http://127.0.0.1:9000", steps=40)
     verdict = check(manifest)
     assert verdict.ok, verdict.messages()

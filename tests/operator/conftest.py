@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubetune_operator.config import OperatorConfig
 
 

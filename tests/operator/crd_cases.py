@@ -10,6 +10,10 @@ the ones that compare with ``oldSelf``, get exercised). ``message`` is a fragmen
 rejection (``""``: the object is accepted) and ``field`` is the field path the server reports it under
 (``""`` for a rule on the whole object). ``keyword`` names the OpenAPI keyword that rejects the object;
 ``None`` means a CEL rule does.
+
+Against a real API server, create with POST and update with PUT (carrying the created object's
+resourceVersion), both with ``fieldValidation=Strict``. A rejection is HTTP 422 whose message reads
+``<field>: Invalid value: ...: <message>``, with ``<nil>`` as the field of a rule on the whole object.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+
 from kubetune_operator.k8s_io import Rejected
 
 Obj = dict[str, Any]
@@ -70,7 +71,8 @@ class FakeCluster:
         return [
             copy.deepcopy(obj)
             for (kind, ns, _), obj in self.objects.items()
-            if kind == "Pod" and ns == namespace
+            if kind == "Pod"
+            and ns == namespace
             and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
         ]
 

@@ -162,7 +162,9 @@ def make_pod(
     }
 
 
-def terminated(exit_code: int, message: str = "", reason: str = "", started: float = 10, finished: float = 400) -> Obj:
+def terminated(
+    exit_code: int, message: str = "", reason: str = "", started: float = 10, finished: float = 400
+) -> Obj:
     state: Obj = {"exitCode": exit_code, "startedAt": ts(started), "finishedAt": ts(finished)}
     if message:
         state["message"] = message

@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from operator_factories import make_job, parse
+
 from kubetune_operator.builders import build_config_map, build_trainer_job, render_trainer_config
 from kubetune_operator.config import OperatorConfig
 from kubetune_trainer import contract
-from operator_factories import make_job, parse
 
 OWNER = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -78,7 +79,9 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
                                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                                 {
                                     "name": "AWS_ACCESS_KEY_ID",
-                                    "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}},
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+                                    },
                                 },
                                 {
                                     "name": "AWS_SECRET_ACCESS_KEY",
@@ -178,7 +181,11 @@ def test_scheduling_fields_are_passed_to_the_pod(config: OperatorConfig) -> None
     [(None, None, False, None), (True, None, True, None), (None, "gpu-queue", True, "gpu-queue")],
 )
 def test_suspend_and_kueue_queue(
-    config: OperatorConfig, suspend: bool | None, queue: str | None, want_suspend: bool, want_label: str | None
+    config: OperatorConfig,
+    suspend: bool | None,
+    queue: str | None,
+    want_suspend: bool,
+    want_label: str | None,
 ) -> None:
     manifest = build_trainer_job(job_for(suspend=suspend, queue_name=queue), config)
     assert manifest["spec"]["suspend"] is want_suspend
@@ -189,7 +196,11 @@ def test_lifecycle_fields_are_copied(config: OperatorConfig) -> None:
     spec = build_trainer_job(
         job_for(backoffLimit=0, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600), config
     )["spec"]
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (0, 7200, 600)
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (
+        0,
+        7200,
+        600,
+    )
 
 
 def test_user_env_and_image_override(config: OperatorConfig) -> None:
@@ -207,7 +218,10 @@ def test_no_s3_secret_means_no_aws_env_and_model_secret_gives_hf_token(config: O
     env = _pod(build_trainer_job(job, config))["containers"][0]["env"]
     names = [e["name"] for e in env]
     assert not any(n.startswith("AWS_") for n in names)
-    assert env[-1] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": True}}}
+    assert env[-1] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": True}},
+    }
 
 
 def test_config_map_holds_the_rendered_contract(config: OperatorConfig) -> None:
@@ -223,8 +237,9 @@ def test_config_map_holds_the_rendered_contract(config: OperatorConfig) -> None:
     assert rendered.base_model == "s3://models/llama-3.2-1b/"
     assert rendered.lora == contract.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=None)
     assert rendered.hyperparameters.epochs == 3 and rendered.hyperparameters.batch_tokens == 16384
-    assert rendered.s3 == contract.S3Config(endpoint="http://minio.storage:9000", region="us-east-1",
-                                            force_path_style=True)
+    assert rendered.s3 == contract.S3Config(
+        endpoint="http://minio.storage:9000", region="us-east-1", force_path_style=True
+    )
     assert rendered.output.uri == "s3://adapters/support-bot/"
     assert rendered.gpus == 1 and rendered.metrics_port == 9090
 
@@ -246,12 +261,22 @@ def test_full_method_renders_no_lora_block(config: OperatorConfig) -> None:
 def test_lora_target_modules_and_dataset_options(config: OperatorConfig) -> None:
     job = job_for(
         lora={"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
-        dataset={"train": "s3://d/train/", "validationSplit": 0.1, "format": "Alpaca",
-                 "columnMap": {"instruction": "question"}, "maxSeqLength": 4096},
+        dataset={
+            "train": "s3://d/train/",
+            "validationSplit": 0.1,
+            "format": "Alpaca",
+            "columnMap": {"instruction": "question"},
+            "maxSeqLength": 4096,
+        },
     )
     rendered = render_trainer_config(job, config)
-    assert rendered.lora == contract.LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    assert rendered.lora == contract.LoraConfig(
+        r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]
+    )
     assert rendered.dataset == contract.DatasetConfig(
-        train="s3://d/train/", validation_split=0.1, format="Alpaca", column_map={"instruction": "question"},
+        train="s3://d/train/",
+        validation_split=0.1,
+        format="Alpaca",
+        column_map={"instruction": "question"},
         max_seq_length=4096,
     )

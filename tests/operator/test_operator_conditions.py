@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import re
 
 import pytest
+
 from kubetune_operator import conditions
 from kubetune_operator.conditions import Reason, derive_phase, remove_condition, set_condition
 from kubetune_operator.models import Condition
@@ -16,28 +18,60 @@ REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")  # meta
 
 
 def cond(type_: str, status: str, reason: str = "R", when: str = "2026-01-01T00:00:00Z") -> Condition:
-    return Condition(type=type_, status=status, reason=reason, message="", last_transition_time=when,
-                     observed_generation=1)
+    return Condition(
+        type=type_, status=status, reason=reason, message="", last_transition_time=when, observed_generation=1
+    )
 
 
 def test_new_condition_is_appended_with_now_and_generation() -> None:
-    result = set_condition((cond("Validated", "True"),), "Running", "False", "Created", "made",
-                           generation=3, now="2026-01-02T00:00:00Z")
+    result = set_condition(
+        (cond("Validated", "True"),),
+        "Running",
+        "False",
+        "Created",
+        "made",
+        generation=3,
+        now="2026-01-02T00:00:00Z",
+    )
     assert [c.type for c in result] == ["Validated", "Running"]
-    assert result[1] == Condition(type="Running", status="False", reason="Created", message="made",
-                                  last_transition_time="2026-01-02T00:00:00Z", observed_generation=3)
+    assert result[1] == Condition(
+        type="Running",
+        status="False",
+        reason="Created",
+        message="made",
+        last_transition_time="2026-01-02T00:00:00Z",
+        observed_generation=3,
+    )
 
 
 def test_same_status_keeps_transition_time_but_takes_new_reason_and_message() -> None:
-    result = set_condition((cond("Running", "False", "Created"),), "Running", "False", "Unschedulable", "no GPU",
-                           generation=2, now="2026-01-05T00:00:00Z")
+    result = set_condition(
+        (cond("Running", "False", "Created"),),
+        "Running",
+        "False",
+        "Unschedulable",
+        "no GPU",
+        generation=2,
+        now="2026-01-05T00:00:00Z",
+    )
     assert result[0].last_transition_time == "2026-01-01T00:00:00Z"
-    assert (result[0].reason, result[0].message, result[0].observed_generation) == ("Unschedulable", "no GPU", 2)
+    assert (result[0].reason, result[0].message, result[0].observed_generation) == (
+        "Unschedulable",
+        "no GPU",
+        2,
+    )
 
 
 def test_status_flip_moves_transition_time() -> None:
-    result = set_condition((cond("Running", "False"),), "Running", "True", "Training", "",
-                           generation=1, now="2026-01-05T00:00:00Z")
+    result = set_condition(
+        (cond("Running", "False"),),
+        "Running",
+        "True",
+        "Training",
+        "",
+        generation=1,
+        now="2026-01-05T00:00:00Z",
+    )
     assert result[0].last_transition_time == "2026-01-05T00:00:00Z"
 
 
@@ -81,16 +115,30 @@ def test_every_reason_has_a_docstring() -> None:
     tree = ast.parse(inspect.getsource(Reason))
     body = tree.body[0].body  # type: ignore[attr-defined]
     documented = set()
-    for node, following in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.Assign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
             documented.add(node.targets[0].id)  # type: ignore[attr-defined]
     assert documented == set(_reason_constants())
 
 
 def test_lifecycle_reasons_named_by_the_api_exist() -> None:
     values = set(_reason_constants().values())
-    assert {"BackoffLimitExceeded", "DeadlineExceeded", "Preempted", "Completed", "Suspended", "Queued",
-            "Created", "TrainerStarting", "Training", "InvalidSpec"} <= values
+    assert {
+        "BackoffLimitExceeded",
+        "DeadlineExceeded",
+        "Preempted",
+        "Completed",
+        "Suspended",
+        "Queued",
+        "Created",
+        "TrainerStarting",
+        "Training",
+        "InvalidSpec",
+    } <= values
 
 
 def test_trainer_reasons_come_from_the_contract() -> None:

@@ -10,6 +10,17 @@ import pytest
 from fake_cluster import FakeCluster
 from kopf._core.intents import causes
 from kubernetes.client.exceptions import ApiException
+from operator_factories import (
+    NAMESPACE,
+    job_condition,
+    make_job,
+    make_pod,
+    metrics_text,
+    success_summary,
+    terminated,
+    ts,
+)
+
 from kubetune_operator import handlers
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import (
@@ -25,16 +36,6 @@ from kubetune_operator.handlers import (
 from kubetune_operator.models import FineTuneJobStatus
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_trainer import contract
-from operator_factories import (
-    NAMESPACE,
-    job_condition,
-    make_job,
-    make_pod,
-    metrics_text,
-    success_summary,
-    terminated,
-    ts,
-)
 
 LOG = logging.getLogger("test")
 
@@ -85,14 +86,19 @@ def test_create_makes_children_and_writes_status_once(cluster: FakeCluster, memo
     fire(memo)
     config_map = cluster.get("ConfigMap", NAMESPACE, "a-config")
     job = cluster.get("Job", NAMESPACE, "a-trainer")
-    assert config_map is not None and contract.TrainerConfig.from_json(config_map["data"]["config.json"]).job.name == "a"
+    assert (
+        config_map is not None
+        and contract.TrainerConfig.from_json(config_map["data"]["config.json"]).job.name == "a"
+    )
     assert job is not None and job["spec"]["suspend"] is False
     assert status(cluster)["phase"] == "Pending" and status(cluster)["trainerJob"] == "a-trainer"
     assert cluster.calls["patch_status"] == 1
     assert ("Normal", "Created", "a") in cluster.events
 
 
-def test_resume_after_restart_creates_no_duplicates_and_writes_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
+def test_resume_after_restart_creates_no_duplicates_and_writes_nothing(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
     cluster.put(make_job())
     fire(memo)
     before = dict(cluster.calls)
@@ -111,10 +117,14 @@ def test_pod_events_and_scrapes_carry_the_job_to_training(cluster: FakeCluster, 
     child_event(memo, pod)
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
     assert cluster.calls["scrape"] == 0  # pod events do not scrape
-    cluster.metrics_pages["10.1.2.3"] = metrics_text(**{
-        contract.METRIC_STEP: 50, contract.METRIC_TOTAL_STEPS: 200, contract.METRIC_TRAIN_LOSS: 1.7,
-        contract.METRIC_TOKENS_PER_SECOND: 4096,
-    })
+    cluster.metrics_pages["10.1.2.3"] = metrics_text(
+        **{
+            contract.METRIC_STEP: 50,
+            contract.METRIC_TOTAL_STEPS: 200,
+            contract.METRIC_TRAIN_LOSS: 1.7,
+            contract.METRIC_TOKENS_PER_SECOND: 4096,
+        }
+    )
     on_scrape_timer(name="a", namespace=NAMESPACE, memo=memo, logger=LOG)
     assert conditions(cluster)["Running"] == ("True", "Training")
     assert status(cluster)["progress"]["percent"] == 25.0
@@ -145,7 +155,10 @@ def test_job_completion_records_the_adapter(cluster: FakeCluster, memo: kopf.Mem
     assert status(cluster)["adapter"]["sha256"] == "ab" * 32
     assert ("Normal", "Completed", "a") in cluster.events
     registry = runtime(memo).metrics.registry
-    assert registry.get_sample_value("kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"}) == 1
+    assert (
+        registry.get_sample_value("kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"})
+        == 1
+    )
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Succeeded"}) == 1
 
 
@@ -189,10 +202,14 @@ def test_api_errors_become_temporary_errors_and_are_counted(cluster: FakeCluster
     with pytest.raises(kopf.TemporaryError):
         fire(memo)
     registry = runtime(memo).metrics.registry
-    assert registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1
+    assert (
+        registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1
+    )
 
 
-def test_events_of_a_deleted_job_are_ignored_and_its_series_dropped(cluster: FakeCluster, memo: kopf.Memo) -> None:
+def test_events_of_a_deleted_job_are_ignored_and_its_series_dropped(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
     cluster.put(make_job())
     fire(memo)
     registry = runtime(memo).metrics.registry
@@ -200,8 +217,19 @@ def test_events_of_a_deleted_job_are_ignored_and_its_series_dropped(cluster: Fak
     cluster.delete("FineTuneJob", NAMESPACE, "a")
     job = cluster.get("Job", NAMESPACE, "a-trainer")
     assert job is not None
-    child_event(memo, job)  # no error, nothing written
-    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo)
+    writes = cluster.calls["patch_status"]
+    child_event(memo, job)  # the Job's cascade deletion: no error, nothing written
+    assert cluster.calls["patch_status"] == writes
+    assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 0
+
+
+def test_deleted_watch_event_drops_the_jobs_series(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    registry = runtime(memo).metrics.registry
+    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="MODIFIED")
+    assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 1
+    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED")
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 0
 
 
@@ -213,8 +241,12 @@ def test_child_events_without_the_label_do_nothing(cluster: FakeCluster, memo: k
 def test_status_patch_nulls_dropped_fields() -> None:
     old = FineTuneJobStatus(phase="Failed", message="bad", trainer_job=None)
     new = FineTuneJobStatus(phase="Pending", trainer_job="a-trainer")
-    assert status_patch(old, new) == {"phase": "Pending", "trainerJob": "a-trainer", "conditions": [],
-                                      "message": None}
+    assert status_patch(old, new) == {
+        "phase": "Pending",
+        "trainerJob": "a-trainer",
+        "conditions": [],
+        "message": None,
+    }
 
 
 def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
@@ -225,12 +257,15 @@ def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
     assert triggers == {"resume", causes.Reason.CREATE, causes.Reason.UPDATE}
     update = next(h for h in changing if h.reason == causes.Reason.UPDATE)
     assert update.field == ("spec",)
-    deleting = next(h for h in changing if h.fn is on_finetunejob_deleted)
-    assert deleting.requires_finalizer is False
+    assert all(h.requires_finalizer is not True for h in changing)
     timers = registry._spawning.get_all_handlers()
     assert [(t.fn, t.interval) for t in timers] == [(on_scrape_timer, 3)]
-    watched = {(h.selector.group, h.selector.any_name) for h in registry._watching.get_all_handlers()}
-    assert watched == {("batch", "jobs"), ("", "pods")}
+    watched = {(h.selector.group, h.selector.any_name, h.fn) for h in registry._watching.get_all_handlers()}
+    assert watched == {
+        ("batch", "jobs", on_child_event),
+        ("", "pods", on_child_event),
+        ("kubetune.io", "finetunejobs", on_finetunejob_deleted),
+    }
     activities = {h.activity for h in registry._activities.get_all_handlers()}
     assert {causes.Activity.STARTUP, causes.Activity.AUTHENTICATION} <= activities
 
@@ -253,7 +288,10 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert settings.persistence.diffbase_storage.prefix == "kubetune.io"
     assert (settings.peering.standalone, settings.peering.name, settings.peering.mandatory) == (
-        False, "kubetune", True)
+        False,
+        "kubetune",
+        True,
+    )
     assert runtime(memo).io is cluster  # an injected client is kept
 
 

@@ -5,29 +5,40 @@ from __future__ import annotations
 import math
 
 import pytest
+from operator_factories import metrics_text, ts
+from prometheus_client import generate_latest
+
 from kubetune_operator.models import FineTuneJobStatus, Progress, TrainingMetrics
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.trainer_metrics import MetricsParseError, TrainerSample, parse_trainer_metrics
 from kubetune_trainer import contract
-from operator_factories import metrics_text, ts
-from prometheus_client import generate_latest
 
 
 def test_contract_gauges_are_read_from_prometheus_text() -> None:
-    text = metrics_text(**{
-        contract.METRIC_STEP: 120,
-        contract.METRIC_TOTAL_STEPS: 420,
-        contract.METRIC_EPOCH: 0.86,
-        contract.METRIC_TRAIN_LOSS: 1.42,
-        contract.METRIC_LEARNING_RATE: 1.9e-4,
-        contract.METRIC_TOKENS_PER_SECOND: 51234,
-        contract.METRIC_TRAINED_TOKENS: 1966080,
-        contract.METRIC_ETA_SECONDS: 300,
-        "python_gc_objects_collected": 7,
-    })
+    text = metrics_text(
+        **{
+            contract.METRIC_STEP: 120,
+            contract.METRIC_TOTAL_STEPS: 420,
+            contract.METRIC_EPOCH: 0.86,
+            contract.METRIC_TRAIN_LOSS: 1.42,
+            contract.METRIC_LEARNING_RATE: 1.9e-4,
+            contract.METRIC_TOKENS_PER_SECOND: 51234,
+            contract.METRIC_TRAINED_TOKENS: 1966080,
+            contract.METRIC_ETA_SECONDS: 300,
+            "python_gc_objects_collected": 7,
+        }
+    )
     sample = parse_trainer_metrics(text)
-    assert sample == TrainerSample(step=120, total_steps=420, epoch=0.86, train_loss=1.42, learning_rate=1.9e-4,
-                                   tokens_per_second=51234, trained_tokens=1966080, eta_seconds=300)
+    assert sample == TrainerSample(
+        step=120,
+        total_steps=420,
+        epoch=0.86,
+        train_loss=1.42,
+        learning_rate=1.9e-4,
+        tokens_per_second=51234,
+        trained_tokens=1966080,
+        eta_seconds=300,
+    )
 
 
 def test_nan_means_not_reported() -> None:
@@ -38,14 +49,16 @@ def test_nan_means_not_reported() -> None:
 
 def test_non_prometheus_text_is_an_error() -> None:
     with pytest.raises(MetricsParseError):
-        parse_trainer_metrics('kubetune_trainer_step{broken 1\n')
+        parse_trainer_metrics("kubetune_trainer_step{broken 1\n")
 
 
 def _value(metrics: OperatorMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
     return metrics.registry.get_sample_value(name, labels or {})
 
 
-def status(phase: str, start: str | None = None, done: str | None = None, step: int | None = None) -> FineTuneJobStatus:
+def status(
+    phase: str, start: str | None = None, done: str | None = None, step: int | None = None
+) -> FineTuneJobStatus:
     return FineTuneJobStatus(
         phase=phase,
         start_time=start,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from operator_factories import make_job, parse
+
 from kubetune_operator.config import ConfigError, OperatorConfig
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus
 from kubetune_operator.validation import validate
-from operator_factories import make_job, parse
 
 
 def test_spec_parses_with_api_names_and_defaults() -> None:
@@ -14,7 +15,10 @@ def test_spec_parses_with_api_names_and_defaults() -> None:
     assert job.spec is not None
     assert (job.name, job.namespace, job.metadata.generation) == ("support-bot", "ml", 1)
     assert job.spec.base_model.uri == "s3://models/llama-3.2-1b/"
-    assert job.spec.s3.credentials_secret_ref is not None and job.spec.s3.credentials_secret_ref.name == "s3-creds"
+    assert (
+        job.spec.s3.credentials_secret_ref is not None
+        and job.spec.s3.credentials_secret_ref.name == "s3-creds"
+    )
     assert job.spec.hyperparameters.batch_tokens == 16384
     assert job.spec.hyperparameters.scheduler == "Cosine"  # default
     assert (job.spec.resources.gpus, job.spec.resources.memory) == (2, "64Gi")
@@ -39,8 +43,16 @@ def test_bad_spec_is_kept_as_errors_naming_the_api_path() -> None:
 def test_status_round_trips_in_camel_case_without_nulls() -> None:
     raw = {
         "phase": "Running",
-        "conditions": [{"type": "Running", "status": "True", "reason": "Training", "message": "",
-                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}],
+        "conditions": [
+            {
+                "type": "Running",
+                "status": "True",
+                "reason": "Training",
+                "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "observedGeneration": 1,
+            }
+        ],
         "progress": {"step": 5, "totalSteps": 10, "tokensPerSecond": 12.5},
         "trainerJob": "a-trainer",
         "provenance": {"anything": {"nested": [1, 2]}},
@@ -57,8 +69,10 @@ def test_status_round_trips_in_camel_case_without_nulls() -> None:
         ({"hyperparameters": {"epochs": 1, "maxSteps": 5}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {"epochs": 1, "batchTokens": 4096, "microBatchSize": 4}}, "use one style"),
-        ({"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl", "validationSplit": 0.1}},
-         "set validation or validationSplit, not both"),
+        (
+            {"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl", "validationSplit": 0.1}},
+            "set validation or validationSplit, not both",
+        ),
         ({"dataset": {"train": "https://example.com/t.jsonl"}}, "spec.dataset.train"),
         ({"baseModel": {"uri": "gs://m/"}}, "spec.baseModel.uri"),
         ({"output": {"uri": "s3://out/no-slash"}}, "spec.output.uri"),
@@ -91,7 +105,10 @@ def test_config_defaults_and_env_overrides() -> None:
         }
     )
     assert (config.trainer_image, config.default_s3_endpoint, config.gpu_resource_name) == (
-        "reg/trainer:1", "http://minio:9000", "amd.com/gpu")
+        "reg/trainer:1",
+        "http://minio:9000",
+        "amd.com/gpu",
+    )
     assert config.scrape_interval_seconds == 2.5
     assert OperatorConfig().trainer_image == "kubetune/trainer:0.1.0"
 

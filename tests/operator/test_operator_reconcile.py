@@ -6,12 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from kubetune_operator.config import OperatorConfig
-from kubetune_operator.models import FineTuneJob
-from kubetune_operator.observed import Observed
-from kubetune_operator.reconcile import Outcome, reconcile
-from kubetune_operator.trainer_metrics import TrainerSample
-from kubetune_trainer import contract
 from operator_factories import (
     failure_summary,
     job_condition,
@@ -25,6 +19,13 @@ from operator_factories import (
     ts,
     with_status,
 )
+
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.models import FineTuneJob
+from kubetune_operator.observed import Observed
+from kubetune_operator.reconcile import Outcome, reconcile
+from kubetune_operator.trainer_metrics import TrainerSample
+from kubetune_trainer import contract
 
 Obj = dict[str, Any]
 T, F = "True", "False"
@@ -51,7 +52,9 @@ def config_map() -> Obj:
 RUNNING_POD = make_pod(phase="Running", ip="10.0.0.7", running_since=ts(30))
 CREATED = observed()
 RUNNING = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD])
-TRAINING_SAMPLE = TrainerSample(step=100, total_steps=400, epoch=0.75, train_loss=1.52341234, tokens_per_second=51234.56)
+TRAINING_SAMPLE = TrainerSample(
+    step=100, total_steps=400, epoch=0.75, train_loss=1.52341234, tokens_per_second=51234.56
+)
 
 
 @dataclass
@@ -73,8 +76,13 @@ CASES = [
         make_job(),
         [CREATED],
         "Pending",
-        {"Validated": (T, "SpecValid"), "Running": (F, "Created"), "Suspended": (F, "NotSuspended"),
-         "Reconciling": (T, "Created"), "Stalled": (F, "Progressing")},
+        {
+            "Validated": (T, "SpecValid"),
+            "Running": (F, "Created"),
+            "Suspended": (F, "NotSuspended"),
+            "Reconciling": (T, "Created"),
+            "Stalled": (F, "Progressing"),
+        },
         creates=["ConfigMap", "Job"],
         events=["SpecValid", "Created"],
     ),
@@ -102,17 +110,28 @@ CASES = [
         make_job(method="Full", lora={"r": 8}, hyperparameters={"learningRate": 0.001}),
         [CREATED],
         "Failed",
-        {"Validated": (F, "InvalidSpec"), "Failed": (T, "InvalidSpec"), "Stalled": (T, "InvalidSpec"),
-         "Reconciling": (F, "InvalidSpec")},
+        {
+            "Validated": (F, "InvalidSpec"),
+            "Failed": (T, "InvalidSpec"),
+            "Stalled": (T, "InvalidSpec"),
+            "Reconciling": (F, "InvalidSpec"),
+        },
         events=["InvalidSpec"],
         message_has="spec.lora: only allowed with method LoRA",
     ),
     Case(
         "Kueue admits the queued Job -> Suspended=False Admitted",
         make_job(queue_name="gpu-queue"),
-        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[make_pod()])],
+        [
+            CREATED,
+            observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[make_pod()]),
+        ],
         "Pending",
-        {"Suspended": (F, "Admitted"), "Running": (F, "TrainerPending"), "Reconciling": (T, "TrainerPending")},
+        {
+            "Suspended": (F, "Admitted"),
+            "Running": (F, "TrainerPending"),
+            "Reconciling": (T, "TrainerPending"),
+        },
         events=["Admitted", "TrainerPending"],
     ),
     Case(
@@ -145,8 +164,14 @@ CASES = [
     Case(
         "trainer pod unschedulable -> Running=False Unschedulable with the scheduler's words",
         make_job(),
-        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1),
-                           pods=[make_pod(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")])],
+        [
+            CREATED,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1),
+                pods=[make_pod(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")],
+            ),
+        ],
         "Pending",
         {"Running": (F, "Unschedulable"), "Reconciling": (T, "Unschedulable")},
         events=["Unschedulable"],
@@ -155,8 +180,14 @@ CASES = [
     Case(
         "missing credentials Secret -> ContainerNotStarting",
         make_job(),
-        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1),
-                           pods=[make_pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))])],
+        [
+            CREATED,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1),
+                pods=[make_pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))],
+            ),
+        ],
         "Pending",
         {"Running": (F, "ContainerNotStarting")},
         events=["ContainerNotStarting"],
@@ -173,8 +204,15 @@ CASES = [
     Case(
         "trainer reports steps -> Running Training",
         make_job(),
-        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
-                           sample=TRAINING_SAMPLE)],
+        [
+            CREATED,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1),
+                pods=[RUNNING_POD],
+                sample=TRAINING_SAMPLE,
+            ),
+        ],
         "Running",
         {"Running": (T, "Training")},
         events=["Training"],
@@ -182,15 +220,25 @@ CASES = [
     Case(
         "attempt failed, Job retries -> Restarting with the trainer's reason",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(active=1, failed=1),
-            pods=[
-                make_pod(phase="Failed", created=2, terminated=terminated(1, failure_summary(
-                    "StorageError", "endpoint http://minio.storage:9000 unreachable"))),
-                make_pod(created=300),
-            ],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1, failed=1),
+                pods=[
+                    make_pod(
+                        phase="Failed",
+                        created=2,
+                        terminated=terminated(
+                            1,
+                            failure_summary("StorageError", "endpoint http://minio.storage:9000 unreachable"),
+                        ),
+                    ),
+                    make_pod(created=300),
+                ],
+            ),
+        ],
         "Pending",
         {"Running": (F, "Restarting")},
         events=["Restarting"],
@@ -199,12 +247,18 @@ CASES = [
     Case(
         "trainer pod preempted -> Preempted",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(active=1),
-            pods=[make_pod(phase="Failed", created=2, disrupted=True, terminated=terminated(143)),
-                  make_pod(created=300)],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1),
+                pods=[
+                    make_pod(phase="Failed", created=2, disrupted=True, terminated=terminated(143)),
+                    make_pod(created=300),
+                ],
+            ),
+        ],
         "Pending",
         {"Running": (F, "Preempted")},
         events=["Preempted"],
@@ -212,42 +266,79 @@ CASES = [
     Case(
         "Job complete -> Succeeded Completed with the adapter record",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
-            pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
+                ),
+                pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+            ),
+        ],
         "Succeeded",
-        {"Succeeded": (T, "Completed"), "Running": (F, "Completed"), "Reconciling": (F, "Finished"),
-         "Stalled": (F, "Finished")},
+        {
+            "Succeeded": (T, "Completed"),
+            "Running": (F, "Completed"),
+            "Reconciling": (F, "Finished"),
+            "Stalled": (F, "Finished"),
+        },
         events=["Completed"],
         message_has="adapter written to s3://adapters/support-bot/",
     ),
     Case(
         "trainer exits with a permanent failure -> Failed with the trainer's reason",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
-            pods=[make_pod(phase="Failed", terminated=terminated(
-                contract.EXIT_CODE_PERMANENT_FAILURE,
-                failure_summary("InvalidDataset", "lines 3, 7 are not JSON (2 bad lines)")))],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]
+                ),
+                pods=[
+                    make_pod(
+                        phase="Failed",
+                        terminated=terminated(
+                            contract.EXIT_CODE_PERMANENT_FAILURE,
+                            failure_summary("InvalidDataset", "lines 3, 7 are not JSON (2 bad lines)"),
+                        ),
+                    )
+                ],
+            ),
+        ],
         "Failed",
-        {"Failed": (T, "InvalidDataset"), "Running": (F, "InvalidDataset"), "Stalled": (T, "InvalidDataset"),
-         "Reconciling": (F, "Finished")},
+        {
+            "Failed": (T, "InvalidDataset"),
+            "Running": (F, "InvalidDataset"),
+            "Stalled": (T, "InvalidDataset"),
+            "Reconciling": (F, "Finished"),
+        },
         events=["InvalidDataset"],
         message_has="lines 3, 7 are not JSON",
     ),
     Case(
         "retries exhausted -> Failed BackoffLimitExceeded naming the last attempt",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
-            pods=[make_pod(phase="Failed", created=9, terminated=terminated(
-                1, failure_summary("StorageError", "throttled")))],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]
+                ),
+                pods=[
+                    make_pod(
+                        phase="Failed",
+                        created=9,
+                        terminated=terminated(1, failure_summary("StorageError", "throttled")),
+                    )
+                ],
+            ),
+        ],
         "Failed",
         {"Failed": (T, "BackoffLimitExceeded"), "Stalled": (T, "BackoffLimitExceeded")},
         events=["BackoffLimitExceeded"],
@@ -256,11 +347,17 @@ CASES = [
     Case(
         "activeDeadlineSeconds passed -> Failed DeadlineExceeded",
         make_job(activeDeadlineSeconds=3600),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]),
-            pods=[make_pod(phase="Failed", terminated=terminated(137))],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]
+                ),
+                pods=[make_pod(phase="Failed", terminated=terminated(137))],
+            ),
+        ],
         "Failed",
         {"Failed": (T, "DeadlineExceeded")},
         events=["DeadlineExceeded"],
@@ -269,12 +366,22 @@ CASES = [
     Case(
         "trainer crashed without a summary -> Failed TrainerFailed with exit code and log tail",
         make_job(),
-        [CREATED, RUNNING, observed(
-            config_map=config_map(),
-            trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy",
-                                                                             "container trainer exited 2")]),
-            pods=[make_pod(phase="Failed", terminated=terminated(2, "Traceback ...\nImportError: no module x"))],
-        )],
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    failed=1,
+                    conditions=[job_condition("Failed", "PodFailurePolicy", "container trainer exited 2")],
+                ),
+                pods=[
+                    make_pod(
+                        phase="Failed", terminated=terminated(2, "Traceback ...\nImportError: no module x")
+                    )
+                ],
+            ),
+        ],
         "Failed",
         {"Failed": (T, "TrainerFailed")},
         events=["TrainerFailed"],
@@ -288,6 +395,63 @@ CASES = [
         {"Failed": (T, "TrainerJobMissing"), "Stalled": (T, "TrainerJobMissing")},
         events=["TrainerJobMissing"],
         message_has="create a new FineTuneJob",
+    ),
+]
+
+CASES += [
+    Case(
+        "Job SuccessCriteriaMet (before Complete) -> Succeeded at once",
+        make_job(),
+        [
+            CREATED,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("SuccessCriteriaMet")]),
+                pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+            ),
+        ],
+        "Succeeded",
+        {"Succeeded": (T, "Completed")},
+        events=["Completed"],
+    ),
+    Case(
+        "Job FailureTarget (before Failed) -> Failed at once",
+        make_job(),
+        [
+            CREATED,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    failed=1, conditions=[job_condition("FailureTarget", "PodFailurePolicy")]
+                ),
+                pods=[
+                    make_pod(
+                        phase="Failed",
+                        terminated=terminated(2, failure_summary("AccessDenied", "403 on s3://d")),
+                    )
+                ],
+            ),
+        ],
+        "Failed",
+        {"Failed": (T, "AccessDenied")},
+        events=["AccessDenied"],
+    ),
+    Case(
+        "permanent exit seen before the Job fails -> no Restarting in between",
+        make_job(),
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(failed=1),
+                pods=[
+                    make_pod(phase="Failed", terminated=terminated(2, failure_summary("AccessDenied", "403")))
+                ],
+            ),
+        ],
+        "Running",
+        {"Running": (T, "TrainerStarting")},
     ),
 ]
 
@@ -320,8 +484,12 @@ def test_new_job_records_trainer_job_and_provenance(config: OperatorConfig) -> N
 
 
 def test_training_progress_and_metrics_from_the_scrape(config: OperatorConfig) -> None:
-    seen = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
-                    sample=TRAINING_SAMPLE)
+    seen = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(active=1),
+        pods=[RUNNING_POD],
+        sample=TRAINING_SAMPLE,
+    )
     _, outcome = chain(make_job(), [CREATED, seen], config)
     status = outcome.status
     assert status.progress is not None and status.metrics is not None
@@ -333,8 +501,12 @@ def test_training_progress_and_metrics_from_the_scrape(config: OperatorConfig) -
 
 
 def test_without_a_new_scrape_progress_and_training_state_are_kept(config: OperatorConfig) -> None:
-    scraped = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
-                       sample=TRAINING_SAMPLE)
+    scraped = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(active=1),
+        pods=[RUNNING_POD],
+        sample=TRAINING_SAMPLE,
+    )
     body, first = chain(make_job(), [CREATED, scraped], config)
     _, second = chain(body, [RUNNING], config)  # a pod event: no scrape
     assert second.status.progress == first.status.progress
@@ -345,10 +517,15 @@ def test_without_a_new_scrape_progress_and_training_state_are_kept(config: Opera
 
 def test_condition_time_survives_progress_updates(config: OperatorConfig) -> None:
     def scraped(step: int, now: float) -> Observed:
-        return observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD],
-                        sample=TrainerSample(step=step, total_steps=400), now=now)
+        return observed(
+            config_map=config_map(),
+            trainer_job=make_trainer_job(active=1),
+            pods=[RUNNING_POD],
+            sample=TrainerSample(step=step, total_steps=400),
+            now=now,
+        )
 
-    body, first = chain(make_job(), [CREATED, scraped(10, 100)], config)
+    body, _ = chain(make_job(), [CREATED, scraped(10, 100)], config)
     _, later = chain(body, [scraped(20, 200)], config)
     running = next(c for c in later.status.conditions if c.type == "Running")
     assert running.last_transition_time == ts(100)
@@ -356,8 +533,11 @@ def test_condition_time_survives_progress_updates(config: OperatorConfig) -> Non
 
 
 def test_restarts_follow_the_jobs_failed_count(config: OperatorConfig) -> None:
-    retry = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1, failed=2),
-                     pods=[make_pod(phase="Failed", terminated=terminated(1)), make_pod(created=50)])
+    retry = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(active=1, failed=2),
+        pods=[make_pod(phase="Failed", terminated=terminated(1)), make_pod(created=50)],
+    )
     _, outcome = chain(make_job(), [CREATED, retry], config)
     assert outcome.status.restarts == 2
     assert "exit code 1" in (outcome.status.message or "")
@@ -366,7 +546,9 @@ def test_restarts_follow_the_jobs_failed_count(config: OperatorConfig) -> None:
 def test_success_record_progress_and_times(config: OperatorConfig) -> None:
     done = observed(
         config_map=config_map(),
-        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
+        trainer_job=make_trainer_job(
+            succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
+        ),
         pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
     )
     _, outcome = chain(make_job(), [CREATED, RUNNING, done], config)
@@ -395,8 +577,10 @@ def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
 
 
 def test_success_without_readable_summary_still_succeeds_and_says_why(config: OperatorConfig) -> None:
-    done = observed(config_map=config_map(),
-                    trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]))
+    done = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+    )
     _, outcome = chain(make_job(), [CREATED, done], config)
     assert conds(outcome.status)["Succeeded"] == (T, "Completed")
     assert outcome.status.adapter is None
@@ -419,7 +603,9 @@ def test_backoff_failure_counts_restarts(config: OperatorConfig) -> None:
 def test_finished_job_whose_trainer_job_was_removed_by_ttl_keeps_its_record(config: OperatorConfig) -> None:
     done = observed(
         config_map=config_map(),
-        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)),
+        trainer_job=make_trainer_job(
+            succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
+        ),
         pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
     )
     body, finished = chain(make_job(ttlSecondsAfterFinished=60), [CREATED, done], config)
@@ -430,8 +616,10 @@ def test_finished_job_whose_trainer_job_was_removed_by_ttl_keeps_its_record(conf
 
 
 def test_reapplying_a_finished_job_never_retrains(config: OperatorConfig) -> None:
-    failed = observed(config_map=config_map(),
-                      trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]))
+    failed = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]),
+    )
     body, _ = chain(make_job(), [CREATED, failed], config)
     body["spec"]["suspend"] = True
     body["metadata"]["generation"] = 2
@@ -469,7 +657,9 @@ def test_config_map_is_rewritten_when_the_spec_changes_before_the_job_exists(con
 
 
 def test_rejected_child_fails_with_the_servers_reason(config: OperatorConfig) -> None:
-    rejected = observed(rejected='Job a-trainer: spec.template.spec.tolerations[0].operator: Unsupported value: "Eq"')
+    rejected = observed(
+        rejected='Job a-trainer: spec.template.spec.tolerations[0].operator: Unsupported value: "Eq"'
+    )
     _, outcome = chain(make_job(), [rejected], config)
     assert conds(outcome.status)["Failed"] == (T, "ChildRejected")
     assert outcome.create == ()
@@ -527,3 +717,16 @@ def test_suspend_then_resume_emits_suspended_then_resumed(config: OperatorConfig
     assert conds(resumed.status)["Suspended"] == (F, "Resumed")
     assert "Resumed" in [e.reason for e in resumed.events]
     assert resumed.status.phase == "Pending"
+
+
+def test_unparseable_spec_during_a_run_touches_nothing(config: OperatorConfig) -> None:
+    body, _ = chain(make_job(), [CREATED, RUNNING], config)
+    body["spec"]["resources"] = {"gpus": "two"}
+    _, outcome = chain(body, [RUNNING], config)
+    assert outcome.create == () and outcome.set_suspend is None
+    assert conds(outcome.status)["Validated"] == (F, "InvalidSpec")
+    assert conds(outcome.status)["Stalled"] == (T, "InvalidSpec")
+    assert "Failed" not in conds(outcome.status)
+    assert "spec.resources.gpus" in next(
+        c.message for c in outcome.status.conditions if c.type == "Validated"
+    )

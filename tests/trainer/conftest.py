@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e.cluster.s3 import S3Server
+
 from kubetune_trainer.contract import (
     CONFIG_PATH_ENV,
     TERMINATION_LOG_ENV,
@@ -89,8 +89,9 @@ class Workspace:
             method="LoRA",
             lora=LoraConfig(r=4, alpha=8, dropout=0.0),
             dataset=DatasetConfig(train=train, max_seq_length=128),
-            hyperparameters=Hyperparameters(max_steps=6, learning_rate=3e-3, batch_tokens=512, warmup_ratio=0.1,
-                                            seed=7),
+            hyperparameters=Hyperparameters(
+                max_steps=6, learning_rate=3e-3, batch_tokens=512, warmup_ratio=0.1, seed=7
+            ),
             output=OutputConfig(uri=f"s3://{self.bucket}/out/"),
             s3=S3Config(endpoint=self.s3.endpoint, region=self.s3.region, force_path_style=True),
             checkpointing=CheckpointConfig(every_steps=None, every_minutes=None, keep=2),
@@ -124,8 +125,13 @@ class Workspace:
     def subprocess(self, config: TrainerConfig, name: str = "sub") -> subprocess.Popen[str]:
         env = {**os.environ, **self.env(config, name)}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image"), str(REPO)])
-        return subprocess.Popen([sys.executable, "-m", "kubetune_trainer"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune_trainer"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 @dataclass
@@ -150,9 +156,13 @@ def chat_records(count: int, seed: int = 0) -> list[dict[str, Any]]:
     records = []
     for _ in range(count):
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        records.append({"messages": [
-            {"role": "system", "content": "You add numbers."},
-            {"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": f"{a} + {b} = {a + b}. The result is {a + b}."},
-        ]})
+        records.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You add numbers."},
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}. The result is {a + b}."},
+                ]
+            }
+        )
     return records

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Workspace, chat_records, jsonl
 
+from conftest import Workspace, chat_records, jsonl
 from kubetune_trainer.contract import TrainerReason
 from kubetune_trainer.data import parse_records
 from kubetune_trainer.errors import EXIT_PERMANENT
@@ -24,25 +24,45 @@ def msgs(*messages: object) -> bytes:
 CORPUS: dict[str, tuple[bytes, bytes, str]] = {
     "invalid JSON": (GOOD_MESSAGES, b'{"messages": [', "invalid JSON"),
     "not an object": (GOOD_MESSAGES, b"[1, 2]", "must be a JSON object, got list"),
-    "missing messages key": (GOOD_MESSAGES, b'{"text": "hello"}', "missing key 'messages'; it looks like Text"),
-    "messages not a list": (GOOD_MESSAGES, b'{"messages": "hi"}', "'messages' must be a list of messages, got str"),
+    "missing messages key": (
+        GOOD_MESSAGES,
+        b'{"text": "hello"}',
+        "missing key 'messages'; it looks like Text",
+    ),
+    "messages not a list": (
+        GOOD_MESSAGES,
+        b'{"messages": "hi"}',
+        "'messages' must be a list of messages, got str",
+    ),
     "empty messages": (GOOD_MESSAGES, b'{"messages": []}', "'messages' is an empty list"),
     "message not an object": (GOOD_MESSAGES, b'{"messages": ["hi"]}', "messages[0] must be an object"),
     "unknown role": (GOOD_MESSAGES, msgs({"role": "bot", "content": "x"}), "unknown role 'bot'"),
     "missing role": (GOOD_MESSAGES, msgs({"content": "x"}), "messages[0] has no 'role'"),
     "missing content": (GOOD_MESSAGES, msgs({"role": "user"}), "messages[0] has no 'content'"),
-    "content not a string": (GOOD_MESSAGES, msgs({"role": "assistant", "content": 42}),
-                             "messages[0].content must be a string, got int"),
+    "content not a string": (
+        GOOD_MESSAGES,
+        msgs({"role": "assistant", "content": 42}),
+        "messages[0].content must be a string, got int",
+    ),
     "null content": (GOOD_MESSAGES, msgs({"role": "assistant", "content": None}), "got null"),
     "no assistant turn": (GOOD_MESSAGES, msgs({"role": "user", "content": "x"}), "no assistant message"),
     "invalid UTF-8": (GOOD_MESSAGES, b'{"messages": "\xff\xfe"}', "not UTF-8"),
     "empty completion": (GOOD_PC, b'{"prompt": "a", "completion": "  "}', "'completion' is empty"),
-    "mixed prompt/completion types": (GOOD_PC, b'{"prompt": "a", "completion": [{"role": "assistant"}]}',
-                                      "must both be strings or both be message lists"),
-    "sharegpt unknown speaker": (b'{"conversations": [{"from": "gpt", "value": "x"}]}',
-                                 b'{"conversations": [{"from": "robot", "value": "x"}]}', "unknown from 'robot'"),
-    "alpaca instruction not a string": (b'{"instruction": "a", "output": "b"}',
-                                        b'{"instruction": 3, "output": "b"}', "'instruction' must be a string"),
+    "mixed prompt/completion types": (
+        GOOD_PC,
+        b'{"prompt": "a", "completion": [{"role": "assistant"}]}',
+        "must both be strings or both be message lists",
+    ),
+    "sharegpt unknown speaker": (
+        b'{"conversations": [{"from": "gpt", "value": "x"}]}',
+        b'{"conversations": [{"from": "robot", "value": "x"}]}',
+        "unknown from 'robot'",
+    ),
+    "alpaca instruction not a string": (
+        b'{"instruction": "a", "output": "b"}',
+        b'{"instruction": 3, "output": "b"}',
+        "'instruction' must be a string",
+    ),
     "text empty": (b'{"text": "x"}', b'{"text": ""}', "'text' is empty"),
 }
 
@@ -145,10 +165,15 @@ def test_an_invalid_config_lists_every_problem(ws: Workspace, monkeypatch) -> No
     from dataclasses import replace
 
     config = ws.config("not-s3")
-    config = replace(config, method="QLoRA",
-                     hyperparameters=replace(config.hyperparameters, learning_rate=0, epochs=1))
+    config = replace(
+        config, method="QLoRA", hyperparameters=replace(config.hyperparameters, learning_rate=0, epochs=1)
+    )
     result = ws.run(config, monkeypatch)
     assert result.summary.reason == TrainerReason.INVALID_CONFIG
-    for expected in ("method 'QLoRA'", "dataset.train 'not-s3'", "learningRate must be > 0",
-                     "exactly one of epochs and maxSteps"):
+    for expected in (
+        "method 'QLoRA'",
+        "dataset.train 'not-s3'",
+        "learningRate must be > 0",
+        "exactly one of epochs and maxSteps",
+    ):
         assert expected in result.summary.message

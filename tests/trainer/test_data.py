@@ -65,11 +65,15 @@ def chatml(*turns: tuple[str, str]) -> str:
 
 
 def test_messages_label_only_the_assistant_turn_and_its_end_marker(tok: Any) -> None:
-    record = parse_one({"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is two plus two?"},
-        {"role": "assistant", "content": "Four."},
-    ]})
+    record = parse_one(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is two plus two?"},
+                {"role": "assistant", "content": "Four."},
+            ]
+        }
+    )
     example = Tokenize(tok, 512, train_on_all=False)(record)
     prompt = chatml(("system", "Be brief."), ("user", "What is two plus two?")) + "<|im_start|>assistant\n"
     start = n_tokens(tok, prompt)
@@ -86,14 +90,17 @@ def test_multi_turn_conversation_labels_each_assistant_turn(tok: Any) -> None:
     first_end = n_tokens(tok, chatml(*turns[:2]))
     second_start = n_tokens(tok, chatml(*turns[:3]) + "<|im_start|>assistant\n")
     assert labelled_spans(example.input_ids, example.labels) == [
-        (first_start, first_end), (second_start, len(example.input_ids))
+        (first_start, first_end),
+        (second_start, len(example.input_ids)),
     ]
     assert tok.decode(example.input_ids[first_start:first_end]) == "hello there" + IM_END + "\n"
     assert tok.decode(example.input_ids[second_start:]) == "blue" + IM_END + "\n"
 
 
 def test_train_on_all_labels_every_token(tok: Any) -> None:
-    record = parse_one({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]})
+    record = parse_one(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    )
     example = Tokenize(tok, 512, train_on_all=True)(record)
     assert example.labels == example.input_ids
 
@@ -108,10 +115,12 @@ def test_prompt_completion_strings_label_the_completion_and_eos(tok: Any) -> Non
 
 
 def test_prompt_completion_message_lists_label_only_the_completion(tok: Any) -> None:
-    record = parse_one({
-        "prompt": [{"role": "user", "content": "yes or no?"}],
-        "completion": [{"role": "assistant", "content": "no"}],
-    })
+    record = parse_one(
+        {
+            "prompt": [{"role": "user", "content": "yes or no?"}],
+            "completion": [{"role": "assistant", "content": "no"}],
+        }
+    )
     example = Tokenize(tok, 512, train_on_all=False)(record)
     start = n_tokens(tok, chatml(("user", "yes or no?")) + "<|im_start|>assistant\n")
     assert labelled_spans(example.input_ids, example.labels) == [(start, len(example.input_ids))]
@@ -119,9 +128,20 @@ def test_prompt_completion_message_lists_label_only_the_completion(tok: Any) -> 
 
 
 def test_sharegpt_maps_human_and_gpt_to_user_and_assistant(tok: Any) -> None:
-    record = parse_one({"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "q"},
-                                          {"from": "gpt", "value": "a"}]})
-    assert [(t.role, t.train) for t in record.turns] == [("system", False), ("user", False), ("assistant", True)]
+    record = parse_one(
+        {
+            "conversations": [
+                {"from": "system", "value": "sys"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        }
+    )
+    assert [(t.role, t.train) for t in record.turns] == [
+        ("system", False),
+        ("user", False),
+        ("assistant", True),
+    ]
     example = Tokenize(tok, 512, train_on_all=False)(record)
     start = n_tokens(tok, chatml(("system", "sys"), ("user", "q")) + "<|im_start|>assistant\n")
     assert labelled_spans(example.input_ids, example.labels) == [(start, len(example.input_ids))]
@@ -141,13 +161,17 @@ def test_alpaca_joins_instruction_and_input_into_the_user_turn(tok: Any) -> None
 def test_text_labels_everything_and_ends_with_eos(tok: Any) -> None:
     record = parse_one({"text": "the cat and the dog"})
     example = Tokenize(tok, 512, train_on_all=False)(record)
-    assert example.input_ids == tok("the cat and the dog", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert example.input_ids == tok("the cat and the dog", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
     assert example.labels == example.input_ids
 
 
 def test_default_template_applies_when_the_tokenizer_has_none(plain_tok: Any) -> None:
     assert not plain_tok.chat_template
-    record = parse_one({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]})
+    record = parse_one(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    )
     tokenize = Tokenize(plain_tok, 512, train_on_all=False)
     assert tokenize.template == DEFAULT_CHAT_TEMPLATE
     example = tokenize(record)
@@ -174,11 +198,14 @@ def test_auto_detection_follows_the_documented_key_order(record: dict[str, Any],
 
 
 def test_column_map_renames_dataset_keys_to_ours() -> None:
-    record = parse_one({"question": "q?", "answer": "a."}, column_map={"prompt": "question", "completion": "answer"})
+    record = parse_one(
+        {"question": "q?", "answer": "a."}, column_map={"prompt": "question", "completion": "answer"}
+    )
     assert record.segments == (("q?", False), ("a.", True))
     nested = parse_one(
         {"dialog": [{"speaker": "user", "text_": "hi"}, {"speaker": "assistant", "text_": "yo"}]},
-        fmt="Messages", column_map={"messages": "dialog", "role": "speaker", "content": "text_"},
+        fmt="Messages",
+        column_map={"messages": "dialog", "role": "speaker", "content": "text_"},
     )
     assert [t.content for t in nested.turns] == ["hi", "yo"]
 
@@ -189,7 +216,12 @@ def test_json_array_and_parquet_files_are_read() -> None:
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     result = parse_records([("x.json", json.dumps(rows).encode()), ("y.parquet", buffer.getvalue())])
     assert result.problems == []
-    assert [r.where for r in result.records] == ["x.json[0]", "x.json[1]", "y.parquet:row 1", "y.parquet:row 2"]
+    assert [r.where for r in result.records] == [
+        "x.json[0]",
+        "x.json[1]",
+        "y.parquet:row 1",
+        "y.parquet:row 2",
+    ]
 
 
 def test_truncation_is_counted_and_examples_left_without_labels_are_dropped(tok: Any) -> None:
@@ -199,7 +231,7 @@ def test_truncation_is_counted_and_examples_left_without_labels_are_dropped(tok:
         parse_one({"prompt": long_prompt, "completion": " x"}),  # truncated inside the prompt: no labels left
         parse_one({"prompt": "a", "completion": " b"}),
     ]
-    examples, origins, stats = tokenize_records(records, Tokenize(tok, 32, train_on_all=False), "s3://b/d.jsonl")
+    examples, stats = tokenize_records(records, Tokenize(tok, 32, train_on_all=False), "s3://b/d.jsonl")
     assert stats.truncated == 2
     assert stats.dropped_no_labels == 1
     assert len(examples) == 2 and all(len(e.input_ids) <= 32 for e in examples)

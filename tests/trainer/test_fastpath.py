@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from kubetune_trainer import fastpath
@@ -42,8 +42,9 @@ def reference_and_fast(tiny: tuple[Any, Any], lora: bool) -> tuple[nn.Module, nn
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                            init_lora_weights=False)  # random B, so every adapter weight gets a gradient
+        config = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False
+        )  # random B, so every adapter weight gets a gradient
         reference = get_peft_model(reference, config)
     reference.train()
     fast = copy.deepcopy(reference)
@@ -60,11 +61,15 @@ def reference_loss_sum(model: nn.Module, examples: list[Example], pad_id: int) -
 
 
 def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_packed_loss_and_gradients_match_the_padded_transformers_loop(tiny: tuple[Any, Any], lora: bool) -> None:
+def test_packed_loss_and_gradients_match_the_padded_transformers_loop(
+    tiny: tuple[Any, Any], lora: bool
+) -> None:
     reference, fast = reference_and_fast(tiny, lora)
     examples = make_examples()
     pad_id = tiny[1].pad_token_id
@@ -116,7 +121,9 @@ def test_attention_never_crosses_packed_examples(tiny: tuple[Any, Any]) -> None:
     examples = make_examples(seed=3, lengths=(9, 14, 11))
     before = packed_hidden(fast, examples)
     changed = list(examples)
-    changed[1] = Example(input_ids=[(t * 7 + 1) % 400 + 3 for t in examples[1].input_ids], labels=examples[1].labels)
+    changed[1] = Example(
+        input_ids=[(t * 7 + 1) % 400 + 3 for t in examples[1].input_ids], labels=examples[1].labels
+    )
     after = packed_hidden(fast, changed)
     first, second = slice(0, 9), slice(9, 23)
     third = slice(23, 34)
@@ -134,7 +141,9 @@ def test_each_packed_example_sees_what_it_would_see_alone(tiny: tuple[Any, Any])
     start = 0
     for example in examples:
         alone = packed_hidden(fast, [example])
-        torch.testing.assert_close(packed[start : start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            packed[start : start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5
+        )
         start += len(example.input_ids)
 
 
@@ -165,8 +174,9 @@ def test_chunked_cross_entropy_equals_plain_cross_entropy(wrap: bool) -> None:
     got = fastpath.chunked_cross_entropy_sum(hidden, targets, head, chunk_rows=7)
     (got * 2.0).backward()  # a non-unit upstream gradient must scale every gradient
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    for name, g, w in zip(("hidden", "weight", "bias"), (hidden.grad, linear.weight.grad, linear.bias.grad), want,
-                          strict=True):
+    for name, g, w in zip(
+        ("hidden", "weight", "bias"), (hidden.grad, linear.weight.grad, linear.bias.grad), want, strict=True
+    ):
         torch.testing.assert_close(g, 2.0 * w, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -200,7 +210,12 @@ def test_effective_context_and_param_counts(tiny: tuple[Any, Any]) -> None:
     assert fastpath.effective_context([1, 3]) == pytest.approx((1 + 9) / 4)
     reference, _ = reference_and_fast(tiny, lora=True)
     config = fastpath.causal_lm(reference).config
-    d, ff, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    d, ff, v, layers = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+        config.num_hidden_layers,
+    )
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     matmul, lora = fastpath.matmul_param_counts(reference)
     assert matmul == layers * (2 * d * d + 2 * d * kv + 3 * d * ff) + d * v
@@ -212,7 +227,9 @@ def test_budget_from_memory_arithmetic() -> None:
     # 20 GiB usable * 0.85 headroom - 2 GiB fixed = 15 GiB at 1 MiB per token -> 15360 tokens.
     assert fastpath.budget_from_memory(20 * gib, 2 * gib, float(1 << 20), 2048) == 15360
     assert fastpath.budget_from_memory(1000 * gib, 0, 1.0, 2048) == 65536
-    assert fastpath.budget_from_memory(gib, 2 * gib, 1.0, 2048) == 256  # nothing fits: smallest budget, warned
+    assert (
+        fastpath.budget_from_memory(gib, 2 * gib, 1.0, 2048) == 256
+    )  # nothing fits: smallest budget, warned
 
 
 def test_choose_token_budget_on_cpu(tiny: tuple[Any, Any]) -> None:

@@ -50,7 +50,9 @@ def test_pack_fills_bins_best_fit() -> None:
     assert pack([5, 8, 2], token_budget=10) == [[0], [1, 2]]
 
 
-@pytest.mark.parametrize(("lengths", "budget", "message"), [([3, 0], 10, "example 1"), ([3], 0, "token_budget")])
+@pytest.mark.parametrize(
+    ("lengths", "budget", "message"), [([3, 0], 10, "example 1"), ([3], 0, "token_budget")]
+)
 def test_pack_rejects_bad_input(lengths: list[int], budget: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pack(lengths, budget)
@@ -68,6 +70,9 @@ def test_collate_packed_flattens_with_restarting_positions_and_boundaries() -> N
     assert batch.labels.tolist() == [[-100, 2, 3, -100, -100, 52, 53, -100, 2]]
     assert batch.num_label_tokens == 5
     assert batch.seq_lengths == (3, 4, 2)
+    # The loss reads the prediction at position t against the label at t + 1, never across a boundary.
+    assert batch.prediction_positions.tolist() == [0, 1, 4, 5, 7]
+    assert batch.prediction_targets.tolist() == [2, 3, 52, 53, 2]
 
 
 def test_collate_padded_pads_right_and_counts_real_tokens() -> None:
@@ -78,6 +83,8 @@ def test_collate_padded_pads_right_and_counts_real_tokens() -> None:
     assert batch.num_tokens == 4
     assert batch.num_label_tokens == 2
     assert batch.padded_tokens == 6
+    assert batch.prediction_positions.tolist() == [0, 1]
+    assert batch.prediction_targets.tolist() == [2, 3]
 
 
 def test_batches_move_with_to() -> None:

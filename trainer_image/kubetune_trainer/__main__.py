@@ -26,8 +26,19 @@ def main() -> int:
         if available > 1:
             # One process per GPU; accelerate sets up the process group and forwards SIGTERM to them.
             count = str(min(gpus, available))
-            os.execvp(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                       "--num_processes", count, "--module", "kubetune_trainer"])
+            os.execvp(
+                sys.executable,
+                [
+                    sys.executable,
+                    "-m",
+                    "accelerate.commands.launch",
+                    "--multi_gpu",
+                    "--num_processes",
+                    count,
+                    "--module",
+                    "kubetune_trainer",
+                ],
+            )
     from kubetune_trainer.recipe import main as run_recipe
 
     return run_recipe()

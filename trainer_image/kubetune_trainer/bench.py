@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from kubetune_trainer import fastpath
@@ -116,10 +116,16 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) 
         if build_tiny_model is not None:
             model, tokenizer = build_tiny_model(seed=seed)
             return model.to(device=device, dtype=dtype), int(tokenizer.pad_token_id)
-        config_values: dict[str, Any] = {"family": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-                                         "num_attention_heads": 4, "num_key_value_heads": 2,
-                                         "intermediate_size": 192, "vocab_size": 512,
-                                         "max_position_embeddings": 4096}
+        config_values: dict[str, Any] = {
+            "family": "llama",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 192,
+            "vocab_size": 512,
+            "max_position_embeddings": 4096,
+        }
     elif name in MODEL_CONFIGS:
         config_values = dict(MODEL_CONFIGS[name])
     else:
@@ -127,7 +133,9 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) 
     family = config_values.pop("family")
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config_cls, model_cls = (
+        (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    )
     config = config_cls(pad_token_id=0, bos_token_id=1, eos_token_id=2, **config_values)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -160,8 +168,13 @@ def apply_lora(model: nn.Module, seed: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # same adapter initialisation for every arm
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     return get_peft_model(model, config)
 
 
@@ -180,18 +193,29 @@ class StepPlan:
     computed_tokens: int  # tokens the model actually runs (padding included)
 
 
-def plan_padded(steps: Sequence[Sequence[Example]], micro_batch: int, pad_id: int, device: torch.device
-                ) -> list[StepPlan]:
+def plan_padded(
+    steps: Sequence[Sequence[Example]], micro_batch: int, pad_id: int, device: torch.device
+) -> list[StepPlan]:
     plans = []
     for step in steps:
-        batches = [collate_padded(step[i : i + micro_batch], pad_id).to(device)
-                   for i in range(0, len(step), micro_batch)]
-        plans.append(StepPlan(batches, sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                              sum(b.padded_tokens for b in batches)))
+        batches = [
+            collate_padded(step[i : i + micro_batch], pad_id).to(device)
+            for i in range(0, len(step), micro_batch)
+        ]
+        plans.append(
+            StepPlan(
+                batches,
+                sum(b.num_label_tokens for b in batches),
+                sum(b.num_tokens for b in batches),
+                sum(b.padded_tokens for b in batches),
+            )
+        )
     return plans
 
 
-def plan_packed(steps: Sequence[Sequence[Example]], token_budget: int, device: torch.device) -> list[StepPlan]:
+def plan_packed(
+    steps: Sequence[Sequence[Example]], token_budget: int, device: torch.device
+) -> list[StepPlan]:
     plans = []
     for step in steps:
         groups = pack([len(e.input_ids) for e in step], token_budget)
@@ -202,8 +226,12 @@ def plan_packed(steps: Sequence[Sequence[Example]], token_budget: int, device: t
 
 
 def baseline_micro_loss(model: nn.Module, batch: PaddedBatch, step_label_tokens: int) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                num_items_in_batch=step_label_tokens)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=batch.labels,
+        num_items_in_batch=step_label_tokens,
+    )
     loss: torch.Tensor = out.loss
     return loss
 
@@ -214,10 +242,19 @@ def kubetune_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens:
 
 
 def plain_ce_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens: int) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seq_lens_q=batch.cu_seqlens,
-                cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        cu_seq_lens_q=batch.cu_seqlens,
+        cu_seq_lens_k=batch.cu_seqlens,
+        max_length_q=batch.max_seqlen,
+        max_length_k=batch.max_seqlen,
+    )
     logits = out.logits[0, :-1].float()
-    return F.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum") / step_label_tokens
+    return (
+        F.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        / step_label_tokens
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -260,7 +297,9 @@ def run_arm(
     synchronize(cfg.device)
     elapsed = time.perf_counter() - measured_start
     measured = plans[cfg.warmup :]
-    moved = all(not torch.equal(p.detach(), lora_b_before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+    moved = all(
+        not torch.equal(p.detach(), lora_b_before[n]) for n, p in model.named_parameters() if "lora_B" in n
+    )
     timed = step_seconds[cfg.warmup :]
     return {
         "steps_measured": len(measured),
@@ -300,16 +339,18 @@ def arm_flops_per_token(model: nn.Module, lengths: list[int]) -> tuple[float, fl
     matmul, lora = fastpath.matmul_param_counts(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     t_eff = fastpath.effective_context(lengths)
-    flops = fastpath.flops_per_token(matmul, lora, config.num_hidden_layers, config.num_attention_heads,
-                                     head_dim, t_eff)
+    flops = fastpath.flops_per_token(
+        matmul, lora, config.num_hidden_layers, config.num_attention_heads, head_dim, t_eff
+    )
     return flops, t_eff
 
 
 ARM_NAMES = ("baseline", "kubetune", "kubetune-plain-ce", "kubetune-cap24")
 
 
-def run_dataset(cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str,
-                emit: Callable[[dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
+def run_dataset(
+    cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str, emit: Callable[[dict[str, Any]], None]
+) -> dict[str, dict[str, Any]]:
     vocab = int(fastpath.causal_lm(pristine).config.vocab_size)
     examples = synthetic_examples(cfg.steps * cfg.examples_per_step, DATASETS[dataset], vocab, cfg.seed)
     steps = [examples[i : i + cfg.examples_per_step] for i in range(0, len(examples), cfg.examples_per_step)]
@@ -360,18 +401,23 @@ def run_dataset(cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str
             "tokens_per_step": statistics.mean(p.real_tokens for p in plans),
             "computed_tokens_per_step": statistics.mean(p.computed_tokens for p in plans),
             "micro_steps_per_step": statistics.mean(len(p.micro_batches) for p in plans),
-            "attn_impl": "sdpa_padded" if arm == "baseline" else fastpath.attention_backend(cfg.device, cfg.dtype),
+            "attn_impl": "sdpa_padded"
+            if arm == "baseline"
+            else fastpath.attention_backend(cfg.device, cfg.dtype),
             "ce_impl": "chunked_fused" if arm in ("kubetune", "kubetune-cap24") else "plain",
             "grad_ckpt": False,
             "flops_per_token": flops,
             "T_eff": round(t_eff, 1),
             **result,
             "peak_mem_alloc_gib": None if alloc is None else round(alloc, 2),
-            "peak_mem_reserved_gib" if cfg.device.type == "cuda" else "peak_rss_gib": round(reserved or 0.0, 2),
+            "peak_mem_reserved_gib" if cfg.device.type == "cuda" else "peak_rss_gib": round(
+                reserved or 0.0, 2
+            ),
         }
         if "tokens_nonpad_per_s" in result:
-            line["mfu"] = (result["tokens_nonpad_per_s"] * flops / PEAK_BF16_FLOPS
-                           if cfg.device.type == "cuda" else None)
+            line["mfu"] = (
+                result["tokens_nonpad_per_s"] * flops / PEAK_BF16_FLOPS if cfg.device.type == "cuda" else None
+            )
         baseline = results.get("baseline")
         if baseline and "losses" in baseline and "losses" in result:
             pairs = list(zip(baseline["losses"], result["losses"], strict=False))
@@ -385,27 +431,48 @@ def run_dataset(cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str
     if "baseline" in results and "tokens_nonpad_per_s" in results["baseline"]:
         for arm, line in results.items():
             if arm != "baseline" and "tokens_nonpad_per_s" in line:
-                emit({"ratio": f"{arm}/baseline", "dataset": dataset, "model": cfg.model,
-                      "device": line["device"],
-                      "tokens_nonpad_per_s": line["tokens_nonpad_per_s"] / results["baseline"]["tokens_nonpad_per_s"]})
+                emit(
+                    {
+                        "ratio": f"{arm}/baseline",
+                        "dataset": dataset,
+                        "model": cfg.model,
+                        "device": line["device"],
+                        "tokens_nonpad_per_s": line["tokens_nonpad_per_s"]
+                        / results["baseline"]["tokens_nonpad_per_s"],
+                    }
+                )
     return results
 
 
 def parse_args(argv: Sequence[str] | None) -> BenchConfig:
-    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", default="tiny", choices=["tiny", *MODEL_CONFIGS])
-    parser.add_argument("--arms", default="baseline,kubetune",
-                        help=f"comma-separated, from {', '.join(ARM_NAMES)}; baseline first for the loss deltas")
+    parser.add_argument(
+        "--arms",
+        default="baseline,kubetune",
+        help=f"comma-separated, from {', '.join(ARM_NAMES)}; baseline first for the loss deltas",
+    )
     parser.add_argument("--datasets", default="high-variance,low-variance", help=", ".join(DATASETS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm, warm-up included")
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from timing")
     parser.add_argument("--examples-per-step", type=int, default=16)
-    parser.add_argument("--baseline-micro-batch", type=int, default=None,
-                        help="examples per padded micro-batch (default: 4 on a GPU, 16 on the CPU)")
-    parser.add_argument("--token-budget", type=int, default=None, help="tokens per packed micro-step (default: chosen)")
+    parser.add_argument(
+        "--baseline-micro-batch",
+        type=int,
+        default=None,
+        help="examples per padded micro-batch (default: 4 on a GPU, 16 on the CPU)",
+    )
+    parser.add_argument(
+        "--token-budget", type=int, default=None, help="tokens per packed micro-step (default: chosen)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU intra-op threads (default on the CPU: 1)"
+    )
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -418,23 +485,44 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     for dataset in datasets:
         if dataset not in DATASETS:
             parser.error(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
-    steps = args.steps if args.steps is not None else (40 if on_gpu else 24)
-    warmup = args.warmup if args.warmup is not None else (8 if on_gpu else 4)
+    steps = args.steps if args.steps is not None else (40 if on_gpu else LOSS_WINDOW)
+    warmup = args.warmup if args.warmup is not None else (8 if on_gpu else 2)
+    if not on_gpu:
+        # One intra-op thread by default: on a shared CPU, a second OpenMP thread waiting at barriers behind
+        # other processes makes step times swing by several x, and the comparison is per-thread anyway.
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     if steps <= warmup:
         parser.error(f"--steps ({steps}) must be larger than --warmup ({warmup})")
     if args.model != "tiny" and not on_gpu:
         print(f"warning: {args.model} on the CPU will be very slow", file=sys.stderr)
     cfg = BenchConfig(
-        model=args.model, arms=arms, datasets=datasets, steps=steps, warmup=warmup,
+        model=args.model,
+        arms=arms,
+        datasets=datasets,
+        steps=steps,
+        warmup=warmup,
         examples_per_step=args.examples_per_step,
         baseline_micro_batch=args.baseline_micro_batch or (4 if on_gpu else 16),
-        token_budget=args.token_budget, lr=args.lr, seed=args.seed, device=device,
+        token_budget=args.token_budget,
+        lr=args.lr,
+        seed=args.seed,
+        device=device,
         dtype=torch.bfloat16 if on_gpu else torch.float32,
     )
     return cfg, args.out  # type: ignore[return-value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     cfg, out_path = parse_args(argv)  # type: ignore[misc]
     out_file = open(out_path, "a", encoding="utf-8") if out_path else None  # noqa: SIM115
 

@@ -127,7 +127,8 @@ class Checkpointer:
             if fetched.sha256 != digest:
                 raise TrainerError(
                     TrainerReason.STORAGE_ERROR,
-                    f"checkpoint {source}{name} does not match its manifest (sha256 {fetched.sha256} != {digest})",
+                    f"checkpoint {source}{name} does not match its manifest "
+                    f"(sha256 {fetched.sha256} != {digest})",
                 )
         weights = load_file(str(local / WEIGHTS))
         missing = sorted(set(model_params) - set(weights))

@@ -97,7 +97,10 @@ def validate(config: TrainerConfig) -> list[str]:
         "hyperparameters: give exactly one of epochs and maxSteps",
     )
     need(hp.epochs is None or hp.epochs > 0, f"hyperparameters.epochs must be > 0, got {hp.epochs}")
-    need(hp.max_steps is None or hp.max_steps >= 1, f"hyperparameters.maxSteps must be >= 1, got {hp.max_steps}")
+    need(
+        hp.max_steps is None or hp.max_steps >= 1,
+        f"hyperparameters.maxSteps must be >= 1, got {hp.max_steps}",
+    )
     need(hp.learning_rate > 0, f"hyperparameters.learningRate must be > 0, got {hp.learning_rate}")
     per_example_style = hp.micro_batch_size is not None or hp.gradient_accumulation is not None
     need(
@@ -105,13 +108,17 @@ def validate(config: TrainerConfig) -> list[str]:
         "hyperparameters: batchTokens and microBatchSize/gradientAccumulation are exclusive",
     )
     need(hp.batch_tokens is None or hp.batch_tokens >= 1, "hyperparameters.batchTokens must be >= 1")
-    need(hp.micro_batch_size is None or hp.micro_batch_size >= 1, "hyperparameters.microBatchSize must be >= 1")
+    need(
+        hp.micro_batch_size is None or hp.micro_batch_size >= 1, "hyperparameters.microBatchSize must be >= 1"
+    )
     need(
         hp.gradient_accumulation is None or hp.gradient_accumulation >= 1,
         "hyperparameters.gradientAccumulation must be >= 1",
     )
     need(0 <= hp.warmup_ratio <= 1, f"hyperparameters.warmupRatio must be in [0, 1], got {hp.warmup_ratio}")
-    need(hp.scheduler in SCHEDULERS, f"hyperparameters.scheduler {hp.scheduler!r} must be one of {SCHEDULERS}")
+    need(
+        hp.scheduler in SCHEDULERS, f"hyperparameters.scheduler {hp.scheduler!r} must be one of {SCHEDULERS}"
+    )
     need(hp.weight_decay >= 0, f"hyperparameters.weightDecay must be >= 0, got {hp.weight_decay}")
     need(hp.train_on in TRAIN_ON, f"hyperparameters.trainOn {hp.train_on!r} must be one of {TRAIN_ON}")
     need(

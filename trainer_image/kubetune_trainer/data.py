@@ -1,9 +1,10 @@
 """Datasets: fetch from S3, parse the five formats, validate every record in one pass, tokenize with label
 masks.
 
-Every record becomes either a *conversation* (turns rendered through the tokenizer's chat template, loss on the
-turns marked ``train``) or a *plain* sequence of text segments (concatenated, loss on the segments marked
-``train``). Labels follow transformers' convention: aligned with ``input_ids``, ``-100`` where no loss is taken.
+Every record becomes either a *conversation* (turns rendered through the tokenizer's chat template, loss on
+the turns marked ``train``) or a *plain* sequence of text segments (concatenated, loss on the segments marked
+``train``). Labels follow transformers' convention: aligned with ``input_ids``, ``-100`` where no loss is
+taken.
 
 Formats (``Auto`` detects by keys, in this order):
     Messages          {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}]}
@@ -52,9 +53,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Records
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,27 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _messages_of(obj: dict[str, Any], key: str, role_key: str, content_key: str,
-                 roles: dict[str, str] | frozenset[str], column_map: dict[str, str]) -> list[tuple[str, str]]:
+def _messages_of(
+    obj: dict[str, Any],
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str] | frozenset[str],
+    column_map: dict[str, str],
+) -> list[tuple[str, str]]:
     if key not in obj:
         raise BadRecord(f"missing key '{key}'")
     return _messages(obj[key], key, role_key, content_key, roles, column_map)
 
 
-def _messages(raw: Any, key: str, role_key: str, content_key: str, roles: dict[str, str] | frozenset[str],
-              column_map: dict[str, str]) -> list[tuple[str, str]]:
+def _messages(
+    raw: Any,
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str] | frozenset[str],
+    column_map: dict[str, str],
+) -> list[tuple[str, str]]:
     role_key = column_map.get(role_key, role_key)
     content_key = column_map.get(content_key, content_key)
     if not isinstance(raw, list):
@@ -236,9 +249,9 @@ def apply_column_map(obj: dict[str, Any], column_map: dict[str, str]) -> dict[st
     return renamed
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Reading files
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def iter_objects(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
@@ -284,11 +297,10 @@ def _iter_json(name: str, data: bytes) -> Iterator[tuple[str, Any]]:
         return
     if isinstance(value, dict):
         # One object, or {"data": [...]}-style wrappers with a single list of records.
-        lists = [v for v in value.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-        if detect_format(value) is None and len(lists) == 1:
-            value = lists[0]
-        else:
-            value = [value]
+        lists = [
+            v for v in value.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+        ]
+        value = lists[0] if detect_format(value) is None and len(lists) == 1 else [value]
     if not isinstance(value, list):
         yield f"{name}:1", BadRecord(f"a .json dataset must hold a list of records, got {_type_name(value)}")
         return
@@ -338,7 +350,9 @@ def parse_records(
             _parse_one(result, where, obj, column_map)
         else:
             keys = ", ".join(sorted(obj)) or "none"
-            result.problems.append((where, f"keys ({keys}) match no known format; see dataset.format and columnMap"))
+            result.problems.append(
+                (where, f"keys ({keys}) match no known format; see dataset.format and columnMap")
+            )
     result.problems.sort(key=lambda problem: position[problem[0]])
     return result
 
@@ -359,16 +373,20 @@ def _parse_one(result: ParseResult, where: str, obj: dict[str, Any], column_map:
 
 def describe_problems(problems: Sequence[tuple[str, str]], source: str) -> str:
     shown = "; ".join(f"{where}: {what}" for where, what in problems[:MAX_REPORTED_PROBLEMS])
-    more = f" (and {len(problems) - MAX_REPORTED_PROBLEMS} more)" if len(problems) > MAX_REPORTED_PROBLEMS else ""
+    more = (
+        f" (and {len(problems) - MAX_REPORTED_PROBLEMS} more)"
+        if len(problems) > MAX_REPORTED_PROBLEMS
+        else ""
+    )
     return (
         f"{len(problems)} malformed record(s) in {source}: {shown}{more}. Fix or remove these records "
         "(or set dataset.format / columnMap to match them) and resubmit"
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Fetching
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def fetch_dataset(storage: Storage, uri: str) -> list[FetchedObject]:
@@ -422,9 +440,9 @@ def load_records(
     return result, objects
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Tokenizing
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -471,7 +489,11 @@ class Tokenize:
             not (is_special and start == end) and any(start < hi and end > lo for lo, hi in spans)
             for (start, end), is_special in zip(offsets, special, strict=True)
         ]
-        if not record.is_conversation and self.eos_id is not None and (not input_ids or input_ids[-1] != self.eos_id):
+        if (
+            not record.is_conversation
+            and self.eos_id is not None
+            and (not input_ids or input_ids[-1] != self.eos_id)
+        ):
             input_ids.append(self.eos_id)
             trained.append(record.segments[-1][1])
         labels = [
@@ -504,8 +526,8 @@ class Tokenize:
                 spans.append((len(before), len(through)))
                 search_from = len(through)
             else:
-                # A template whose prefixes are not prefixes of the whole (it rewrites earlier turns): fall back
-                # to finding the turn's text itself.
+                # A template whose prefixes are not prefixes of the whole (it rewrites earlier turns):
+                # fall back to finding the turn's text itself.
                 start = full.find(turn.content, search_from)
                 if start < 0:
                     raise BadRecord(f"the chat template dropped the text of turn {index}")
@@ -526,11 +548,10 @@ def _concat(segments: Sequence[tuple[str, bool]]) -> tuple[str, list[tuple[int, 
 
 def tokenize_records(
     records: Sequence[Record], tokenize: Tokenize, source: str
-) -> tuple[list[Example], list[str], TokenizeStats]:
-    """Tokenize, truncate to ``max_seq_length`` and drop examples left with no label; returns the examples,
-    where each came from, and counts for provenance."""
+) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize, truncate to ``max_seq_length`` and drop examples left with no label; returns the examples
+    and counts for provenance."""
     examples: list[Example] = []
-    origins: list[str] = []
     stats = TokenizeStats()
     problems: list[tuple[str, str]] = []
     for record in records:
@@ -551,7 +572,6 @@ def tokenize_records(
             stats.dropped_no_labels += 1
             continue
         examples.append(example)
-        origins.append(record.where)
         stats.examples += 1
         stats.tokens += len(example.input_ids)
         stats.label_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
@@ -564,7 +584,7 @@ def tokenize_records(
             f"{tokenize.max_seq_length} ({stats.dropped_no_labels} dropped); raise dataset.maxSeqLength or "
             "shorten the prompts",
         )
-    return examples, origins, stats
+    return examples, stats
 
 
 def split_validation(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

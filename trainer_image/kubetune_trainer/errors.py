@@ -51,5 +51,5 @@ class TrainerError(Exception):
         return f"{self.reason}: {self.message}"
 
 
-class Interrupted(Exception):  # noqa: N818 - a signal, not an error
+class Interrupted(Exception):
     """SIGTERM arrived: the pod is being stopped (preemption, suspend, node drain)."""

@@ -19,10 +19,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
-from kubetune_trainer.packing import IGNORE_INDEX, Example, PackedBatch, PaddedBatch, collate_packed
+from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,42 @@ def _sdpa(
     )
 
 
+# Set by prepare_model after checking, on the device, that varlen attention runs forward and backward and
+# agrees with SDPA; None until checked.
+_varlen_checked: dict[str, bool] = {}
+
+
+def _varlen_works(device: torch.device) -> bool:
+    if _torch_varlen_attn is None or device.type != "cuda":
+        return False
+    key = str(device)
+    if key not in _varlen_checked:
+        try:
+            generator = torch.Generator(device=device).manual_seed(0)
+            shape_q, shape_kv = (1, 4, 24, 64), (1, 2, 24, 64)
+            query = torch.randn(shape_q, device=device, dtype=torch.bfloat16, generator=generator)
+            query.requires_grad_(True)
+            key_ = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, generator=generator)
+            value = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, generator=generator)
+            cu_seqlens = torch.tensor([0, 9, 24], dtype=torch.int32, device=device)
+            _varlen_checked[key] = True
+            got = _packed_attention(query, key_, value, cu_seqlens, 15, None)
+            got.float().sum().backward()
+            _varlen_checked[key] = False
+            want = _packed_attention(query, key_, value, cu_seqlens, 15, None)
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+            _varlen_checked[key] = bool(query.grad is not None and torch.isfinite(query.grad).all())
+        except Exception as error:  # any failure means: use the per-example fallback
+            log.warning("torch varlen attention unusable on %s (%s); using per-example SDPA", device, error)
+            _varlen_checked[key] = False
+    return _varlen_checked[key]
+
+
 def _varlen_supported(query: torch.Tensor) -> bool:
     return (
         _torch_varlen_attn is not None
         and query.is_cuda
+        and _varlen_checked.get(str(query.device), False)
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-1] <= 256
         and query.shape[-1] % 8 == 0
@@ -171,7 +203,9 @@ def _decoder(model: nn.Module) -> nn.Module:
     get_decoder = getattr(lm, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else getattr(lm, "model", None)
     if not isinstance(decoder, nn.Module):
-        raise TypeError(f"{type(lm).__name__} has no decoder body (expected a transformers *ForCausalLM model)")
+        raise TypeError(
+            f"{type(lm).__name__} has no decoder body (expected a transformers *ForCausalLM model)"
+        )
     return decoder
 
 
@@ -181,8 +215,10 @@ def prepare_model(model: nn.Module, device: torch.device | str) -> None:
     lm = causal_lm(model)
     config = lm.config
     if getattr(config, "attention_dropout", 0.0):
-        log.info("attention_dropout=%s is not supported by the packed path; setting it to 0",
-                 config.attention_dropout)
+        log.info(
+            "attention_dropout=%s is not supported by the packed path; setting it to 0",
+            config.attention_dropout,
+        )
         config.attention_dropout = 0.0
     set_attn = getattr(lm, "set_attn_implementation", None)
     if callable(set_attn):
@@ -191,17 +227,17 @@ def prepare_model(model: nn.Module, device: torch.device | str) -> None:
         config._attn_implementation = ATTENTION_NAME
     config.use_cache = False
     device = torch.device(device)
-    backend = "torch varlen" if device.type == "cuda" and _torch_varlen_attn is not None else "per-example sdpa"
-    log.info("attention: %s for packed batches on %s", backend, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    log.info("attention for packed batches on %s: %s", device, attention_backend(device, torch.bfloat16))
 
 
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The kernel packed batches use on ``device`` with ``dtype`` (for logs and the benchmark)."""
-    probe = torch.empty(1, 1, 1, 64, dtype=dtype, device="meta")
-    if torch.device(device).type == "cuda" and _torch_varlen_attn is not None and probe.dtype in (
-        torch.float16,
-        torch.bfloat16,
-    ):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if dtype in (torch.float16, torch.bfloat16) and _varlen_works(device):
         return "torch_varlen"
     return "sdpa_per_example"
 
@@ -281,7 +317,11 @@ def _head_is_plain_linear(head: nn.Module, config: Any) -> bool:
 
 
 def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, config: Any = None, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    config: Any = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Summed CE of ``head(hidden)`` against ``targets`` ([N, d] and [N]), never holding all [N, vocab] logits."""
     if hidden.shape[0] == 0:
@@ -316,15 +356,6 @@ def chunked_cross_entropy_sum(
     return total
 
 
-def _prediction_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of the positions whose next token carries a label, and those labels ([B, S] input)."""
-    rows, length = labels.shape
-    following = labels[:, 1:]
-    positions = (following != IGNORE_INDEX).nonzero(as_tuple=False)
-    flat = positions[:, 0] * length + positions[:, 1]
-    return flat, following[positions[:, 0], positions[:, 1]]
-
-
 def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's label tokens (float32 scalar) and how many there are.
 
@@ -349,9 +380,10 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
     else:
         raise TypeError(f"loss_sum expects a PackedBatch or PaddedBatch, got {type(batch).__name__}")
     hidden = outputs.last_hidden_state
-    flat, targets = _prediction_rows(batch.labels)
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
-    return chunked_cross_entropy_sum(selected, targets, head, lm.config), batch.num_label_tokens
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.prediction_positions)
+    return chunked_cross_entropy_sum(
+        selected, batch.prediction_targets, head, lm.config
+    ), batch.num_label_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,7 +473,10 @@ def choose_token_budget(
     budget = budget_from_memory(usable, int(fixed), per_token, max_seq_length)
     log.info(
         "token budget %d (%.0f KiB/token, %.2f GiB usable on %s)",
-        budget, per_token / 1024, usable / 2**30, device,
+        budget,
+        per_token / 1024,
+        usable / 2**30,
+        device,
     )
     return budget
 
@@ -466,9 +501,14 @@ def flops_per_token(
     weights used in matmuls (the LM head included, the embedding lookup not); ``T_eff`` is the token-weighted
     mean example length ``sum(l^2) / sum(l)``.
     """
-    for name, value in (("matmul_params", matmul_params), ("lora_params", lora_params),
-                        ("num_layers", num_layers), ("num_heads", num_heads), ("head_dim", head_dim),
-                        ("effective_context", effective_context)):
+    for name, value in (
+        ("matmul_params", matmul_params),
+        ("lora_params", lora_params),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("head_dim", head_dim),
+        ("effective_context", effective_context),
+    ):
         if value < 0 or (isinstance(value, float) and math.isnan(value)):
             raise ValueError(f"flops_per_token: {name} must be >= 0, got {value}")
     attention = 12.0 * num_layers * num_heads * head_dim * effective_context

@@ -21,8 +21,14 @@ GAUGES = {
     "best_step": (contract.METRIC_BEST_STEP, "Step of the lowest validation loss"),
     "learning_rate": (contract.METRIC_LEARNING_RATE, "Learning rate of the last step"),
     "grad_norm": (contract.METRIC_GRAD_NORM, "Gradient norm of the last step, before clipping"),
-    "tokens_per_second": (contract.METRIC_TOKENS_PER_SECOND, "Trained tokens per second over the last interval"),
-    "trained_tokens": (contract.METRIC_TRAINED_TOKENS, "Tokens trained on so far (this run and resumed ones)"),
+    "tokens_per_second": (
+        contract.METRIC_TOKENS_PER_SECOND,
+        "Trained tokens per second over the last interval",
+    ),
+    "trained_tokens": (
+        contract.METRIC_TRAINED_TOKENS,
+        "Tokens trained on so far (this run and resumed ones)",
+    ),
     "eta_seconds": (contract.METRIC_ETA_SECONDS, "Estimated seconds until the last step"),
 }
 

@@ -16,8 +16,15 @@ from kubetune_trainer.storage import S3Uri, Storage
 # <root>/claim/path); the env variable overrides it.
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def fetch_base_model(uri: str, storage: Storage | None, work_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -46,7 +53,8 @@ def _fetch_s3_model(uri: str, storage: Storage, dest: Path) -> tuple[Path, dict[
     objects = storage.list(prefix, not_found=TrainerReason.MODEL_NOT_FOUND)
     if not objects:
         raise TrainerError(
-            TrainerReason.MODEL_NOT_FOUND, f"baseModel {uri} holds no objects; upload the model directory there"
+            TrainerReason.MODEL_NOT_FOUND,
+            f"baseModel {uri} holds no objects; upload the model directory there",
         )
     names = [o.uri.key[len(prefix.key) :] for o in objects]
     if "config.json" not in names:
@@ -108,7 +116,8 @@ def load_model(path: Path, uri: str, dtype: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as err:
         raise TrainerError(
-            TrainerReason.INVALID_MODEL, f"baseModel {uri}: the model does not load ({type(err).__name__}: {err})"
+            TrainerReason.INVALID_MODEL,
+            f"baseModel {uri}: the model does not load ({type(err).__name__}: {err})",
         ) from err
     return model
 
@@ -136,7 +145,8 @@ def apply_method(model: Any, method: str, lora: LoraConfig | None) -> Any:
     except ValueError as err:
         raise TrainerError(
             TrainerReason.INVALID_CONFIG,
-            f"lora.targetModules {lora.target_modules}: {err}; name modules the model has (e.g. q_proj, v_proj)",
+            f"lora.targetModules {lora.target_modules}: {err}; name modules the model has "
+            "(e.g. q_proj, v_proj)",
         ) from err
 
 

@@ -81,6 +81,10 @@ class PackedBatch:
     num_tokens: int
     num_label_tokens: int
     seq_lengths: tuple[int, ...]
+    # Flat positions whose *next* token carries a label, and those labels: what the loss gathers, computed
+    # here on the CPU so the training step needs no device sync to find them.
+    prediction_positions: torch.Tensor  # long [num_label_tokens]
+    prediction_targets: torch.Tensor  # long [num_label_tokens]
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
@@ -92,18 +96,8 @@ class PackedBatch:
             num_tokens=self.num_tokens,
             num_label_tokens=self.num_label_tokens,
             seq_lengths=self.seq_lengths,
-        )
-
-    def pin_memory(self) -> PackedBatch:
-        return PackedBatch(
-            input_ids=self.input_ids.pin_memory(),
-            labels=self.labels.pin_memory(),
-            position_ids=self.position_ids.pin_memory(),
-            cu_seqlens=self.cu_seqlens.pin_memory(),
-            max_seqlen=self.max_seqlen,
-            num_tokens=self.num_tokens,
-            num_label_tokens=self.num_label_tokens,
-            seq_lengths=self.seq_lengths,
+            prediction_positions=self.prediction_positions.to(device, non_blocking=True),
+            prediction_targets=self.prediction_targets.to(device, non_blocking=True),
         )
 
 
@@ -116,6 +110,8 @@ class PaddedBatch:
     attention_mask: torch.Tensor  # long [B, S], 1 for real tokens
     num_tokens: int
     num_label_tokens: int
+    prediction_positions: torch.Tensor  # long [num_label_tokens], flat indices into [B * S]
+    prediction_targets: torch.Tensor  # long [num_label_tokens]
 
     @property
     def padded_tokens(self) -> int:
@@ -128,6 +124,8 @@ class PaddedBatch:
             attention_mask=self.attention_mask.to(device, non_blocking=True),
             num_tokens=self.num_tokens,
             num_label_tokens=self.num_label_tokens,
+            prediction_positions=self.prediction_positions.to(device, non_blocking=True),
+            prediction_targets=self.prediction_targets.to(device, non_blocking=True),
         )
 
 
@@ -142,6 +140,13 @@ def _check_examples(examples: Sequence[Example], caller: str) -> None:
                 f"{caller}: example {index} has {len(example.input_ids)} input_ids but "
                 f"{len(example.labels)} labels; they must be the same length"
             )
+
+
+def _predictions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the positions whose next token carries a label, and those labels ([B, S] input)."""
+    following = labels[:, 1:]
+    rows, columns = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + columns, following[rows, columns]
 
 
 def collate_packed(examples: Sequence[Example]) -> PackedBatch:
@@ -160,15 +165,19 @@ def collate_packed(examples: Sequence[Example]) -> PackedBatch:
         positions.extend(range(length))
         cu_seqlens.append(cu_seqlens[-1] + length)
         num_label_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    label_tensor = torch.tensor([labels], dtype=torch.long)
+    positions_of_predictions, targets = _predictions(label_tensor)
     return PackedBatch(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
-        labels=torch.tensor([labels], dtype=torch.long),
+        labels=label_tensor,
         position_ids=torch.tensor([positions], dtype=torch.long),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max(seq_lengths),
         num_tokens=cu_seqlens[-1],
         num_label_tokens=num_label_tokens,
         seq_lengths=seq_lengths,
+        prediction_positions=positions_of_predictions,
+        prediction_targets=targets,
     )
 
 
@@ -188,10 +197,13 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> PaddedBatch:
         attention_mask[row, :length] = 1
         num_tokens += length
         num_label_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    positions_of_predictions, targets = _predictions(labels)
     return PaddedBatch(
         input_ids=input_ids,
         labels=labels,
         attention_mask=attention_mask,
         num_tokens=num_tokens,
         num_label_tokens=num_label_tokens,
+        prediction_positions=positions_of_predictions,
+        prediction_targets=targets,
     )

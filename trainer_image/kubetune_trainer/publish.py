@@ -20,7 +20,12 @@ MERGED_DIR = "merged"
 
 
 def write_local(
-    model: Any, tokenizer: Any, method: str, base_model_uri: str, summary: dict[str, Any], dest: Path,
+    model: Any,
+    tokenizer: Any,
+    method: str,
+    base_model_uri: str,
+    summary: dict[str, Any],
+    dest: Path,
     merge_adapter: bool,
 ) -> None:
     """Save the result into ``dest`` in Hugging Face / PEFT layout."""
@@ -43,8 +48,15 @@ def write_local(
         tokenizer.save_pretrained(dest / MERGED_DIR)
 
 
-def upload(storage: Storage, source: Path, output_uri: str, base_model_uri: str, method: str,
-           job: dict[str, str], report: dict[str, Any]) -> AdapterRecord:
+def upload(
+    storage: Storage,
+    source: Path,
+    output_uri: str,
+    base_model_uri: str,
+    method: str,
+    job: dict[str, str],
+    report: dict[str, Any],
+) -> AdapterRecord:
     """Upload every file under ``source`` to ``output_uri``, then the manifest (which also carries ``report``,
     the final metrics and progress); returns the record for the status."""
     target = S3Uri.parse(output_uri)
@@ -54,8 +66,14 @@ def upload(storage: Storage, source: Path, output_uri: str, base_model_uri: str,
         name = path.relative_to(source).as_posix()
         storage.upload_file(path, target.join(name))
         digests[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"files": digests, "method": method, "baseModel": base_model_uri, "job": job, **report,
-                "completedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest = {
+        "files": digests,
+        "method": method,
+        "baseModel": base_model_uri,
+        "job": job,
+        **report,
+        "completedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     storage.write(target.join(OUTPUT_MANIFEST), json.dumps(manifest, indent=2).encode(), "application/json")
     return record_from_manifest(manifest, output_uri)
 

@@ -69,7 +69,9 @@ def main() -> int:
         summary = run(stop, metrics, progress)
         code = EXIT_OK
     except Interrupted as stopped:
-        summary = _failure(progress, REASON_INTERRUPTED, f"{stopped}; the Job restarts from the last checkpoint")
+        summary = _failure(
+            progress, REASON_INTERRUPTED, f"{stopped}; the Job restarts from the last checkpoint"
+        )
         code = EXIT_INTERRUPTED
     except TrainerError as err:
         summary = _failure(progress, err.reason, err.message)
@@ -113,8 +115,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         log_event("metrics", port=metrics.port)
     work_dir = work_directory()
     storage = Storage(make_client(config.s3))
-    log_event("start", job=config.job.name, method=config.method, base_model=config.base_model,
-              device=str(runtime.device), world_size=runtime.world_size)
+    log_event(
+        "start",
+        job=config.job.name,
+        method=config.method,
+        base_model=config.base_model,
+        device=str(runtime.device),
+        world_size=runtime.world_size,
+    )
 
     already = publish.published(storage, config.output.uri, config.job.uid)
     if already is not None:
@@ -134,19 +142,24 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if config.dataset.validation_split:
         keep, held = data.split_validation(len(train_records), config.dataset.validation_split, hp.seed)
         train_records, val_records = [train_records[i] for i in keep], [train_records[i] for i in held]
-    log_event("dataset", format=train_parsed.format, train_records=len(train_records),
-              validation_records=len(val_records), files=len(train_objects) + len(val_objects))
+    log_event(
+        "dataset",
+        format=train_parsed.format,
+        train_records=len(train_records),
+        validation_records=len(val_records),
+        files=len(train_objects) + len(val_objects),
+    )
 
     # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
     model_dir, model_provenance = model.fetch_base_model(config.base_model, storage, work_dir)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
-    train_examples, _, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
+    train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
     eval_examples: list[Any] = []
     eval_stats = None
     if val_records:
         source = config.dataset.validation or f"{config.dataset.train} (validationSplit)"
-        eval_examples, _, eval_stats = data.tokenize_records(val_records, tokenize, source)
+        eval_examples, eval_stats = data.tokenize_records(val_records, tokenize, source)
     if train_stats.truncated:
         log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
 
@@ -162,7 +175,9 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     batching = resolve_batching(hp, trainable, runtime.device, config.dataset.max_seq_length)
     lengths = [len(e.input_ids) for e in train_examples]
     plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
-    eval_batches = batching.micro_batches([len(e.input_ids) for e in eval_examples], range(len(eval_examples)))
+    eval_batches = batching.micro_batches(
+        [len(e.input_ids) for e in eval_examples], range(len(eval_examples))
+    )
     optimizer = make_optimizer(trainable, hp.learning_rate, hp.weight_decay)
     checkpointer = Checkpointer(storage, config.output.uri, work_dir, config.checkpointing.keep)
     restored = checkpointer.restore_latest(model.trainable_parameters(trainable), optimizer)
@@ -191,9 +206,16 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         },
         "trainer": {"package": package_name, "image": os.environ.get("KUBETUNE_TRAINER_IMAGE", "")},
     }
-    log_event("plan", total_steps=plan.total_steps, resumed_from=restored.uri if restored else None,
-              resumed_step=state.step, examples=len(train_examples), tokens=train_stats.tokens,
-              micro_batch_tokens=batching.token_budget, accumulation=batching.accumulation)
+    log_event(
+        "plan",
+        total_steps=plan.total_steps,
+        resumed_from=restored.uri if restored else None,
+        resumed_step=state.step,
+        examples=len(train_examples),
+        tokens=train_stats.tokens,
+        micro_batch_tokens=batching.token_budget,
+        accumulation=batching.accumulation,
+    )
 
     # 6. Train.
     settings = LoopSettings(
@@ -206,8 +228,20 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         checkpoint_every_steps=config.checkpointing.every_steps,
         checkpoint_every_minutes=config.checkpointing.every_minutes,
     )
-    trainer = Trainer(trainable, optimizer, plan, train_examples, eval_batches, eval_examples, settings, runtime,
-                      checkpointer, metrics, stop, state)
+    trainer = Trainer(
+        trainable,
+        optimizer,
+        plan,
+        train_examples,
+        eval_batches,
+        eval_examples,
+        settings,
+        runtime,
+        checkpointer,
+        metrics,
+        stop,
+        state,
+    )
     progress.trainer = trainer
     started = time.monotonic()
     trainer.run()
@@ -229,12 +263,24 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "provenance": progress.provenance,
         }
         local = work_dir / "output"
-        publish.write_local(trainable, tokenizer, config.method, config.base_model, summary_file, local,
-                            config.output.merge_adapter)
-        record = publish.upload(storage, local, config.output.uri, config.base_model, config.method,
-                                {"name": config.job.name, "namespace": config.job.namespace,
-                                 "uid": config.job.uid},
-                                {"metrics": final_metrics, "progress": final_progress})
+        publish.write_local(
+            trainable,
+            tokenizer,
+            config.method,
+            config.base_model,
+            summary_file,
+            local,
+            config.output.merge_adapter,
+        )
+        record = publish.upload(
+            storage,
+            local,
+            config.output.uri,
+            config.base_model,
+            config.method,
+            {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
+            {"metrics": final_metrics, "progress": final_progress},
+        )
         storage.delete_prefix(S3Uri.parse(config.output.uri).join("checkpoints/"))
         shutil.rmtree(local, ignore_errors=True)
         weights = publish.ADAPTER_WEIGHTS if config.method == "LoRA" else publish.MODEL_WEIGHTS
@@ -293,12 +339,17 @@ def _metrics(state: Any) -> dict[str, float]:
 
 
 def _progress(state: Any, total_steps: int, trainer: Any) -> dict[str, float]:
-    return {"step": state.step, "totalSteps": total_steps, "epoch": trainer._epoch(),
-            "trainedTokens": state.trained_tokens}
+    return {
+        "step": state.step,
+        "totalSteps": total_steps,
+        "epoch": trainer._epoch(),
+        "trainedTokens": state.trained_tokens,
+    }
 
 
-def _success(record: AdapterRecord, metrics: dict[str, float], progress: dict[str, float],
-             provenance: dict[str, Any]) -> TerminationSummary:
+def _success(
+    record: AdapterRecord, metrics: dict[str, float], progress: dict[str, float], provenance: dict[str, Any]
+) -> TerminationSummary:
     return TerminationSummary(
         outcome="Succeeded",
         reason="Completed",
@@ -316,9 +367,16 @@ def _failure(progress: Progress, reason: str, message: str) -> TerminationSummar
     steps = _progress(trainer.state, trainer.total, trainer) if trainer is not None else None
     checkpoint = None
     if trainer is not None and trainer.checkpointer is not None and trainer.last_checkpoint_step > 0:
-        checkpoint = {"uri": str(trainer.checkpointer.uri(trainer.last_checkpoint_step)),
-                      "step": trainer.last_checkpoint_step}
+        checkpoint = {
+            "uri": str(trainer.checkpointer.uri(trainer.last_checkpoint_step)),
+            "step": trainer.last_checkpoint_step,
+        }
     return TerminationSummary(
-        outcome="Failed", reason=reason, message=message, metrics=metrics or None, progress=steps,
-        checkpoint=checkpoint, provenance=progress.provenance or None,
+        outcome="Failed",
+        reason=reason,
+        message=message,
+        metrics=metrics or None,
+        progress=steps,
+        checkpoint=checkpoint,
+        provenance=progress.provenance or None,
     )

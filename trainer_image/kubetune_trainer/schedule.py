@@ -74,7 +74,8 @@ def build_plan(
     epochs: float | None = None,
     max_steps: int | None = None,
 ) -> Plan:
-    """Every optimizer step of the run. ``epochs`` may be fractional; ``max_steps`` cycles epochs as needed."""
+    """Every optimizer step of the run. ``epochs`` may be fractional; ``max_steps`` cycles epochs as
+    needed."""
     if (epochs is None) == (max_steps is None):
         raise ValueError("build_plan: give exactly one of epochs and max_steps")
     steps: list[Step] = []

@@ -13,7 +13,14 @@ from kubetune_trainer.contract import S3Config, TrainerReason
 from kubetune_trainer.errors import TrainerError
 
 _DENIED_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled", "ExpiredToken"}
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "403",
+        "AllAccessDisabled",
+        "ExpiredToken",
+    }
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 
@@ -93,7 +100,9 @@ class Storage:
         self.not_found_reason = not_found_reason
 
     # -- errors ---------------------------------------------------------------------------------------------
-    def _error(self, err: Exception, action: str, uri: S3Uri | str, not_found: str | None = None) -> TrainerError:
+    def _error(
+        self, err: Exception, action: str, uri: S3Uri | str, not_found: str | None = None
+    ) -> TrainerError:
         from botocore.exceptions import BotoCoreError, ClientError
 
         if isinstance(err, ClientError):
@@ -117,8 +126,9 @@ class Storage:
             )
         raise err
 
-    def _call(self, action: str, uri: S3Uri | str, fn: Any, *args: Any, not_found: str | None = None,
-              **kwargs: Any) -> Any:
+    def _call(
+        self, action: str, uri: S3Uri | str, fn: Any, *args: Any, not_found: str | None = None, **kwargs: Any
+    ) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -132,7 +142,9 @@ class Storage:
         found: list[ObjectInfo] = []
         paginator = self.client.get_paginator("list_objects_v2")
         pages: Iterator[dict[str, Any]] = self._call(
-            "list", prefix, lambda: list(paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key)),
+            "list",
+            prefix,
+            lambda: list(paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key)),
             not_found=not_found,
         )
         for page in pages:
@@ -155,16 +167,18 @@ class Storage:
         return ObjectInfo(uri, int(head["ContentLength"]), _etag(head["ETag"]))
 
     def read(self, uri: S3Uri, not_found: str | None = None) -> FetchedObject:
-        response = self._call("read", uri, self.client.get_object, Bucket=uri.bucket, Key=uri.key,
-                              not_found=not_found)
+        response = self._call(
+            "read", uri, self.client.get_object, Bucket=uri.bucket, Key=uri.key, not_found=not_found
+        )
         data = self._call("read", uri, response["Body"].read)
         return FetchedObject(uri, data, _etag(response["ETag"]), hashlib.sha256(data).hexdigest())
 
     def download(self, uri: S3Uri, dest: Path, not_found: str | None = None) -> FetchedObject:
         """Stream one object to ``dest`` (for model weights, which may not fit in memory twice)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        response = self._call("read", uri, self.client.get_object, Bucket=uri.bucket, Key=uri.key,
-                              not_found=not_found)
+        response = self._call(
+            "read", uri, self.client.get_object, Bucket=uri.bucket, Key=uri.key, not_found=not_found
+        )
         digest = hashlib.sha256()
         with dest.open("wb") as f:
             for chunk in self._call("read", uri, response["Body"].iter_chunks, 1 << 20):
@@ -175,19 +189,39 @@ class Storage:
     # -- writes ---------------------------------------------------------------------------------------------
     def upload_file(self, path: Path, uri: S3Uri) -> None:
         # upload_file switches to multipart above its threshold, so multi-GB weights stream.
-        self._call("write", uri, self.client.upload_file, str(path), uri.bucket, uri.key,
-                   not_found=TrainerReason.UPLOAD_FAILED)
+        self._call(
+            "write",
+            uri,
+            self.client.upload_file,
+            str(path),
+            uri.bucket,
+            uri.key,
+            not_found=TrainerReason.UPLOAD_FAILED,
+        )
 
     def write(self, uri: S3Uri, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self._call("write", uri, self.client.put_object, Bucket=uri.bucket, Key=uri.key, Body=data,
-                   ContentType=content_type, not_found=TrainerReason.UPLOAD_FAILED)
+        self._call(
+            "write",
+            uri,
+            self.client.put_object,
+            Bucket=uri.bucket,
+            Key=uri.key,
+            Body=data,
+            ContentType=content_type,
+            not_found=TrainerReason.UPLOAD_FAILED,
+        )
 
     def delete_prefix(self, prefix: S3Uri) -> None:
         keys = [o.uri.key for o in self.list(prefix)]
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
-            self._call("delete", prefix, self.client.delete_objects, Bucket=prefix.bucket,
-                       Delete={"Objects": batch, "Quiet": True})
+            self._call(
+                "delete",
+                prefix,
+                self.client.delete_objects,
+                Bucket=prefix.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
 
 
 def _etag(raw: str) -> str:

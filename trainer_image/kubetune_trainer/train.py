@@ -28,9 +28,9 @@ LOG_LINES_PER_RUN = 100  # about this many JSON progress lines over a whole run,
 EVALS_PER_RUN = 10
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Where it runs
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ class StopFlag:
         self.signal_time = time.monotonic()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # State
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -132,7 +132,9 @@ class LoopSettings:
     checkpoint_every_minutes: float | None
 
 
-def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
     params = trainable_parameters(model)
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
@@ -142,9 +144,9 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # The loop
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -182,7 +184,6 @@ class Trainer:
         self.log_every = max(1, self.total // LOG_LINES_PER_RUN)
         self.last_checkpoint_step = state.step
         self.last_checkpoint_time = time.monotonic()
-        self.on_step: Callable[[TrainState], None] | None = None  # test hook: called after every step
 
     def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
         chosen = [pool[i] for i in indices]
@@ -191,10 +192,12 @@ class Trainer:
         return collate_padded(chosen, self.settings.pad_id).to(self.runtime.device)
 
     def run(self) -> TrainState:
-        self.metrics.set(total_steps=self.total, step=self.state.step, trained_tokens=self.state.trained_tokens)
-        window_start, window_tokens = time.monotonic(), 0
+        self.metrics.set(
+            total_steps=self.total, step=self.state.step, trained_tokens=self.state.trained_tokens
+        )
+        run_start = window_start = time.monotonic()
+        window_tokens = 0
         start_step = self.state.step
-        last_log = time.monotonic()
         self.model.train()
         for step in range(self.state.step, self.total):
             self._stop_if_requested()
@@ -208,12 +211,13 @@ class Trainer:
             self.state.losses.append(loss)
             window_tokens += tokens
 
-            if self.eval_batches and (self.state.step % self.eval_every == 0 or self.state.step == self.total):
+            if self.eval_batches and (
+                self.state.step % self.eval_every == 0 or self.state.step == self.total
+            ):
                 self._evaluate()
             now = time.monotonic()
-            elapsed = max(now - window_start, 1e-9)
-            tokens_per_s = window_tokens / elapsed
-            eta = (self.total - self.state.step) * elapsed / (self.state.step - start_step)
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            eta = (self.total - self.state.step) * (now - run_start) / (self.state.step - start_step)
             self.metrics.set(
                 step=self.state.step,
                 epoch=self._epoch(),
@@ -224,11 +228,9 @@ class Trainer:
                 tokens_per_second=tokens_per_s,
                 eta_seconds=eta,
             )
-            if self.state.step % self.log_every == 0 or self.state.step == self.total or now - last_log > 60:
+            if self.state.step % self.log_every == 0 or self.state.step == self.total or now - window_start > 60:
                 self._log_progress(tokens_per_s, eta)
-                last_log = now
-            if self.on_step is not None:
-                self.on_step(self.state)
+                window_start, window_tokens = now, 0
             if self._checkpoint_due():
                 self.save_checkpoint()
         self.runtime.barrier()
@@ -240,7 +242,8 @@ class Trainer:
         batches = [self.collate(indices, self.examples) for indices in mine]
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)],
-            dtype=torch.float64, device=self.runtime.device,
+            dtype=torch.float64,
+            device=self.runtime.device,
         )
         label_tokens, tokens = (int(v) for v in self.runtime.all_reduce(counts).tolist())
         loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
@@ -297,10 +300,17 @@ class Trainer:
         self.state.eval_loss = loss
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = loss, self.state.step
-        self.metrics.set(eval_loss=loss, best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step)
+        self.metrics.set(
+            eval_loss=loss, best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step
+        )
         if self.runtime.is_main:
-            log_event("eval", step=self.state.step, eval_loss=round(loss, 6),
-                      best_eval_loss=round(self.state.best_eval_loss, 6), best_step=self.state.best_step)
+            log_event(
+                "eval",
+                step=self.state.step,
+                eval_loss=round(loss, 6),
+                best_eval_loss=round(self.state.best_eval_loss, 6),
+                best_step=self.state.best_step,
+            )
 
     def _epoch(self) -> float:
         done = self.state.step
@@ -332,8 +342,10 @@ class Trainer:
             [
                 float(
                     (every_steps is not None and self.state.step % every_steps == 0)
-                    or (every_minutes is not None
-                        and time.monotonic() - self.last_checkpoint_time >= every_minutes * 60)
+                    or (
+                        every_minutes is not None
+                        and time.monotonic() - self.last_checkpoint_time >= every_minutes * 60
+                    )
                 )
             ],
             device=self.runtime.device,
@@ -349,8 +361,12 @@ class Trainer:
             target = self.checkpointer.save(
                 self.state.step, trainable_parameters(self.model), self.optimizer, self.state.as_dict()
             )
-            log_event("checkpoint", step=self.state.step, uri=str(target),
-                      seconds=round(time.monotonic() - started, 3))
+            log_event(
+                "checkpoint",
+                step=self.state.step,
+                uri=str(target),
+                seconds=round(time.monotonic() - started, 3),
+            )
         self.runtime.barrier()
         self.last_checkpoint_step = self.state.step
         self.last_checkpoint_time = time.monotonic()
@@ -360,4 +376,3 @@ class Trainer:
         if self.runtime.all_reduce(flag, op="max").item():
             self.save_checkpoint()
             raise Interrupted(f"stopped by SIGTERM after step {self.state.step}")
-
