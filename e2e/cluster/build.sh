@@ -31,24 +31,47 @@ fresh() { # fresh <name> <module dir> <version>
 
 mark() { stamp "$@" > "$bin/$1.stamp"; }
 
-# The k8s tools module replaces every staging module (k8s.io/<x> required at v0.0.0) with its published
+# A k8s tools module replaces every staging module (k8s.io/<x> required at v0.0.0) with its published
 # v0.<minor>.<patch> tag; the list comes from that version's own go.mod, so it never drifts.
+# ensure_k8s_module [dir] [cmd...]: tools/k8s holds the control plane; tools/kubectl holds kubectl alone, so
+# adding or bumping kubectl never invalidates the control-plane binaries' stamps.
 ensure_k8s_module() {
-  local dir="$tools/k8s" staging="v0.${K8S_VERSION#v1.}"
+  local dir="$tools/${1:-k8s}" staging="v0.${K8S_VERSION#v1.}"
+  local cmds=("${@:2}")
+  [[ ${#cmds[@]} -gt 0 ]] || cmds=(kube-apiserver kube-controller-manager kube-scheduler)
+  mkdir -p "$dir"
   if grep -q "k8s.io/kubernetes $K8S_VERSION" "$dir/go.mod" 2>/dev/null; then return; fi
   say "generating $dir/go.mod for k8s.io/kubernetes $K8S_VERSION"
   local gomod args=()
   gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-  printf 'module kubetune.invalid/e2e-tools/k8s\n\ngo 1.26.0\n\n' > "$dir/go.mod"
+  printf 'module kubetune.invalid/e2e-tools/%s\n\ngo 1.26.0\n\n' "${1:-k8s}" > "$dir/go.mod"
   grep -E '^godebug' "$gomod" >> "$dir/go.mod" || true
   for m in $(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u); do
     args+=("-replace=$m=$m@$staging")
   done
-  (cd "$dir" && go mod edit "${args[@]}" &&
-    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
-      "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
-      "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" && go mod tidy)
+  local c pkgs=()
+  for c in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION"); done
+  (cd "$dir" && go mod edit "${args[@]}" && go get -tool "${pkgs[@]}" && go mod tidy)
+}
+
+k8s_ldflags() {
+  local minor ldf="-s -w" p
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldf+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ldf+=" -X $p.gitCommit=gomodule -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$ldf"
+}
+
+build_kubectl() {
+  ensure_k8s_module kubectl kubectl
+  if fresh kubectl "$tools/kubectl" "$K8S_VERSION"; then say "kubectl $K8S_VERSION: cached"; return; fi
+  say "building kubectl $K8S_VERSION"
+  (cd "$tools/kubectl" && go build -v -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$(k8s_ldflags)" \
+    -o "$bin/kubectl" k8s.io/kubernetes/cmd/kubectl 2>&1 | progress)
+  mark kubectl "$tools/kubectl" "$K8S_VERSION"
 }
 
 ensure_tool_module() { # ensure_tool_module <dir> <module path> <version> <package>
@@ -61,17 +84,12 @@ ensure_tool_module() { # ensure_tool_module <dir> <module path> <version> <packa
 
 build_k8s() {
   ensure_k8s_module
-  local minor ldf="-s -w" p
-  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
   if fresh kube-apiserver "$tools/k8s" "$K8S_VERSION" && fresh kube-controller-manager "$tools/k8s" "$K8S_VERSION" &&
      fresh kube-scheduler "$tools/k8s" "$K8S_VERSION"; then
     say "kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION: cached"; return; fi
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldf+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
-    ldf+=" -X $p.gitCommit=gomodule -X $p.buildDate=1970-01-01T00:00:00Z"
-  done
+  local p
   say "building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION (cold: 15-30 min on 2 cores)"
-  (cd "$tools/k8s" && go build -v -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$bin/" \
+  (cd "$tools/k8s" && go build -v -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$(k8s_ldflags)" -o "$bin/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler 2>&1 | progress)
   for p in kube-apiserver kube-controller-manager kube-scheduler; do mark "$p" "$tools/k8s" "$K8S_VERSION"; done
@@ -100,8 +118,8 @@ progress() {
   say "  $n packages compiled"
 }
 
-# Build what is named on the command line (etcd kwok helm versitygw k8s), or everything.
-targets=("${@:-etcd kwok helm versitygw k8s}")
+# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl), or everything.
+targets=("${@:-etcd kwok helm versitygw k8s kubectl}")
 targets=(${targets[*]})
 start=$(date +%s)
 for t in "${targets[@]}"; do
@@ -113,7 +131,8 @@ for t in "${targets[@]}"; do
     versitygw) build_one versitygw versitygw github.com/versity/versitygw "$VERSITYGW_VERSION" \
             github.com/versity/versitygw/cmd/versitygw ;;
     k8s) build_k8s ;;
-    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s)" >&2; exit 2 ;;
+    kubectl) build_kubectl ;;
+    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl)" >&2; exit 2 ;;
   esac
 done
 say "ready in $bin: ${targets[*]} ($(( $(date +%s) - start )) s)"

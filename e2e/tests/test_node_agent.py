@@ -60,14 +60,14 @@ def test_env_volumes_and_termination_message(cluster: ClusterInfo, kube: KubeCli
       echo "name=$POD_NAME"
       echo "namespace=$POD_NS"
       echo "ip=$POD_IP"
-      echo "cmfile=$(cat /etc/app/settings.txt)"
-      echo "secretfile=$(cat /etc/creds/password)"
+      echo "cmfile=$(cat /etc/e2e-app/settings.txt)"
+      echo "secretfile=$(cat /etc/e2e-creds/password)"
       echo "token=$(test -s /var/run/secrets/kubernetes.io/serviceaccount/token && echo present)"
       echo "ca=$(head -c 27 /var/run/secrets/kubernetes.io/serviceaccount/ca.crt)"
       echo "sa_namespace=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)"
       echo "api=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
       echo written > /scratch/x && echo "scratch=$(cat /scratch/x)"
-      echo "readonly=$(touch /etc/app/new 2>/dev/null && echo writable || echo read-only)"
+      echo "readonly=$(touch /etc/e2e-app/new 2>/dev/null && echo writable || echo read-only)"
     } > /dev/termination-log"""
     manifest = pod_manifest(
         "env-volumes",
@@ -83,8 +83,8 @@ def test_env_volumes_and_termination_message(cluster: ClusterInfo, kube: KubeCli
                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             ],
             "volumeMounts": [
-                {"name": "app", "mountPath": "/etc/app"},
-                {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+                {"name": "app", "mountPath": "/etc/e2e-app"},
+                {"name": "creds", "mountPath": "/etc/e2e-creds", "readOnly": True},
                 {"name": "scratch", "mountPath": "/scratch"},
             ],
         },
@@ -121,8 +121,8 @@ def test_env_volumes_and_termination_message(cluster: ClusterInfo, kube: KubeCli
     }
     assert pod_ip.startswith("127.0.0.") and pod_ip != "127.0.0.1"
     # The volumes were mounted in the container's own mount namespace only.
-    assert not Path("/etc/app/settings.txt").exists()
-    assert not Path("/etc/creds/password").exists()
+    assert not Path("/etc/e2e-app/settings.txt").exists()
+    assert not Path("/etc/e2e-creds/password").exists()
 
 
 def test_service_account_token_authenticates_in_cluster(kube: KubeClient, ns: str) -> None:
@@ -159,9 +159,9 @@ def test_failure_exit_code_and_fallback_to_logs(cluster: ClusterInfo, kube: Kube
 def test_restart_policy_on_failure_restarts_until_success(kube: KubeClient, ns: str) -> None:
     manifest = pod_manifest(
         "flaky",
-        ["sh", "-c", "if [ -f /work/ran ]; then exit 0; fi; touch /work/ran; exit 7"],
+        ["sh", "-c", "if [ -f /var/lib/e2e-work/ran ]; then exit 0; fi; touch /var/lib/e2e-work/ran; exit 7"],
         restartPolicy="OnFailure",
-        container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+        container={"volumeMounts": [{"name": "work", "mountPath": "/var/lib/e2e-work"}]},
         volumes=[{"name": "work", "emptyDir": {}}],
     )
     path = create_pod(kube, ns, manifest)

@@ -66,7 +66,7 @@ def test_collate_packed_flattens_with_restarting_positions_and_boundaries() -> N
     assert batch.cu_seqlens.tolist() == [0, 3, 7, 9]
     assert batch.max_seqlen == 4
     assert batch.num_tokens == 9
-    # Each example's first label is ignored, so no prediction is scored against the next example's first token.
+    # Each example's first label is ignored: no prediction is scored against the next example's first token.
     assert batch.labels.tolist() == [[-100, 2, 3, -100, -100, 52, 53, -100, 2]]
     assert batch.num_label_tokens == 5
     assert batch.seq_lengths == (3, 4, 2)

@@ -14,6 +14,7 @@ logits for positions without a label.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any
@@ -38,9 +39,9 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     _torch_varlen_attn = None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Attention
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def _sdpa(
@@ -138,7 +139,7 @@ def _packed_attention(
             scale=scale,
             is_causal=True,
         )
-        for start, end in zip(boundaries[:-1], boundaries[1:], strict=True)
+        for start, end in itertools.pairwise(boundaries)
     ]
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2)
@@ -242,9 +243,9 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     return "sdpa_per_example"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Loss
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def _chunk_rows(vocab_size: int, device: torch.device) -> int:
@@ -323,7 +324,7 @@ def chunked_cross_entropy_sum(
     config: Any = None,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Summed CE of ``head(hidden)`` against ``targets`` ([N, d] and [N]), never holding all [N, vocab] logits."""
+    """Summed CE of ``head(hidden)`` against ``targets`` ([N, d], [N]); never holds all [N, vocab] logits."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     if chunk_rows is None:
@@ -386,9 +387,9 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
     ), batch.num_label_tokens
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Micro-step size
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def _trainable_state_bytes(model: nn.Module) -> int:
@@ -409,7 +410,8 @@ def _probe_peak_bytes(model: nn.Module, device: torch.device, tokens: int, vocab
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     loss, _ = loss_sum(model, batch)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     for parameter in model.parameters():
@@ -481,9 +483,9 @@ def choose_token_budget(
     return budget
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # FLOPs
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 
 
 def flops_per_token(

@@ -1,9 +1,9 @@
 """Padding-free batching: group examples into micro-steps by a token budget and flatten them.
 
 Label convention (the same one transformers uses): ``labels`` are aligned with ``input_ids`` and the model's
-prediction at position ``t`` is scored against ``labels[t + 1]``. The collators below set the label of the first
-token of every example to -100 (nothing predicts it anyway), so shifting the flattened stream by one position
-never scores a prediction against the next example's first token.
+prediction at position ``t`` is scored against ``labels[t + 1]``. The collators below set the label of the
+first token of every example to -100 (nothing predicts it anyway), so shifting the flattened stream by one
+position never scores a prediction against the next example's first token.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -228,7 +228,8 @@ class Trainer:
                 tokens_per_second=tokens_per_s,
                 eta_seconds=eta,
             )
-            if self.state.step % self.log_every == 0 or self.state.step == self.total or now - window_start > 60:
+            last = self.state.step == self.total
+            if self.state.step % self.log_every == 0 or last or now - window_start > 60:
                 self._log_progress(tokens_per_s, eta)
                 window_start, window_tokens = now, 0
             if self._checkpoint_due():
