@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -197,7 +198,9 @@ def configured_kubeconfig() -> str | None:
 
 
 def local_environment(keep: bool) -> Environment:
+    """The local demo cluster and its S3 server: reused when a `--keep` run left them up, else started."""
     from e2e.cluster.cluster import Cluster
+    from e2e.cluster.procs import ProcessRecord, is_alive
     from e2e.cluster.s3 import S3Server
 
     cluster = Cluster("demo")
@@ -205,27 +208,30 @@ def local_environment(keep: bool) -> Environment:
     with step("Booting the local control plane (etcd, kube-apiserver, scheduler, node agent)"):
         info = cluster.up(kwok_nodes=0, agent_nodes=1, log=lambda m: say(f"  {m}"))
     say(f"  Kubernetes {info.kubernetes_version} at {info.server}")
-    s3_dir = Path(info.dir) / "s3"
+    s3_dir, s3_state = Path(info.dir) / "s3", Path(info.dir) / "s3.json"
     s3 = S3Server(data_dir=s3_dir)
-    with step("Starting the local S3 server (versitygw)"):
-        s3.start()
+    kept = json.loads(s3_state.read_text()) if was_up and s3_state.exists() else None
+    if kept and is_alive(ProcessRecord(**kept["process"])):
+        s3.port, s3_pid = int(kept["port"]), int(kept["process"]["pid"])
+        say(f"  reusing the S3 server a --keep run left at {s3.endpoint}")
+    else:
+        with step("Starting the local S3 server (versitygw)"):
+            s3.start()
+        assert s3.process is not None
+        s3_pid = s3.process.pid
+        record = ProcessRecord(name="versitygw", pid=s3_pid, exe=str(S3Server.binary()), log=str(s3.log_path))
+        s3_state.write_text(json.dumps({"port": s3.port, "process": dataclasses.asdict(record)}))
     say(f"  S3 at {s3.endpoint} (data in {s3_dir})")
     env = Environment(info.kubeconfig, s3.endpoint, s3.access_key, s3.secret_key, local=True)
-    if keep:
+    if keep or was_up:
         env.keep_notes += [
             f"export KUBECONFIG={info.kubeconfig}",
             f"kubectl -n {DEMO_NAMESPACE} get ftj -o wide",
-            f"S3 server: {s3.endpoint} (pid {s3.process.pid if s3.process else '?'}; stop it with kill)",
-            "python -m e2e.cluster down --name demo     # stop the control plane",
+            f"S3: {s3.endpoint}, access key {s3.access_key}, secret {s3.secret_key} (bucket {BUCKET})",
+            f"kill {s3_pid}; python -m e2e.cluster down --name demo    # stop the S3 server and the cluster",
         ]
         return env
-    env.cleanups.append(s3.stop)
-    if not was_up:
-        env.cleanups.append(lambda: cluster.down(log=lambda m: say(f"  {m}")))
-    else:
-        env.keep_notes.append(
-            f"the demo cluster was already up before this run; it stays up ({info.kubeconfig})"
-        )
+    env.cleanups += [s3.stop, lambda: cluster.down(log=lambda m: say(f"  {m}")), lambda: s3_state.unlink()]
     return env
 
 
@@ -435,9 +441,11 @@ class Follow:
 def watch_line(job: dict[str, Any]) -> str:
     status = job.get("status") or {}
     progress, metrics = status.get("progress") or {}, status.get("metrics") or {}
-    step_text = f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}" if progress else "-"
-    loss = f"{metrics['trainLoss']:.4f}" if metrics.get("trainLoss") is not None else "-"
-    tps = f"{progress['tokensPerSecond']:.0f}" if progress.get("tokensPerSecond") is not None else "-"
+    # Before the first optimizer step the trainer reports zeros; show them as "not yet".
+    stepping = bool(progress.get("step"))
+    step_text = f"{progress['step']}/{progress.get('totalSteps') or '?'}" if stepping else "-"
+    loss = f"{metrics['trainLoss']:.4f}" if stepping and metrics.get("trainLoss") is not None else "-"
+    tps = f"{progress['tokensPerSecond']:.0f}" if stepping and progress.get("tokensPerSecond") else "-"
     return (
         f"{job['metadata']['name']:<12} {status.get('phase', 'Pending'):<10} {step_text:>9} "
         f"{loss:>8} {tps:>9}  {status.get('message', '')}"

@@ -238,3 +238,25 @@ def test_choose_token_budget_on_cpu(tiny: tuple[Any, Any]) -> None:
     assert fastpath.choose_token_budget(model, "cpu", requested=None, max_seq_length=10000) >= 10000
     with pytest.raises(ValueError, match="token budget"):
         fastpath.choose_token_budget(model, "cpu", requested=0, max_seq_length=2048)
+
+
+def test_choose_token_budget_on_a_gpu_fits_the_probed_memory(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU sizing, with the two device measurements replaced by a known linear memory model."""
+    model, _ = tiny
+    per_token, fixed = 600 * 1024, 300 * (1 << 20)
+    probed: list[int] = []
+
+    def fake_probe(_model: nn.Module, _device: torch.device, tokens: int, _vocab: int) -> int:
+        probed.append(tokens)
+        return fixed + per_token * tokens
+
+    monkeypatch.setattr(fastpath, "_probe_peak_bytes", fake_probe)
+    monkeypatch.setattr(fastpath, "usable_device_bytes", lambda _device: 24 * (1 << 30))
+    budget = fastpath.choose_token_budget(model, "cuda", requested=None, max_seq_length=2048)
+    assert probed == [1024, 2048]
+    state = fastpath._trainable_state_bytes(model)
+    assert budget % 256 == 0
+    assert fixed + state + per_token * budget <= 0.85 * 24 * (1 << 30)
+    assert fixed + state + per_token * (budget + 256) > 0.85 * 24 * (1 << 30)

@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import Workspace, chat_records, jsonl
 
+from conftest import Workspace, chat_records, jsonl
 from kubetune_trainer.contract import JobRef, TrainerReason
 from kubetune_trainer.errors import EXIT_PERMANENT, TrainerError
 from kubetune_trainer.model import PVC_ROOT_ENV, fetch_base_model

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from conftest import Workspace, chat_records, jsonl
-from kubetune_trainer.contract import CheckpointConfig, DatasetConfig, Hyperparameters, OutputConfig
+from kubetune_trainer.contract import (
+    TERMINATION_MESSAGE_LIMIT,
+    CheckpointConfig,
+    DatasetConfig,
+    Hyperparameters,
+    OutputConfig,
+)
 from kubetune_trainer.data import Tokenize, parse_records
 from kubetune_trainer.fastpath import loss_sum, prepare_model
 from kubetune_trainer.packing import collate_packed
@@ -80,6 +86,13 @@ def test_lora_run_learns_and_publishes_an_adapter_peft_loads(
     summary = result.summary
     assert result.code == 0, summary.message
     assert summary.outcome == "Succeeded" and summary.reason == "Completed"
+    # The termination message fits Kubernetes' limit and still carries what the data was.
+    assert len(summary.to_json().encode()) <= TERMINATION_MESSAGE_LIMIT
+    assert summary.provenance is not None
+    read = summary.provenance["dataset"]["train"][0]
+    assert read["sha256"] == hashlib.sha256(jsonl(chat_records(48))).hexdigest()
+    assert read["etag"] == hashlib.md5(jsonl(chat_records(48))).hexdigest()
+    assert summary.provenance["baseModel"]["uri"] == f"s3://{ws.models_bucket}/tiny/"
 
     # Published: PEFT adapter, tokenizer, summary; the manifest names every file with its digest.
     out = tmp_path / "out"

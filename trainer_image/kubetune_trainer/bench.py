@@ -29,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -532,6 +533,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     threads = torch.get_num_threads()
     try:
         return _run(argv)

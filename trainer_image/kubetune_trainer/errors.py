@@ -4,31 +4,16 @@ whether a restart of the pod could help."""
 from __future__ import annotations
 
 from kubetune_trainer import contract
-from kubetune_trainer.contract import TrainerReason
 
 # Exit codes. The Job restarts the pod on any non-zero exit (up to backoffLimit); a restart cannot fix bad
 # data or refused credentials, so those exit with a distinct code the operator's pod failure policy can match.
 EXIT_OK = 0
 EXIT_RETRYABLE = 1
-EXIT_PERMANENT: int = getattr(contract, "EXIT_CODE_PERMANENT_FAILURE", 3)
+EXIT_PERMANENT = contract.EXIT_CODE_PERMANENT_FAILURE
 # 128 + SIGTERM, the code a shell reports for a terminated process: "stopped, try again".
 EXIT_INTERRUPTED = 143
 # Reported (with the checkpoint) when SIGTERM stopped the run; the Job restarts the pod, which resumes.
 REASON_INTERRUPTED = "Interrupted"
-
-_PERMANENT_REASONS = frozenset(
-    {
-        TrainerReason.INVALID_CONFIG,
-        TrainerReason.DATASET_NOT_FOUND,
-        TrainerReason.INVALID_DATASET,
-        TrainerReason.EMPTY_DATASET,
-        TrainerReason.ACCESS_DENIED,
-        TrainerReason.MODEL_NOT_FOUND,
-        TrainerReason.INVALID_MODEL,
-        TrainerReason.OUT_OF_MEMORY,
-        TrainerReason.TRAINING_DIVERGED,
-    }
-)
 
 
 class TrainerError(Exception):
@@ -41,7 +26,7 @@ class TrainerError(Exception):
 
     @property
     def permanent(self) -> bool:
-        return self.reason in _PERMANENT_REASONS
+        return self.reason in contract.PERMANENT_REASONS
 
     @property
     def exit_code(self) -> int:

@@ -357,8 +357,17 @@ def _success(
         adapter=record,
         metrics=metrics,
         progress=progress,
-        provenance=provenance or None,
+        provenance=_compact(provenance),
     )
+
+
+def _compact(provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """Provenance for the 4 KiB termination message: the base model's per-file digests stay in
+    training_summary.json; its combined digest (or Hub revision) is enough here."""
+    if not provenance:
+        return None
+    model = {k: v for k, v in provenance.get("baseModel", {}).items() if k != "files"}
+    return {**provenance, "baseModel": model}
 
 
 def _failure(progress: Progress, reason: str, message: str) -> TerminationSummary:
@@ -378,5 +387,5 @@ def _failure(progress: Progress, reason: str, message: str) -> TerminationSummar
         metrics=metrics or None,
         progress=steps,
         checkpoint=checkpoint,
-        provenance=progress.provenance or None,
+        provenance=_compact(progress.provenance),
     )
