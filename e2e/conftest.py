@@ -60,7 +60,9 @@ def kube(cluster: ClusterInfo) -> Iterator[KubeClient]:
 def crd(kube: KubeClient) -> dict:
     """The FineTuneJob CRD from crds/, applied and Established."""
     manifest = yaml.safe_load(CRD_PATH.read_text())
-    kube.apply_yaml("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", manifest)
+    # Server-side apply, as the chart's NOTES tell users to upgrade CRDs; a later `helm install` applying the
+    # same CRD then shares its fields instead of conflicting with them.
+    kube.server_side_apply("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", manifest)
     return kube.wait_for(
         f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}",
         lambda o: any(

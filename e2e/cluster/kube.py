@@ -22,6 +22,7 @@ JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 
 
 class ApiError(Exception):
@@ -161,6 +162,17 @@ class KubeClient:
             "resourceVersion": current["metadata"]["resourceVersion"],
         }
         return self.replace(f"{path}/{name}", manifest)
+
+    def server_side_apply(self, path: str, manifest: JSON, manager: str = "kubetune-e2e") -> JSON:
+        """``kubectl apply --server-side --force-conflicts``: ``path`` is the collection, the name comes from
+        the manifest."""
+        return self.request(
+            "PATCH",
+            f"{path}/{manifest['metadata']['name']}",
+            manifest,
+            params={"fieldManager": manager, "force": "true"},
+            content_type=APPLY_PATCH,
+        )
 
     def watch(self, path: str, *, timeout_seconds: int = 60, **params: Any) -> Iterator[JSON]:
         """Yield watch events ({type, object}) until the server closes the stream."""
