@@ -548,7 +548,7 @@ def run(args: argparse.Namespace) -> None:
         report(result, uris)
     finally:
         if env.keep_notes:
-            print("\nThe cluster is still there:" if args.keep or not env.local else "\nNote:")
+            print("\nThe demo cluster is still up:" if env.local else "\nTo clean up:")
             for note in env.keep_notes:
                 print(f"  {note}")
         if env.cleanups:

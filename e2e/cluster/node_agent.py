@@ -147,16 +147,17 @@ class NodeAgent:
         self.client.patch(f"/api/v1/nodes/{self.name}/status", {"status": status}, STRATEGIC_MERGE_PATCH)
         log.info("registered node %s", self.name)
 
-    def renew_lease(self) -> None:
+    def renew_lease(self, client: KubeClient | None = None) -> None:
+        client = client or self.client
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.name}"
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now()}
         try:
-            self.client.patch(path, {"spec": spec})
+            client.patch(path, {"spec": spec})
         except ApiError as e:
             if e.status != 404:
                 raise
-            node = self.client.get(f"/api/v1/nodes/{self.name}")
-            self.client.create(
+            node = client.get(f"/api/v1/nodes/{self.name}")
+            client.create(
                 "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
                 {
                     "apiVersion": "coordination.k8s.io/v1",
@@ -177,12 +178,14 @@ class NodeAgent:
             )
 
     def heartbeat_loop(self) -> None:
+        # Each thread talks through its own client: a requests.Session is not meant to be shared by threads.
+        client = KubeClient(self.client.creds)
         last_status = time.monotonic()
         while not self.stop.is_set():
             try:
-                self.renew_lease()
+                self.renew_lease(client)
                 if time.monotonic() - last_status > STATUS_REPORT_SECONDS:
-                    self.client.patch(
+                    client.patch(
                         f"/api/v1/nodes/{self.name}/status",
                         {"status": {"conditions": self.node_conditions()}},
                         STRATEGIC_MERGE_PATCH,
@@ -197,12 +200,13 @@ class NodeAgent:
     def watch_loop(self) -> None:
         """Wake the sync loop on every change to this node's pods; the sync itself lists (level-based)."""
         selector = f"spec.nodeName={self.name}"
+        client = KubeClient(self.client.creds)
         while not self.stop.is_set():
             try:
-                rv = self.client.get("/api/v1/pods", fieldSelector=selector, limit=1)["metadata"][
+                rv = client.get("/api/v1/pods", fieldSelector=selector, limit=1)["metadata"][
                     "resourceVersion"
                 ]
-                for _event in self.client.watch(
+                for _event in client.watch(
                     "/api/v1/pods", timeout_seconds=50, fieldSelector=selector, resourceVersion=rv
                 ):
                     self.wake.set()
@@ -231,7 +235,11 @@ class NodeAgent:
                             )
                     continue
                 worker = PodWorker(
-                    self.client, pod, node=self.ctx, pod_ip=self._ip_for(pod), release_ip=self.ips.release
+                    KubeClient(self.client.creds),
+                    pod,
+                    node=self.ctx,
+                    pod_ip=self._ip_for(pod),
+                    release_ip=self.ips.release,
                 )
                 self.workers[uid] = worker
                 worker.start()

@@ -344,6 +344,7 @@ class PodWorker(threading.Thread):
             self._kill_all(grace=0)
         finally:
             self.release_ip(self.pod_ip)
+            self.client.close()
 
     def _current(self) -> JSON:
         with self.lock:

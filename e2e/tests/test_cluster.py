@@ -4,6 +4,7 @@ finish Job pods, and a launcher that stops exactly what it started."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,4 @@ def test_launcher_cli_up_status_down_leaves_nothing_behind(tmp_path: Path) -> No
     assert [r.name for r in records if procs.is_alive(r)] == []
     assert [p for p in info["ports"].values() if procs.port_is_listening(p)] == []
     assert not Path(f"/proc/{container_pid}").exists(), "the node agent's container outlived down"
+    shutil.rmtree(state)

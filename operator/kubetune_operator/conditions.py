@@ -66,6 +66,10 @@ class Reason:
     PREEMPTED = "Preempted"
     """Running=False: the trainer pod was preempted or evicted (pod condition DisruptionTarget). This does not
     count against spec.backoffLimit; a new pod resumes from the newest checkpoint."""
+    INTERRUPTED = TrainerReason.INTERRUPTED
+    """Running=False: the trainer pod was stopped from outside (deleted, its node drained) and the trainer
+    saved a checkpoint on the way out (status.checkpoint). This does not count against spec.backoffLimit; a
+    new pod resumes from that checkpoint. Never a Failed reason."""
 
     # Suspended
     SUSPENDED = "Suspended"
@@ -107,9 +111,12 @@ class Reason:
 
 
 TRAINER_REASONS: Final = frozenset(
-    value for key, value in vars(TrainerReason).items() if key.isupper() and isinstance(value, str)
+    value
+    for key, value in vars(TrainerReason).items()
+    if key.isupper() and isinstance(value, str) and value != TrainerReason.INTERRUPTED
 )
-"""Failure reasons the trainer reports in its termination message; copied onto Failed unchanged."""
+"""Failure reasons the trainer reports in its termination message; copied onto Failed unchanged.
+(``Interrupted`` is not a failure: the run stopped with a checkpoint and is retried.)"""
 
 
 def now_rfc3339(now: datetime | None = None) -> str:

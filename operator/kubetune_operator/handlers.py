@@ -79,7 +79,16 @@ def runtime_of(memo: Any) -> Runtime:
 # --- the one reconcile path -------------------------------------------------------------------------------
 
 
-def sync(runtime: Runtime, namespace: str, name: str, *, scrape: bool, logger: logging.Logger | Any) -> None:
+def sync(
+    runtime: Runtime,
+    namespace: str,
+    name: str,
+    *,
+    scrape: bool,
+    logger: logging.Logger | Any,
+    event_pod: Obj | None = None,
+) -> None:
+    """``event_pod``: the trainer pod whose watch event woke us, as the event carried it."""
     io = runtime.io
     if io is None:
         raise RuntimeError("no API client: the startup hook has not run")
@@ -91,7 +100,7 @@ def sync(runtime: Runtime, namespace: str, name: str, *, scrape: bool, logger: l
         job = FineTuneJob.from_body(body)
         if job.metadata.deletion_timestamp:
             return
-        seen = observe(io, job, scrape=scrape, logger=logger)
+        seen = observe(io, job, scrape=scrape, logger=logger, event_pod=event_pod)
         outcome = reconcile(job, seen, runtime.config)
         outcome = _apply_children(io, job, seen, outcome, runtime.config)
         if outcome.set_suspend is not None:
@@ -102,18 +111,21 @@ def sync(runtime: Runtime, namespace: str, name: str, *, scrape: bool, logger: l
         runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
 
 
-def observe(io: ClusterIO, job: FineTuneJob, *, scrape: bool, logger: logging.Logger | Any) -> Observed:
+def observe(
+    io: ClusterIO,
+    job: FineTuneJob,
+    *,
+    scrape: bool,
+    logger: logging.Logger | Any,
+    event_pod: Obj | None = None,
+) -> Observed:
     config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
     trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
     pods: tuple[Obj, ...] = ()
     if trainer_job is not None:
         uid = (trainer_job.get("metadata") or {}).get("uid")
-        pods = tuple(
-            pod
-            for pod in io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
-            if not uid
-            or any(ref.get("uid") == uid for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])
-        )
+        listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
+        pods = tuple(pod for pod in with_finished_event_pod(listed, event_pod) if _owned_by(pod, uid))
     sample = None
     target = pod_to_scrape(pods) if scrape else None
     if target is not None:
@@ -123,6 +135,24 @@ def observe(io: ClusterIO, job: FineTuneJob, *, scrape: bool, logger: logging.Lo
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
     return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample)
+
+
+def with_finished_event_pod(listed: list[Obj], event_pod: Obj | None) -> list[Obj]:
+    """The listed pods, plus the event's pod when it has finished but is no longer listed.
+
+    A stopped trainer pod (suspension, deletion, drain) is removed soon after it reports its exit; its last
+    state, with the termination summary and checkpoint, may survive only in the watch event that woke us."""
+    if event_pod is None or (event_pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded"):
+        return listed
+    uid = (event_pod.get("metadata") or {}).get("uid")
+    if any((pod.get("metadata") or {}).get("uid") == uid for pod in listed):
+        return listed
+    return [*listed, event_pod]
+
+
+def _owned_by(pod: Obj, uid: str | None) -> bool:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return not uid or any(ref.get("uid") == uid for ref in refs)
 
 
 def _apply_children(
@@ -164,12 +194,20 @@ def _post_events(io: ClusterIO, job: FineTuneJob, outcome: Outcome, logger: logg
             logger.warning("could not post event %s: %s", event.reason, exc)
 
 
-def _run(memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any) -> None:
+def _run(
+    memo: Any,
+    namespace: str | None,
+    name: str | None,
+    *,
+    scrape: bool,
+    logger: Any,
+    event_pod: Obj | None = None,
+) -> None:
     if not namespace or not name:
         return
     runtime = runtime_of(memo)
     try:
-        sync(runtime, namespace, name, scrape=scrape, logger=logger)
+        sync(runtime, namespace, name, scrape=scrape, logger=logger, event_pod=event_pod)
     except (ApiException, OSError) as exc:
         runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
         raise kopf.TemporaryError(
@@ -196,7 +234,8 @@ def on_scrape_timer(name: str | None, namespace: str | None, memo: Any, logger: 
 def on_child_event(body: Any, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
     """A trainer Job or pod changed: reconcile the FineTuneJob named in its kubetune.io/job-name label."""
     owner = ((body.get("metadata") or {}).get("labels") or {}).get(labels.LABEL_JOB_NAME)
-    _run(memo, namespace, owner, scrape=False, logger=logger)
+    event_pod = dict(body) if body.get("kind") == "Pod" else None
+    _run(memo, namespace, owner, scrape=False, logger=logger, event_pod=event_pod)
 
 
 def on_finetunejob_deleted(

@@ -65,6 +65,7 @@ WARNING_REASONS = frozenset(
         Reason.CONTAINER_NOT_STARTING,
         Reason.RESTARTING,
         Reason.PREEMPTED,
+        Reason.INTERRUPTED,
     }
 )
 _REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
@@ -230,6 +231,8 @@ def _follow_job(
         return None
 
     st.fields["restarts"] = max(st.old.restarts or 0, failed_attempts)
+    # A stopped attempt (suspension, preemption, drain) saved a checkpoint on its way out.
+    _record_checkpoint(st, _summary(observed.last_finished_pod(seen.pods, "Failed"))[0])
     set_suspend: bool | None = None
     suspended = observed.job_suspended(trainer_job)
     if spec.suspend and not suspended:
@@ -336,6 +339,19 @@ def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None)
                 f"trainer pod {observed.pod_name(last_failed)} was preempted or evicted; a new pod resumes "
                 "from the newest checkpoint",
             )
+        if _interrupted(last_failed):
+            summary, _ = _summary(last_failed)
+            checkpoint = (summary.checkpoint if summary is not None else None) or {}
+            saved = (
+                f"its checkpoint at step {checkpoint.get('step')} ({checkpoint['uri']})"
+                if checkpoint.get("uri")
+                else "the newest checkpoint"
+            )
+            return (
+                Reason.INTERRUPTED,
+                f"trainer pod {observed.pod_name(last_failed)} was stopped (SIGTERM); a new pod resumes from "
+                f"{saved}",
+            )
         attempts = observed.job_failed_count(trainer_job)
         return (
             Reason.RESTARTING,
@@ -429,7 +445,12 @@ def _fail_from_job(
         message = (
             f"the trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {detail}"
         )
-    elif summary is not None and summary.reason and _REASON_PATTERN.match(summary.reason):
+    elif (
+        summary is not None
+        and summary.reason
+        and summary.reason != contract.TrainerReason.INTERRUPTED
+        and _REASON_PATTERN.match(summary.reason)
+    ):
         reason, message = summary.reason, summary.message or summary.reason
     else:
         reason = Reason.TRAINER_FAILED
@@ -483,6 +504,26 @@ def _summary(pod: Obj | None) -> tuple[TerminationSummary | None, str]:
         )
 
 
+def _interrupted(pod: Obj) -> bool:
+    """The trainer was stopped from outside and said so (or exited as SIGTERM makes it exit)."""
+    summary, _ = _summary(pod)
+    if summary is not None:
+        return summary.reason == contract.TrainerReason.INTERRUPTED
+    terminated = observed.terminated_state(pod) or {}
+    return terminated.get("exitCode") == contract.EXIT_CODE_INTERRUPTED
+
+
+def _record_checkpoint(st: _Status, summary: TerminationSummary | None) -> None:
+    """The checkpoint an attempt reported on its way out, unless the status already has a newer one."""
+    checkpoint = (summary.checkpoint if summary is not None else None) or {}
+    if not checkpoint.get("uri"):
+        return
+    step = _int(checkpoint.get("step"), 0) or 0
+    old = st.old.checkpoint
+    if old is None or step >= (old.step or 0):
+        st.fields["checkpoint"] = CheckpointRecord(uri=str(checkpoint["uri"]), step=step)
+
+
 def _attempt_detail(pod: Obj) -> str:
     """One line about how a trainer pod ended: the trainer's own reason if it wrote one, else the exit."""
     summary, _ = _summary(pod)
@@ -526,11 +567,7 @@ def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) 
         best_eval_loss=_sig(m.get("bestEvalLoss"), old_metrics.best_eval_loss),
         best_step=_int(m.get("bestStep"), old_metrics.best_step),
     )
-    checkpoint = summary.checkpoint or {}
-    if checkpoint.get("uri"):
-        st.fields["checkpoint"] = CheckpointRecord(
-            uri=str(checkpoint["uri"]), step=int(checkpoint.get("step") or 0)
-        )
+    _record_checkpoint(st, summary)
     if summary.provenance:
         st.fields["provenance"] = {**(st.old.provenance or {}), **summary.provenance}
 

@@ -7,10 +7,14 @@ instead of a confused trainer.
 
 from __future__ import annotations
 
+import re
+
 from kubetune_operator import labels
+from kubetune_operator.builders.trainer_job import PVC_SCHEME, pvc_claim
 from kubetune_operator.models import FineTuneJob
 
 BASE_MODEL_SCHEMES = ("s3://", "hf://", "pvc://")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def validate(job: FineTuneJob) -> list[str]:
@@ -46,6 +50,12 @@ def validate(job: FineTuneJob) -> list[str]:
         problems.append(
             f"spec.baseModel.uri: {spec.base_model.uri!r} must start with one of "
             f"{', '.join(BASE_MODEL_SCHEMES)}"
+        )
+    claim = pvc_claim(spec.base_model.uri)
+    if spec.base_model.uri.startswith(PVC_SCHEME) and not _DNS_LABEL.match(claim or ""):
+        problems.append(
+            f"spec.baseModel.uri: {spec.base_model.uri!r} must name a PersistentVolumeClaim of this "
+            "namespace (lowercase letters, digits and '-'), as in pvc://models/llama-3.2-1b"
         )
     for field, uri in (
         ("spec.dataset.train", spec.dataset.train),

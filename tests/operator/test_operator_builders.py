@@ -47,6 +47,10 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
                         "action": "FailJob",
                         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
                     },
+                    {
+                        "action": "Ignore",
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
+                    },
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 ]
             },
@@ -136,6 +140,32 @@ def _pod(manifest: dict[str, Any]) -> dict[str, Any]:
 def test_permanent_failure_exit_code_is_the_contracts(config: OperatorConfig) -> None:
     rule = build_trainer_job(job_for(), config)["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["onExitCodes"]["values"] == [contract.EXIT_CODE_PERMANENT_FAILURE]
+
+
+def test_interrupted_exit_code_is_retried_uncounted(config: OperatorConfig) -> None:
+    rules = build_trainer_job(job_for(), config)["spec"]["podFailurePolicy"]["rules"]
+    ignored = [r["onExitCodes"]["values"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
+    assert ignored == [[contract.EXIT_CODE_INTERRUPTED]]
+
+
+def test_pvc_base_model_mounts_the_claim_read_only_where_the_trainer_reads_it(config: OperatorConfig) -> None:
+    job = job_for(baseModel={"uri": "pvc://model-store/llama-3.2-1b/v2"})
+    pod = _pod(build_trainer_job(job, config))
+    assert {
+        "name": "base-model",
+        "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True},
+    } in pod["volumes"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "base-model")
+    assert mount == {"name": "base-model", "mountPath": "/mnt/pvc/model-store", "readOnly": True}
+    # The trainer resolves pvc://claim/path under its PVC root: the path it opens lies inside the mount.
+    root = f"{contract.DEFAULT_PVC_ROOT}/model-store/llama-3.2-1b/v2"
+    assert root.startswith(mount["mountPath"] + "/")
+
+
+@pytest.mark.parametrize("uri", ["s3://models/llama-3.2-1b/", "hf://meta-llama/Llama-3.2-1B"])
+def test_other_base_models_mount_no_claim(config: OperatorConfig, uri: str) -> None:
+    pod = _pod(build_trainer_job(job_for(baseModel={"uri": uri}), config))
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
 
 
 def test_gpus_use_the_named_resource_and_shared_memory(config: OperatorConfig) -> None:

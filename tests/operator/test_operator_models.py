@@ -75,6 +75,8 @@ def test_status_round_trips_in_camel_case_without_nulls() -> None:
         ),
         ({"dataset": {"train": "https://example.com/t.jsonl"}}, "spec.dataset.train"),
         ({"baseModel": {"uri": "gs://m/"}}, "spec.baseModel.uri"),
+        ({"baseModel": {"uri": "pvc:///llama"}}, "must name a PersistentVolumeClaim"),
+        ({"baseModel": {"uri": "pvc://Model_Store/llama"}}, "must name a PersistentVolumeClaim"),
         ({"output": {"uri": "s3://out/no-slash"}}, "spec.output.uri"),
         ({"checkpointing": {"everySteps": 10, "everyMinutes": 5}}, "set everySteps or everyMinutes"),
     ],

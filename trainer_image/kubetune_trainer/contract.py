@@ -24,6 +24,10 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 WORK_DIR_ENV = "KUBETUNE_WORK_DIR"
 DEFAULT_WORK_DIR = "/scratch"
 METRICS_PORT = 9090
+# A pvc://claim/path base model is read from <PVC_ROOT>/claim/path: the operator mounts the claim read-only
+# at DEFAULT_PVC_ROOT/<claim>; the env variable moves the root (tests, local runs).
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
 # Kubernetes truncates a termination message at 4096 bytes; we stay below it so the JSON always parses.
 TERMINATION_MESSAGE_LIMIT = 4000
 
@@ -42,10 +46,13 @@ METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
 
 
-# Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at once
-# on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit code
+# Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
+# once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit code
 # is retried up to spec.backoffLimit times, resuming from the newest checkpoint.
 EXIT_CODE_PERMANENT_FAILURE = 2
+# 128 + SIGTERM: the run was stopped from outside after writing a checkpoint (TrainerReason.INTERRUPTED). The
+# operator's podFailurePolicy ignores it, so stopping a run never uses up spec.backoffLimit.
+EXIT_CODE_INTERRUPTED = 143
 
 
 class TrainerReason:
@@ -76,6 +83,10 @@ class TrainerReason:
     """S3 failed in a way other than not-found or access-denied (endpoint unreachable, throttled, ...)."""
     INTERNAL_ERROR = "InternalError"
     """An unexpected error in the trainer; the message carries its type and text."""
+    INTERRUPTED = "Interrupted"
+    """Not a failure: SIGTERM stopped the run (suspension, preemption, node drain); the trainer wrote a
+    checkpoint (in the summary's ``checkpoint``) and exited with EXIT_CODE_INTERRUPTED. The Job starts a new
+    pod, which resumes from that checkpoint; the operator never copies this reason onto ``Failed``."""
 
 
 # Failures a restart cannot fix: the trainer exits with EXIT_CODE_PERMANENT_FAILURE for these.

@@ -8,14 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer import contract
 from kubetune_trainer.contract import LoraConfig, TrainerReason
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import S3Uri, Storage
 
 # Where the operator mounts a PersistentVolumeClaim named in a pvc:// URI (pvc://claim/path ->
 # <root>/claim/path); the env variable overrides it.
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+PVC_ROOT_ENV = contract.PVC_ROOT_ENV
+DEFAULT_PVC_ROOT = contract.DEFAULT_PVC_ROOT
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -36,7 +36,6 @@ from kubetune_trainer.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RETRYABLE,
-    REASON_INTERRUPTED,
     Interrupted,
     TrainerError,
 )
@@ -70,7 +69,7 @@ def main() -> int:
         code = EXIT_OK
     except Interrupted as stopped:
         summary = _failure(
-            progress, REASON_INTERRUPTED, f"{stopped}; the Job restarts from the last checkpoint"
+            progress, TrainerReason.INTERRUPTED, f"{stopped}; the Job restarts from the last checkpoint"
         )
         code = EXIT_INTERRUPTED
     except TrainerError as err:

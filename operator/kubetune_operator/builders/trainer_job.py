@@ -15,6 +15,8 @@ HF_HOME = contract.DEFAULT_WORK_DIR + "/hf"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 AWS_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
 HF_TOKEN_KEY = "HF_TOKEN"
+PVC_SCHEME = "pvc://"
+BASE_MODEL_VOLUME = "base-model"
 
 
 def desired_suspend(job: FineTuneJob) -> bool:
@@ -91,12 +93,29 @@ def _pod_failure_policy() -> dict[str, Any]:
                 },
             },
             {
+                # SIGTERM from outside (the pod was deleted, its node drained): the trainer wrote a checkpoint
+                # and exited with this code. Stopping a run is not a failure of the run: retry uncounted.
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": labels.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_CODE_INTERRUPTED],
+                },
+            },
+            {
                 # Preemption and eviction are not the trainer's fault: retry without counting the attempt.
                 "action": "Ignore",
                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
             },
         ]
     }
+
+
+def pvc_claim(base_model_uri: str) -> str | None:
+    """The PersistentVolumeClaim named by a ``pvc://claim/path`` base model, else None."""
+    if not base_model_uri.startswith(PVC_SCHEME):
+        return None
+    return base_model_uri[len(PVC_SCHEME) :].split("/", 1)[0] or None
 
 
 def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
@@ -112,6 +131,16 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         {"name": "scratch", "mountPath": contract.DEFAULT_WORK_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    claim = pvc_claim(spec.base_model.uri)
+    if claim is not None:
+        # The trainer reads pvc://claim/path at <DEFAULT_PVC_ROOT>/claim/path. Read-only, so one claim can
+        # feed many jobs at once (ReadOnlyMany) and no run can damage the model.
+        volumes.append(
+            {"name": BASE_MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append(
+            {"name": BASE_MODEL_VOLUME, "mountPath": f"{contract.DEFAULT_PVC_ROOT}/{claim}", "readOnly": True}
+        )
     if spec.resources.gpus > 1:
         # NCCL between local GPUs needs more shared memory than the runtime's 64 MiB default.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
