@@ -68,6 +68,8 @@ class Case:
     events: list[str] = field(default_factory=list)
     set_suspend: bool | None = None
     message_has: str = ""
+    checkpoint: tuple[str, int] | None = None
+    """(uri, step) expected in status.checkpoint; None: no checkpoint recorded."""
 
 
 CASES = [
@@ -286,6 +288,7 @@ CASES = [
         },
         events=["Completed"],
         message_has="adapter written to s3://adapters/support-bot/",
+        checkpoint=("s3://adapters/support-bot/checkpoints/step-420/", 420),
     ),
     Case(
         "trainer exits with a permanent failure -> Failed with the trainer's reason",
@@ -413,6 +416,7 @@ CASES += [
         "Succeeded",
         {"Succeeded": (T, "Completed")},
         events=["Completed"],
+        checkpoint=("s3://adapters/support-bot/checkpoints/step-420/", 420),
     ),
     Case(
         "Job FailureTarget (before Failed) -> Failed at once",
@@ -455,6 +459,102 @@ CASES += [
     ),
 ]
 
+CHECKPOINT_URI = "s3://adapters/support-bot/checkpoints/step-120/"
+
+
+def interrupted_summary(step: int = 120) -> str:
+    """What the trainer writes when SIGTERM stops it: reason Interrupted and the checkpoint it saved."""
+    return contract.TerminationSummary(
+        outcome="Failed",
+        reason=contract.TrainerReason.INTERRUPTED,
+        message=f"stopped by SIGTERM after step {step}; the Job restarts from the last checkpoint",
+        progress={"step": step, "totalSteps": 400},
+        checkpoint={"uri": CHECKPOINT_URI, "step": step},
+    ).to_json()
+
+
+def stopped_pod(created: float = 2, **kwargs: Any) -> Obj:
+    return make_pod(
+        phase="Failed",
+        created=created,
+        terminated=terminated(contract.EXIT_CODE_INTERRUPTED, interrupted_summary()),
+        **kwargs,
+    )
+
+
+CASES += [
+    Case(
+        "trainer stopped by SIGTERM (drain) -> Interrupted, checkpoint recorded, not Failed",
+        make_job(),
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=1),
+                pods=[stopped_pod(), make_pod(created=300)],
+            ),
+        ],
+        "Pending",
+        {"Running": (F, "Interrupted"), "Reconciling": (T, "Interrupted"), "Stalled": (F, "Progressing")},
+        events=["Interrupted"],
+        message_has=f"resumes from its checkpoint at step 120 ({CHECKPOINT_URI})",
+        checkpoint=(CHECKPOINT_URI, 120),
+    ),
+    Case(
+        "SIGTERM without a summary (exit 143 only) -> Interrupted, no checkpoint invented",
+        make_job(),
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=0),
+                pods=[make_pod(phase="Failed", terminated=terminated(contract.EXIT_CODE_INTERRUPTED))],
+            ),
+        ],
+        "Pending",
+        {"Running": (F, "Interrupted")},
+        events=["Interrupted"],
+        message_has="resumes from the newest checkpoint",
+    ),
+    Case(
+        "suspended job: the stopped trainer's checkpoint is recorded and the job stays Suspended",
+        make_job(suspend=True),
+        [
+            RUNNING,
+            observed(
+                config_map=config_map(), trainer_job=make_trainer_job(suspend=True), pods=[stopped_pod()]
+            ),
+        ],
+        "Suspended",
+        {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
+        events=["SpecValid", "Suspended"],
+        set_suspend=None,
+        checkpoint=(CHECKPOINT_URI, 120),
+    ),
+    Case(
+        "Job fails for another reason after an interruption -> Failed TrainerFailed, never Interrupted",
+        make_job(),
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(
+                    conditions=[job_condition("Failed", "MaxFailedIndexesExceeded", "the Job gave up")]
+                ),
+                pods=[stopped_pod()],
+            ),
+        ],
+        "Failed",
+        {"Failed": (T, "TrainerFailed")},
+        events=["TrainerFailed"],
+        message_has="the Job gave up",
+        checkpoint=(CHECKPOINT_URI, 120),
+    ),
+]
+
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_transition(case: Case, config: OperatorConfig) -> None:
@@ -469,6 +569,8 @@ def test_transition(case: Case, config: OperatorConfig) -> None:
     assert outcome.set_suspend == case.set_suspend
     assert case.message_has in (status.message or "")
     assert status.observed_generation == 1
+    got_checkpoint = (status.checkpoint.uri, status.checkpoint.step) if status.checkpoint else None
+    assert got_checkpoint == case.checkpoint
 
 
 def test_new_job_records_trainer_job_and_provenance(config: OperatorConfig) -> None:
@@ -730,3 +832,48 @@ def test_unparseable_spec_during_a_run_touches_nothing(config: OperatorConfig) -
     assert "spec.resources.gpus" in next(
         c.message for c in outcome.status.conditions if c.type == "Validated"
     )
+
+
+def test_an_older_checkpoint_never_replaces_a_newer_one(config: OperatorConfig) -> None:
+    body, _ = chain(
+        make_job(),
+        [
+            CREATED,
+            observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod()]),
+        ],
+        config,
+    )
+    newer = contract.TerminationSummary(
+        outcome="Failed",
+        reason=contract.TrainerReason.INTERRUPTED,
+        checkpoint={"uri": "s3://adapters/support-bot/checkpoints/step-300/", "step": 300},
+    ).to_json()
+    second = make_pod(phase="Failed", created=200, terminated=terminated(143, newer))
+    body, outcome = chain(
+        body,
+        [
+            observed(
+                config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod(), second]
+            )
+        ],
+        config,
+    )
+    assert outcome.status.checkpoint is not None and outcome.status.checkpoint.step == 300
+    # The first pod's summary (step 120) is read again on a later pass: the record stays at 300.
+    _, again = chain(
+        body,
+        [observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod()])],
+        config,
+    )
+    assert again.status.checkpoint is not None and again.status.checkpoint.step == 300
+
+
+def test_interruptions_do_not_count_as_restarts_or_failures(config: OperatorConfig) -> None:
+    seen = observed(
+        config_map=config_map(),
+        trainer_job=make_trainer_job(active=1),
+        pods=[stopped_pod(), stopped_pod(created=100), make_pod(created=300)],
+    )
+    _, outcome = chain(make_job(), [CREATED, RUNNING, seen], config)
+    assert outcome.status.restarts == 0
+    assert "Failed" not in conds(outcome.status)
