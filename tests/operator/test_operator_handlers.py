@@ -162,6 +162,35 @@ def test_job_completion_records_the_adapter(cluster: FakeCluster, memo: kopf.Mem
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Succeeded"}) == 1
 
 
+def test_stopped_pod_seen_only_in_its_watch_event_records_the_checkpoint(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    """Suspension deletes the trainer pod: by the time the operator lists pods, the stopped pod may be gone;
+    its last state (exit 143, the Interrupted summary with the checkpoint) arrives in the watch event."""
+    cluster.put(make_job())
+    fire(memo)
+    body = cluster.get("FineTuneJob", NAMESPACE, "a")
+    assert body is not None
+    body["spec"]["suspend"] = True
+    fire(memo)
+    summary = contract.TerminationSummary(
+        outcome="Failed",
+        reason=contract.TrainerReason.INTERRUPTED,
+        message="stopped by SIGTERM after step 70",
+        checkpoint={"uri": "s3://adapters/support-bot/checkpoints/step-70/", "step": 70},
+    ).to_json()
+    stopped = job_pod(cluster, phase="Failed", terminated=terminated(contract.EXIT_CODE_INTERRUPTED, summary))
+    stopped["kind"] = "Pod"
+    cluster.delete("Pod", NAMESPACE, stopped["metadata"]["name"])
+    on_child_event(body=stopped, namespace=NAMESPACE, memo=memo, logger=LOG, type="DELETED")
+    assert status(cluster)["checkpoint"] == {
+        "uri": "s3://adapters/support-bot/checkpoints/step-70/",
+        "step": 70,
+    }
+    assert status(cluster)["phase"] == "Suspended"
+    assert conditions(cluster)["Suspended"] == ("True", "Suspended")
+
+
 def test_pods_of_another_job_with_the_same_label_are_ignored(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)

@@ -529,8 +529,6 @@ CASES += [
         ],
         "Suspended",
         {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
-        events=["SpecValid", "Suspended"],
-        set_suspend=None,
         checkpoint=(CHECKPOINT_URI, 120),
     ),
     Case(
