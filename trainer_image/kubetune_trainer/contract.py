@@ -47,8 +47,8 @@ METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
 
 
 # Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
-# once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit code
-# is retried up to spec.backoffLimit times, resuming from the newest checkpoint.
+# once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit
+# code is retried up to spec.backoffLimit times, resuming from the newest checkpoint.
 EXIT_CODE_PERMANENT_FAILURE = 2
 # 128 + SIGTERM: the run was stopped from outside after writing a checkpoint (TrainerReason.INTERRUPTED). The
 # operator's podFailurePolicy ignores it, so stopping a run never uses up spec.backoffLimit.
