@@ -311,12 +311,21 @@ def main(argv: list[str] | None = None) -> int:
             "KUBERNETES_PORT": f"tcp://{host}:{port}",
         },
         allocatable=CAPACITY,
+        keep_paths=keep_paths(args.python),
     )
     agent = NodeAgent(client, ctx)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set() or agent.wake.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set() or agent.wake.set())
     agent.run()
     return 0
+
+
+def keep_paths(python: str) -> list[Path]:
+    """The host paths a container's process needs whatever the pod mounts: the checkout, the virtual
+    environment, and the interpreter it was made from."""
+    interpreter = Path(python)
+    paths = [REPO_ROOT, interpreter.parent.parent, Path(os.path.realpath(interpreter)).parent.parent]
+    return sorted({p.resolve() for p in paths})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -432,12 +433,7 @@ class PodWorker(threading.Thread):
             c.next_start = time.monotonic() + 1.0
             return
         full_env = {**image_env, **env}
-        mounts = self._mounts(c)
-        script = ["set -e"]
-        for src, dst, ro in mounts:
-            script.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}")
-            if ro:
-                script.append(f"mount -o remount,bind,ro {shlex.quote(dst)}")
+        script = ["set -e", *self._mount_script(c)]
         workdir = c.spec.get("workingDir") or "/"
         script.append(f"cd {shlex.quote(workdir)}")
         script.append('exec "$@"')
@@ -662,6 +658,46 @@ class PodWorker(threading.Thread):
             raise ConfigError("FailedMount", f"service account token for {sa!r}: {e.message}") from e
         return str(resp["status"]["token"])
 
+    def _mount_script(self, c: ContainerRun) -> list[str]:
+        """Shell lines that mount the container's volumes at their real paths.
+
+        A volume may hide a host path the container still needs: an emptyDir at /tmp hides a checkout, a
+        virtual environment or this agent's own pod directories when they live under /tmp. So every source
+        is first bound into a staging directory, then mounted at its destination, and the host paths the
+        processes need (the node's keep_paths) are bound back on top wherever a volume hid them.
+        """
+        mounts = self._mounts(c)
+        destinations = [Path(dst) for _, dst, _ in mounts]
+        hidden = [
+            keep
+            for keep in self.node.keep_paths
+            if any(keep != dst and keep.is_relative_to(dst) for dst in destinations)
+        ]
+        stage = self.node.stage_root / f"{self.uid}-{c.name}"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        q = shlex.quote
+        lines: list[str] = []
+        for i, (src, _, _) in enumerate(mounts):
+            staged = stage / f"v{i}"
+            if src.is_dir():
+                staged.mkdir()
+            else:
+                staged.touch()
+            lines.append(f"mount --bind {q(str(src))} {q(str(staged))}")
+        for j, keep in enumerate(hidden):
+            (stage / f"k{j}").mkdir()
+            lines.append(f"mount --bind {q(str(keep))} {q(str(stage / f'k{j}'))}")
+        for i, (_, dst, ro) in enumerate(mounts):
+            lines.append(f"mount --bind {q(str(stage / f'v{i}'))} {q(dst)}")
+            if ro:
+                lines.append(f"mount -o remount,bind,ro {q(dst)}")
+        for j, keep in enumerate(hidden):
+            lines.append(f"mkdir -p {q(str(keep))}")
+            lines.append(f"mount --bind {q(str(stage / f'k{j}'))} {q(str(keep))}")
+        return lines
+
     def _mounts(self, c: ContainerRun) -> list[tuple[Path, str, bool]]:
         mounts: list[tuple[Path, str, bool]] = []
         for m in c.spec.get("volumeMounts", []):
@@ -814,6 +850,8 @@ class PodWorker(threading.Thread):
             log.warning("status update for %s/%s failed: %s", self.ns, self.pod_name, e)
 
     def _finalize_delete(self) -> None:
+        for staged in self.node.stage_root.glob(f"{self.uid}-*"):
+            shutil.rmtree(staged, ignore_errors=True)
         try:
             self.client.delete(
                 f"/api/v1/namespaces/{self.ns}/pods/{self.pod_name}",
@@ -842,6 +880,11 @@ class NodeContext:
     service_env: dict[str, str]
     allocatable: dict[str, str]
     host_ip: str = "127.0.0.1"
+    # Host paths every container needs (the checkout, the Python environment), re-bound where a volume
+    # hides them.
+    keep_paths: list[Path] = field(default_factory=list)
+    # Where mount sources are staged; outside any path a pod would mount over.
+    stage_root: Path = Path("/run/kubetune-agent")
     created_mount_points: list[Path] = field(default_factory=list)
     mount_lock: threading.Lock = field(default_factory=threading.Lock)
 
