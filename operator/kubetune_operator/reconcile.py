@@ -310,6 +310,11 @@ def _trainer_progress(st: _Status, trainer_job: Obj, seen: Observed) -> None:
             _apply_sample(st, seen.sample)
     elif pod is None and last_failed is not None and _about_to_fail(last_failed, st.old):
         pass  # the Job controller is failing the Job (podFailurePolicy): no "Restarting" in between
+    elif pod is None and observed.last_finished_pod(pods, "Succeeded") is not None:
+        # The trainer exited 0 and the Job controller has yet to mark the Job complete: still running.
+        previous = cond.find(st.old.conditions, cond.RUNNING)
+        reason = previous.reason if previous is not None and previous.status == TRUE else Reason.TRAINING
+        st.set(cond.RUNNING, TRUE, reason, "the trainer finished; waiting for the trainer Job to complete")
     else:
         reason, message = _why_not_running(trainer_job, pod, last_failed)
         st.set(cond.RUNNING, FALSE, reason, message)

@@ -266,6 +266,22 @@ CASES = [
         events=["Preempted"],
     ),
     Case(
+        "trainer pod succeeded, Job not yet complete -> still Running, never back to Pending",
+        make_job(),
+        [
+            CREATED,
+            RUNNING,
+            observed(
+                config_map=config_map(),
+                trainer_job=make_trainer_job(active=0),
+                pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+            ),
+        ],
+        "Running",
+        {"Running": (T, "TrainerStarting"), "Reconciling": (T, "TrainerStarting")},
+        message_has="the trainer finished",
+    ),
+    Case(
         "Job complete -> Succeeded Completed with the adapter record",
         make_job(),
         [
