@@ -130,6 +130,8 @@ def test_lora_run_learns_and_publishes_an_adapter_peft_loads(
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     assert summary.metrics is not None and summary.progress is not None
     assert summary.progress["step"] == summary.progress["totalSteps"] == 16
+    assert summary.progress["tokensPerSecond"] > 0
+    assert summary.progress["trainedTokens"] > 0
     assert (
         summary.metrics["evalLoss"] <= summary.metrics["bestEvalLoss"] + 1e-9
         or summary.metrics["bestStep"] == 8

@@ -242,13 +242,15 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         state,
     )
     progress.trainer = trainer
-    started = time.monotonic()
+    started, tokens_before = time.monotonic(), state.trained_tokens
     trainer.run()
     seconds = time.monotonic() - started
 
     # 7. Save: files first, manifest last; then the checkpoints are no longer needed.
     final_metrics = _metrics(state)
     final_progress = _progress(state, plan.total_steps, trainer)
+    # This attempt's average: a resumed run trained the earlier tokens in another process.
+    final_progress["tokensPerSecond"] = round((state.trained_tokens - tokens_before) / max(seconds, 1e-9), 1)
     record = AdapterRecord()
     if runtime.is_main:
         summary_file = {
