@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--local", action="store_true", help="boot a local control plane even if kubectl reaches a cluster"
     )
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps to train (default 150)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps to train (default 80)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the job to finish")
     parser.add_argument(
         "--s3-endpoint", help="S3 endpoint for a configured cluster (reachable from its pods)"
