@@ -1,4 +1,5 @@
-"""``python -m kubetune_trainer``: the trainer pod's entrypoint (config from $KUBETUNE_CONFIG)."""
+"""``python -m kubetune_trainer``: the trainer pod's entrypoint (config from $KUBETUNE_CONFIG). One process
+trains, or several under ``launch`` (one per GPU; see there for CPU)."""
 
 from __future__ import annotations
 
@@ -18,27 +19,15 @@ def _gpus_requested() -> int:
 
 
 def main() -> int:
-    gpus = _gpus_requested()
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        import torch
+    if "WORLD_SIZE" not in os.environ:  # not already one of several workers
+        from kubetune_trainer import launch
 
-        available = torch.cuda.device_count()
-        if available > 1:
-            # One process per GPU; accelerate sets up the process group and forwards SIGTERM to them.
-            count = str(min(gpus, available))
-            os.execvp(
-                sys.executable,
-                [
-                    sys.executable,
-                    "-m",
-                    "accelerate.commands.launch",
-                    "--multi_gpu",
-                    "--num_processes",
-                    count,
-                    "--module",
-                    "kubetune_trainer",
-                ],
-            )
+        try:
+            count, on_gpu = launch.plan_processes(_gpus_requested())
+        except ValueError as err:
+            return launch.invalid_setting(str(err))
+        if count > 1:
+            return launch.launch(count, on_gpu)
     from kubetune_trainer.recipe import main as run_recipe
 
     return run_recipe()

@@ -33,9 +33,15 @@ GAUGES = {
 }
 
 
-def log_event(event: str, **fields: Any) -> None:
-    """One JSON line on stdout."""
+def log_event(event: str, every_rank: bool = False, **fields: Any) -> None:
+    """One JSON line on stdout. When several processes train, only rank 0 logs (the others would repeat
+    it), except events marked ``every_rank``, which carry the rank."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and not every_rank:
+        return
     record = {"ts": round(time.time(), 3), "event": event, **fields}
+    if "WORLD_SIZE" in os.environ:
+        record["rank"] = int(rank)
     sys.stdout.write(json.dumps(record, default=str) + "\n")
     sys.stdout.flush()
 

@@ -90,7 +90,14 @@ def main() -> int:
     finally:
         metrics.close()
     write_termination_message(summary)
-    log_event("exit", outcome=summary.outcome, reason=summary.reason, message=summary.message, code=code)
+    log_event(
+        "exit",
+        every_rank=True,
+        outcome=summary.outcome,
+        reason=summary.reason,
+        message=summary.message,
+        code=code,
+    )
     return code
 
 
@@ -150,7 +157,9 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     )
 
     # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
-    model_dir, model_provenance = model.fetch_base_model(config.base_model, storage, work_dir)
+    # Rank 0 fetches; the other processes of the pod read its copy.
+    fetched = model.fetch_base_model(config.base_model, storage, work_dir) if runtime.is_main else None
+    model_dir, model_provenance = runtime.from_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
     train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
@@ -171,7 +180,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     trainable = model.apply_method(base, config.method, config.lora)
 
     # 5. Plan every step up front; restore the newest checkpoint, if any.
-    batching = resolve_batching(hp, trainable, runtime.device, config.dataset.max_seq_length)
+    batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length)
     lengths = [len(e.input_ids) for e in train_examples]
     plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     eval_batches = batching.micro_batches(
@@ -198,7 +207,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "warmupSteps": warmup_steps(plan.total_steps, hp.warmup_ratio),
             "microBatchTokens": batching.token_budget,
             "microBatchExamples": batching.examples_per_micro,
-            "gradientAccumulation": batching.accumulation,
+            "gradientAccumulation": batching.accumulation // runtime.world_size,  # per process
             "precision": "bf16" if on_gpu else "fp32",
             "worldSize": runtime.world_size,
             "trainableParameters": sum(p.numel() for p in model.trainable_parameters(trainable).values()),
@@ -213,7 +222,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         examples=len(train_examples),
         tokens=train_stats.tokens,
         micro_batch_tokens=batching.token_budget,
-        accumulation=batching.accumulation,
+        accumulation=batching.accumulation // runtime.world_size,
     )
 
     # 6. Train.
@@ -286,24 +295,30 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         shutil.rmtree(local, ignore_errors=True)
         weights = publish.ADAPTER_WEIGHTS if config.method == "LoRA" else publish.MODEL_WEIGHTS
         print(f"sha256 {record.sha256}  {config.output.uri}{weights}", flush=True)
-    runtime.barrier()
     # 8. Report.
     return _success(record, final_metrics, final_progress, progress.provenance)
 
 
-def resolve_batching(hp: Hyperparameters, model: Any, device: Any, max_seq_length: int) -> Any:
-    """Micro-batches by example count (microBatchSize x gradientAccumulation) or by a token budget sized to
-    the device, with enough accumulation to reach batchTokens per optimizer step."""
+def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_length: int) -> Any:
+    """Micro-batches by example count (microBatchSize per process x gradientAccumulation) or by a token
+    budget sized to the device, with enough accumulation to reach batchTokens per optimizer step over all
+    processes. With several processes each step holds a multiple of their count in micro-batches, so every
+    process takes an equal share."""
+    import torch
+
     from kubetune_trainer.fastpath import choose_token_budget
     from kubetune_trainer.schedule import Batching
 
+    processes = runtime.world_size
     if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
-        return Batching(None, hp.micro_batch_size or 1, hp.gradient_accumulation or 1)
+        return Batching(None, hp.micro_batch_size or 1, (hp.gradient_accumulation or 1) * processes)
     step_tokens = hp.batch_tokens or DEFAULT_BATCH_TOKENS
     requested = os.environ.get(MICRO_BATCH_TOKENS_ENV)
-    budget = choose_token_budget(model, device, int(requested) if requested else None, max_seq_length)
-    budget = min(budget, step_tokens)
-    return Batching(budget, None, max(1, math.ceil(step_tokens / budget)))
+    budget = choose_token_budget(model, runtime.device, int(requested) if requested else None, max_seq_length)
+    # Every process must plan the same steps: the smallest device decides.
+    budget = int(runtime.all_reduce(torch.tensor([budget], device=runtime.device), op="min").item())
+    budget = min(budget, math.ceil(step_tokens / processes))
+    return Batching(budget, None, processes * max(1, math.ceil(step_tokens / (budget * processes))))
 
 
 def work_directory() -> Path:

@@ -5,11 +5,13 @@ on SIGTERM."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_
 from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
 
 MAX_GRAD_NORM = 1.0
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 LOG_LINES_PER_RUN = 100  # about this many JSON progress lines over a whole run, and at least one a minute
 EVALS_PER_RUN = 10
 
@@ -50,11 +53,23 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``tensor`` combined over ranks in place ("sum", "max" or "min")."""
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            dist.all_reduce(tensor, op=ops[op])
         return tensor
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -64,16 +79,22 @@ class Runtime:
 
 
 def setup_runtime(gpus: int, seed: int) -> Runtime:
-    """GPU(s) when the config asks for them and they exist (one process per GPU under accelerate), else CPU
-    with deterministic kernels."""
+    """GPU(s) when the config asks for them and they exist, else CPU with deterministic kernels. Under a
+    launcher (``WORLD_SIZE`` > 1: one process per GPU, or several on CPU) it joins the process group: NCCL on
+    GPUs, gloo on CPU."""
     torch.manual_seed(seed)
-    if gpus > 0 and torch.cuda.is_available():
+    on_gpu = gpus > 0 and torch.cuda.is_available()
+    if not on_gpu:
+        torch.use_deterministic_algorithms(True)
+    if on_gpu or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()  # joins the process group that `accelerate launch` set up, if any
+        # The timeout covers ranks waiting while rank 0 uploads a checkpoint of a large model.
+        state = PartialState(cpu=not on_gpu, timeout=COLLECTIVE_TIMEOUT)
+        if not on_gpu:
+            return Runtime(torch.device("cpu"), state.process_index, state.num_processes, None)
         torch.cuda.set_device(state.device)
         return Runtime(state.device, state.process_index, state.num_processes, torch.bfloat16)
-    torch.use_deterministic_algorithms(True)
     return Runtime(torch.device("cpu"), 0, 1, None)
 
 
