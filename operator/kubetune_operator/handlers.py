@@ -1,5 +1,9 @@
 """kopf handlers: each one is a few lines that funnel into ``sync()``, the single reconcile path.
 
+Three roads lead there: kopf's create/update/resume handlers call it on kopf's thread pool; trainer Job and
+pod events queue their FineTuneJob in the ``WorkQueue`` (deduplicated, worked by its own threads); the
+``ScrapeLoop`` calls it with ``scrape=True`` for each running job, once per interval.
+
 ``sync()`` reads the FineTuneJob and its children through the injected ``ClusterIO``, calls the pure
 ``reconcile()``, creates what is missing, patches the trainer Job's ``suspend``, writes the status once (only
 when it changed) and posts an Event per condition transition. Handlers never return values (kopf would store
@@ -26,10 +30,19 @@ from kubetune_operator.models import FineTuneJob, FineTuneJobStatus
 from kubetune_operator.observed import Obj, Observed, pod_to_scrape
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, reconcile
+from kubetune_operator.scraping import ScrapeLoop
 from kubetune_operator.trainer_metrics import MetricsParseError, parse_trainer_metrics
+from kubetune_operator.workqueue import WorkQueue
 from kubetune_trainer import contract
 
 RETRY_DELAY_SECONDS = 10
+SCRAPE_LOGGER = logging.getLogger("kubetune_operator.scraping")
+RECONCILE_LOGGER = logging.getLogger("kubetune_operator.reconcile")
+HANDLER_THREADS = 16
+"""kopf's thread pool, which runs the create, update and resume handlers."""
+RECONCILE_THREADS = 8
+"""Threads reconciling FineTuneJobs on behalf of child events (kopf's own pool runs the create, update and
+resume handlers)."""
 WATCH_SERVER_TIMEOUT_SECONDS = 300
 """Ask the API server to end each watch after this long, so a silently dropped connection is noticed."""
 WATCH_CLIENT_TIMEOUT_SECONDS = 330
@@ -38,18 +51,33 @@ API_REQUEST_TIMEOUT_SECONDS = 30
 
 class _KeyedLocks:
     """One lock per FineTuneJob: a FineTuneJob event, its Job's and its pods' events never reconcile the same
-    job at the same time (they would race on creating children and on writing status)."""
+    job at the same time (they would race on creating children and on writing status).
+
+    Passes are coalesced: while one pass already waits for a job's lock, another request for that job
+    returns at once. The waiting pass reads the cluster after the newer request's event happened, so it
+    sees everything that event reported; a burst of events (a pod's ADDED, scheduled, running; its Job's
+    active and ready) costs one or two passes instead of one each."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._waiting: set[tuple[str, str]] = set()
 
     @contextmanager
-    def hold(self, key: tuple[str, str]) -> Iterator[None]:
+    def hold(self, key: tuple[str, str]) -> Iterator[bool]:
+        """Yield True holding the job's lock, or False (holding nothing) when a waiting pass covers us."""
         with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
+            covered = key in self._waiting
+            if not covered:
+                self._waiting.add(key)
+                lock = self._locks.setdefault(key, threading.Lock())
+        if covered:
+            yield False
+            return
         with lock:
-            yield
+            with self._guard:
+                self._waiting.discard(key)
+            yield True
 
     def drop(self, key: tuple[str, str]) -> None:
         with self._guard:
@@ -67,6 +95,10 @@ class Runtime:
     peering: str | None = None
     """kopf peering name; None runs standalone (one replica)."""
     locks: _KeyedLocks = field(default_factory=_KeyedLocks)
+    scraper: ScrapeLoop | None = None
+    """Reads running trainers' metrics; created and started by the startup hook."""
+    queue: WorkQueue | None = None
+    """Passes requested by child events; created by the startup hook."""
 
 
 def runtime_of(memo: Any) -> Runtime:
@@ -86,21 +118,25 @@ def sync(
     *,
     scrape: bool,
     logger: logging.Logger | Any,
-    event_pod: Obj | None = None,
+    event_pods: list[Obj] | None = None,
 ) -> None:
-    """``event_pod``: the trainer pod whose watch event woke us, as the event carried it."""
+    """``event_pods``: ended trainer pods as their watch events carried them (with_finished_event_pods)."""
     io = runtime.io
     if io is None:
         raise RuntimeError("no API client: the startup hook has not run")
-    with runtime.locks.hold((namespace, name)):
+    with runtime.locks.hold((namespace, name)) as holding:
+        if not holding:
+            return
         body = io.get_finetunejob(namespace, name)
         if body is None:
             runtime.metrics.forget(namespace, name)
+            _track(runtime, namespace, name, running=False)
             return
         job = FineTuneJob.from_body(body)
         if job.metadata.deletion_timestamp:
+            _track(runtime, namespace, name, running=False)
             return
-        seen = observe(io, job, scrape=scrape, logger=logger, event_pod=event_pod)
+        seen = observe(io, job, scrape=scrape, logger=logger, event_pods=event_pods)
         outcome = reconcile(job, seen, runtime.config)
         outcome = _apply_children(io, job, seen, outcome, runtime.config)
         if outcome.set_suspend is not None:
@@ -109,6 +145,12 @@ def sync(
             io.patch_status(namespace, name, status_patch(job.status, outcome.status))
         _post_events(io, job, outcome, logger)
         runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
+        _track(runtime, namespace, name, running=outcome.status.phase == "Running")
+
+
+def _track(runtime: Runtime, namespace: str, name: str, *, running: bool) -> None:
+    if runtime.scraper is not None:
+        runtime.scraper.track(namespace, name, running)
 
 
 def observe(
@@ -117,7 +159,7 @@ def observe(
     *,
     scrape: bool,
     logger: logging.Logger | Any,
-    event_pod: Obj | None = None,
+    event_pods: list[Obj] | None = None,
 ) -> Observed:
     config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
     trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
@@ -125,7 +167,7 @@ def observe(
     if trainer_job is not None:
         uid = (trainer_job.get("metadata") or {}).get("uid")
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
-        pods = tuple(pod for pod in with_finished_event_pod(listed, event_pod) if _owned_by(pod, uid))
+        pods = tuple(pod for pod in with_finished_event_pods(listed, event_pods) if _owned_by(pod, uid))
     sample = None
     target = pod_to_scrape(pods) if scrape else None
     if target is not None:
@@ -137,17 +179,22 @@ def observe(
     return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample)
 
 
-def with_finished_event_pod(listed: list[Obj], event_pod: Obj | None) -> list[Obj]:
-    """The listed pods, plus the event's pod when it has finished but is no longer listed.
+def with_finished_event_pods(listed: list[Obj], event_pods: list[Obj] | None) -> list[Obj]:
+    """The listed pods, plus the ended pods from watch events that are no longer listed.
 
     A stopped trainer pod (suspension, deletion, drain) is removed soon after it reports its exit; its last
     state, with the termination summary and checkpoint, may survive only in the watch event that woke us."""
-    if event_pod is None or (event_pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded"):
-        return listed
-    uid = (event_pod.get("metadata") or {}).get("uid")
-    if any((pod.get("metadata") or {}).get("uid") == uid for pod in listed):
-        return listed
-    return [*listed, event_pod]
+    listed_uids = {(pod.get("metadata") or {}).get("uid") for pod in listed}
+    extra = [
+        pod
+        for pod in event_pods or []
+        if is_finished_pod(pod) and (pod.get("metadata") or {}).get("uid") not in listed_uids
+    ]
+    return [*listed, *extra]
+
+
+def is_finished_pod(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
 
 
 def _owned_by(pod: Obj, uid: str | None) -> bool:
@@ -194,20 +241,12 @@ def _post_events(io: ClusterIO, job: FineTuneJob, outcome: Outcome, logger: logg
             logger.warning("could not post event %s: %s", event.reason, exc)
 
 
-def _run(
-    memo: Any,
-    namespace: str | None,
-    name: str | None,
-    *,
-    scrape: bool,
-    logger: Any,
-    event_pod: Obj | None = None,
-) -> None:
+def _run(memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any) -> None:
     if not namespace or not name:
         return
     runtime = runtime_of(memo)
     try:
-        sync(runtime, namespace, name, scrape=scrape, logger=logger, event_pod=event_pod)
+        sync(runtime, namespace, name, scrape=scrape, logger=logger)
     except (ApiException, OSError) as exc:
         runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
         raise kopf.TemporaryError(
@@ -226,31 +265,66 @@ def on_finetunejob(name: str | None, namespace: str | None, memo: Any, logger: A
     _run(memo, namespace, name, scrape=False, logger=logger)
 
 
-def on_scrape_timer(name: str | None, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
-    """While the trainer runs: read its metrics into status.progress and status.metrics."""
-    _run(memo, namespace, name, scrape=True, logger=logger)
+def scrape_job(runtime: Runtime, namespace: str, name: str) -> None:
+    """The scrape loop's pass over one running job: its trainer's metrics into status.progress/metrics."""
+    try:
+        sync(runtime, namespace, name, scrape=True, logger=SCRAPE_LOGGER)
+    except (ApiException, OSError) as exc:  # the next round tries again
+        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
+        SCRAPE_LOGGER.warning("reconciling %s/%s while scraping failed: %s", namespace, name, exc)
+    except Exception as exc:
+        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
+        raise
 
 
-def on_child_event(body: Any, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
-    """A trainer Job or pod changed: reconcile the FineTuneJob named in its kubetune.io/job-name label."""
+async def on_child_event(body: Any, namespace: str | None, memo: Any, **_: Any) -> None:
+    """A trainer Job or pod changed: queue a pass over the FineTuneJob named in its kubetune.io/job-name
+    label. Async and instant on purpose: see workqueue.py."""
     owner = ((body.get("metadata") or {}).get("labels") or {}).get(labels.LABEL_JOB_NAME)
-    event_pod = dict(body) if body.get("kind") == "Pod" else None
-    _run(memo, namespace, owner, scrape=False, logger=logger, event_pod=event_pod)
+    if not namespace or not owner:
+        return
+    finished_pod = dict(body) if body.get("kind") == "Pod" and is_finished_pod(body) else None
+    queue_of(runtime_of(memo)).add((namespace, owner), finished_pod)
 
 
-def on_finetunejob_deleted(
+def queue_of(runtime: Runtime) -> WorkQueue:
+    if runtime.queue is None:
+        raise RuntimeError("no work queue: the startup hook has not run")
+    return runtime.queue
+
+
+def start_queue(runtime: Runtime, threads: int = RECONCILE_THREADS) -> WorkQueue:
+    """The queue of passes requested by child events, worked by ``threads`` threads."""
+
+    def work(key: tuple[str, str], finished_pods: list[Obj]) -> None:
+        sync(runtime, key[0], key[1], scrape=False, logger=RECONCILE_LOGGER, event_pods=finished_pods)
+
+    def count(exc: BaseException) -> None:
+        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
+
+    runtime.queue = WorkQueue(
+        work,
+        threads=threads,
+        retry_delay_seconds=RETRY_DELAY_SECONDS,
+        logger=RECONCILE_LOGGER,
+        on_error=count,
+    )
+    return runtime.queue
+
+
+async def on_finetunejob_deleted(
     name: str | None, namespace: str | None, memo: Any, type: str | None = None, **_: Any
 ) -> None:
     """A FineTuneJob is gone (watch event DELETED; there is no finalizer to wait for): its children go with
-    the owner reference, and here its metric series and lock are dropped."""
+    the owner reference, and here its metric series, scrape entry and lock are dropped.
+
+    Async on purpose: it sees every FineTuneJob event and does no I/O, so it should not take a turn on the
+    thread pool that the reconcile passes wait for."""
     if type == "DELETED" and name and namespace:
         runtime = runtime_of(memo)
         runtime.metrics.forget(namespace, name)
+        _track(runtime, namespace, name, running=False)
         runtime.locks.drop((namespace, name))
-
-
-def is_running(status: dict[str, Any] | Any, **_: Any) -> bool:
-    return bool(status) and status.get("phase") == "Running"
 
 
 def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
@@ -266,6 +340,9 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = API_REQUEST_TIMEOUT_SECONDS
     settings.networking.connect_timeout = 10
+    # The create/update/resume passes run on kopf's thread pool; they mostly wait on the API server, so a
+    # burst of new FineTuneJobs needs more of them in flight than the default (cores + 4).
+    settings.execution.max_workers = HANDLER_THREADS
     # Transitions are posted as Events by sync(); kopf adds only its own warnings and errors.
     settings.posting.level = logging.WARNING
     if runtime.peering:
@@ -276,12 +353,28 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
         settings.peering.standalone = True
     if runtime.io is None:
         runtime.io = KubeIO(load_api_client(), runtime.config)
+    if runtime.queue is None:
+        start_queue(runtime)
+    if runtime.scraper is None:
+        runtime.scraper = ScrapeLoop(
+            runtime.config.scrape_interval_seconds, lambda ns, name: scrape_job(runtime, ns, name)
+        )
+    runtime.scraper.start()
     logger.info(
         "kubetune operator configured: trainer image %s, scrape interval %ss, peering %s",
         runtime.config.trainer_image,
         runtime.config.scrape_interval_seconds,
         runtime.peering or "standalone",
     )
+
+
+def on_cleanup(memo: Any, **_: Any) -> None:
+    """The operator is stopping: end the scrape loop and the reconcile threads."""
+    runtime = runtime_of(memo)
+    if runtime.scraper is not None:
+        runtime.scraper.stop()
+    if runtime.queue is not None:
+        runtime.queue.close()
 
 
 def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
@@ -291,17 +384,16 @@ def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
 
 
 def register_handlers(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
-    """Attach every handler to ``registry`` (the scrape interval comes from ``config``)."""
+    """Attach every handler to ``registry``. Handlers read ``config`` from the Runtime in kopf's memo; no
+    registration depends on it."""
     ftj = (labels.GROUP, labels.VERSION, labels.PLURAL)
     kopf.on.startup(registry=registry)(on_startup)
+    kopf.on.cleanup(registry=registry)(on_cleanup)
     kopf.on.login(registry=registry)(on_login)
     kopf.on.resume(*ftj, registry=registry)(on_finetunejob)
     kopf.on.create(*ftj, registry=registry)(on_finetunejob)
     kopf.on.update(*ftj, field="spec", registry=registry)(on_finetunejob)
     kopf.on.event(*ftj, registry=registry, id="finetunejob-deleted")(on_finetunejob_deleted)
-    kopf.timer(*ftj, interval=config.scrape_interval_seconds, when=is_running, registry=registry)(
-        on_scrape_timer
-    )
     child_filter = {labels.LABEL_JOB_NAME: kopf.PRESENT}
     kopf.on.event("batch", "v1", "jobs", labels=child_filter, registry=registry, id="trainer-job")(
         on_child_event

@@ -63,15 +63,21 @@ def _path(obj_or_kind: Obj | str, namespace: str, name: str | None = None) -> st
     return base if name is None else f"{base}/{quote(name, safe='')}"
 
 
+CONNECTION_POOL_SIZE = 32
+"""Kept-alive connections to the API server: more than the threads that call it (reconcile passes, kopf's
+handler threads, the scrape loop), so no call pays for a new TLS handshake."""
+
+
 def load_api_client() -> k8s_client.ApiClient:
     """$KUBECONFIG or ~/.kube/config when present, the pod's service account otherwise."""
+    configuration = k8s_client.Configuration()
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if any(Path(p).is_file() for p in kubeconfig.split(os.pathsep) if p):
         api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig.split(os.pathsep)[0]
+            config_file=kubeconfig.split(os.pathsep)[0], client_configuration=configuration
         )
         return api
-    configuration = k8s_client.Configuration()
     k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     return k8s_client.ApiClient(configuration)
 

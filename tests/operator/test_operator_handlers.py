@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -26,15 +30,18 @@ from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import (
     Runtime,
     on_child_event,
+    on_cleanup,
     on_finetunejob,
     on_finetunejob_deleted,
-    on_scrape_timer,
     on_startup,
     register_handlers,
+    scrape_job,
+    start_queue,
     status_patch,
 )
 from kubetune_operator.models import FineTuneJobStatus
 from kubetune_operator.operator_metrics import OperatorMetrics
+from kubetune_operator.scraping import ScrapeLoop
 from kubetune_trainer import contract
 
 LOG = logging.getLogger("test")
@@ -46,8 +53,11 @@ def cluster() -> FakeCluster:
 
 
 @pytest.fixture
-def memo(cluster: FakeCluster, config: OperatorConfig) -> kopf.Memo:
-    return kopf.Memo(runtime=Runtime(config=config, metrics=OperatorMetrics(), io=cluster))
+def memo(cluster: FakeCluster, config: OperatorConfig) -> Iterator[kopf.Memo]:
+    rt = Runtime(config=config, metrics=OperatorMetrics(), io=cluster)
+    queue = start_queue(rt, threads=1)
+    yield kopf.Memo(runtime=rt)
+    queue.close()
 
 
 def runtime(memo: kopf.Memo) -> Runtime:
@@ -58,8 +68,10 @@ def fire(memo: kopf.Memo, name: str = "a") -> None:
     on_finetunejob(name=name, namespace=NAMESPACE, memo=memo, logger=LOG, body={}, spec={})
 
 
-def child_event(memo: kopf.Memo, obj: dict[str, Any]) -> None:
-    on_child_event(body=obj, namespace=NAMESPACE, memo=memo, logger=LOG, type="MODIFIED")
+def child_event(memo: kopf.Memo, obj: dict[str, Any], type_: str = "MODIFIED") -> None:
+    """Deliver a watch event of a Job or pod, and wait for the pass it queued."""
+    asyncio.run(on_child_event(body=obj, namespace=NAMESPACE, memo=memo, logger=LOG, type=type_))
+    assert handlers.queue_of(runtime(memo)).drain()
 
 
 def status(cluster: FakeCluster, name: str = "a") -> dict[str, Any]:
@@ -125,7 +137,7 @@ def test_pod_events_and_scrapes_carry_the_job_to_training(cluster: FakeCluster, 
             contract.METRIC_TOKENS_PER_SECOND: 4096,
         }
     )
-    on_scrape_timer(name="a", namespace=NAMESPACE, memo=memo, logger=LOG)
+    scrape_job(runtime(memo), NAMESPACE, "a")
     assert conditions(cluster)["Running"] == ("True", "Training")
     assert status(cluster)["progress"]["percent"] == 25.0
     assert status(cluster)["metrics"]["trainLoss"] == 1.7
@@ -138,7 +150,7 @@ def test_unreachable_trainer_metrics_do_not_fail_the_pass(cluster: FakeCluster, 
     cluster.put(make_job())
     fire(memo)
     job_pod(cluster, phase="Running", ip="10.9.9.9", running_since=ts(20))
-    on_scrape_timer(name="a", namespace=NAMESPACE, memo=memo, logger=LOG)
+    scrape_job(runtime(memo), NAMESPACE, "a")
     assert cluster.calls["scrape"] == 1
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
 
@@ -182,7 +194,7 @@ def test_stopped_pod_seen_only_in_its_watch_event_records_the_checkpoint(
     stopped = job_pod(cluster, phase="Failed", terminated=terminated(contract.EXIT_CODE_INTERRUPTED, summary))
     stopped["kind"] = "Pod"
     cluster.delete("Pod", NAMESPACE, stopped["metadata"]["name"])
-    on_child_event(body=stopped, namespace=NAMESPACE, memo=memo, logger=LOG, type="DELETED")
+    child_event(memo, stopped, "DELETED")
     assert status(cluster)["checkpoint"] == {
         "uri": "s3://adapters/support-bot/checkpoints/step-70/",
         "step": 70,
@@ -256,9 +268,9 @@ def test_deleted_watch_event_drops_the_jobs_series(cluster: FakeCluster, memo: k
     cluster.put(make_job())
     fire(memo)
     registry = runtime(memo).metrics.registry
-    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="MODIFIED")
+    asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="MODIFIED"))
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 1
-    on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED")
+    asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED"))
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 0
 
 
@@ -287,8 +299,8 @@ def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
     update = next(h for h in changing if h.reason == causes.Reason.UPDATE)
     assert update.field == ("spec",)
     assert all(h.requires_finalizer is not True for h in changing)
-    timers = registry._spawning.get_all_handlers()
-    assert [(t.fn, t.interval) for t in timers] == [(on_scrape_timer, 3)]
+    # No kopf timers or daemons: they would put a finalizer on every running FineTuneJob.
+    assert registry._spawning.get_all_handlers() == []
     watched = {(h.selector.group, h.selector.any_name, h.fn) for h in registry._watching.get_all_handlers()}
     assert watched == {
         ("batch", "jobs", on_child_event),
@@ -296,13 +308,59 @@ def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
         ("kubetune.io", "finetunejobs", on_finetunejob_deleted),
     }
     activities = {h.activity for h in registry._activities.get_all_handlers()}
-    assert {causes.Activity.STARTUP, causes.Activity.AUTHENTICATION} <= activities
+    assert {causes.Activity.STARTUP, causes.Activity.AUTHENTICATION, causes.Activity.CLEANUP} <= activities
 
 
-def test_timer_runs_only_while_running() -> None:
-    assert handlers.is_running(status={"phase": "Running"})
-    assert not handlers.is_running(status={"phase": "Succeeded"})
-    assert not handlers.is_running(status={})
+def test_scrape_loop_follows_the_phase_each_pass_computes(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    rt = runtime(memo)
+    rt.scraper = ScrapeLoop(0.01, lambda ns, name: scrape_job(rt, ns, name))
+    cluster.put(make_job())
+    fire(memo)
+    assert rt.scraper.running() == []  # Pending: nothing to scrape
+    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=ts(20))
+    child_event(memo, pod)
+    assert rt.scraper.running() == [(NAMESPACE, "a")]
+    cluster.metrics_pages["10.1.2.3"] = metrics_text(
+        **{contract.METRIC_STEP: 7, contract.METRIC_TOTAL_STEPS: 70}
+    )
+    assert rt.scraper.run_round() == 1
+    assert status(cluster)["progress"]["step"] == 7
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
+    child_event(memo, job)
+    assert rt.scraper.running() == []
+    scrapes = cluster.calls["scrape"]
+    assert rt.scraper.run_round() == 0 and cluster.calls["scrape"] == scrapes
+
+
+def test_deleted_job_leaves_the_scrape_loop(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    rt = runtime(memo)
+    rt.scraper = ScrapeLoop(0.01, lambda ns, name: scrape_job(rt, ns, name))
+    rt.scraper.track(NAMESPACE, "a", True)
+    asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED"))
+    assert rt.scraper.running() == []
+
+
+def test_a_waiting_pass_covers_later_requests_for_the_same_job(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    rt = runtime(memo)
+    reads = cluster.calls["get_finetunejob"]
+    with rt.locks.hold((NAMESPACE, "a")) as holding:
+        assert holding
+        # Another thread waits for the lock; two more events arrive meanwhile.
+        waiter = threading.Thread(target=fire, args=(memo,))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while (NAMESPACE, "a") not in rt.locks._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fire(memo)
+        fire(memo)
+    waiter.join(5)
+    assert cluster.calls["get_finetunejob"] == reads + 1  # one pass for three requests
+    fire(memo)  # nothing waits any more: a new request runs its own pass
+    assert cluster.calls["get_finetunejob"] == reads + 2
 
 
 def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
@@ -311,6 +369,7 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     on_startup(settings=settings, memo=memo, logger=LOG)
     assert settings.watching.server_timeout == 300 and settings.watching.client_timeout == 330
     assert settings.networking.request_timeout == 30
+    assert settings.execution.max_workers == handlers.HANDLER_THREADS
     assert settings.posting.level == logging.WARNING
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert settings.persistence.progress_storage.prefix == "kubetune.io"
@@ -322,9 +381,12 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
         True,
     )
     assert runtime(memo).io is cluster  # an injected client is kept
+    assert runtime(memo).scraper is not None
+    on_cleanup(memo=memo)
 
 
 def test_startup_without_peering_runs_standalone(memo: kopf.Memo) -> None:
     settings = kopf.OperatorSettings()
     on_startup(settings=settings, memo=memo, logger=LOG)
+    on_cleanup(memo=memo)
     assert settings.peering.standalone is True

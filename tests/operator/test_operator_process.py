@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -136,3 +137,15 @@ def test_health_and_metrics_servers_answer(tmp_path: Path) -> None:
     assert any(
         json.loads(line).get("message", "").startswith("kubetune operator configured") for line in lines
     )
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the arena cap is a glibc setting")
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kubetune_operator.__main__ import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False

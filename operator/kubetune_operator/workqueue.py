@@ -1,0 +1,105 @@
+"""Reconcile requests from child events: one entry per FineTuneJob, deduplicated while it waits.
+
+A trainer Job and its pod produce half a dozen watch events on the way to Running (created, scheduled,
+started, ready, ...), and every one of them means the same thing: reconcile the FineTuneJob that owns
+them. The child-event handlers only add the owner's key here and return, so kopf's per-object queues drain
+at once instead of holding every event body until a thread is free; a few threads reconcile each waiting
+key once, reading the cluster after the latest event that asked for it. A pass that fails on the API is
+tried again after a delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+Key = tuple[str, str]
+"""(namespace, name) of a FineTuneJob."""
+Obj = dict[str, Any]
+Work = Callable[[Key, list[Obj]], None]
+"""Reconcile one FineTuneJob, given the finished pods that arrived with its events."""
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        work: Work,
+        *,
+        threads: int,
+        retry_delay_seconds: float,
+        logger: logging.Logger | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._work = work
+        self._retry_delay = retry_delay_seconds
+        self._logger = logger or logging.getLogger("kubetune_operator.workqueue")
+        self._on_error = on_error
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kubetune-reconcile")
+        self._idle = threading.Condition()
+        self._waiting: dict[Key, dict[str, Obj]] = {}
+        self._busy = 0
+        self._closed = False
+
+    def add(self, key: Key, finished_pod: Obj | None = None) -> None:
+        """Ask for a pass over ``key``; ``finished_pod`` is an ended pod the pass must see even if it is gone
+        from the API by then (its last state arrived only in the watch event)."""
+        with self._idle:
+            if self._closed:
+                return
+            queued = key in self._waiting
+            pods = self._waiting.setdefault(key, {})
+            if finished_pod is not None:
+                uid = str((finished_pod.get("metadata") or {}).get("uid") or "")
+                pods[uid] = finished_pod
+            if queued:
+                return
+            self._busy += 1
+        self._executor.submit(self._run, key)
+
+    def _run(self, key: Key) -> None:
+        with self._idle:
+            pods = list(self._waiting.pop(key, {}).values())
+        try:
+            self._work(key, pods)
+        except (ApiException, OSError) as exc:
+            self._failed(exc)
+            self._logger.warning(
+                "reconciling %s/%s failed: %s; again in %ss", key[0], key[1], exc, self._retry_delay
+            )
+            self._retry(key, pods)
+        except Exception as exc:
+            self._failed(exc)
+            self._logger.exception("reconciling %s/%s failed", key[0], key[1])
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(exc)
+
+    def _retry(self, key: Key, pods: list[Obj]) -> None:
+        def again() -> None:
+            self.add(key)
+            for pod in pods:
+                self.add(key, pod)
+
+        timer = threading.Timer(self._retry_delay, again)
+        timer.daemon = True
+        timer.start()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until no pass is waiting or running; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    def close(self) -> None:
+        with self._idle:
+            self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
