@@ -17,15 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from e2e.cluster import procs
 from e2e.cluster.cluster import REPO_ROOT, Cluster, ClusterInfo
 from e2e.cluster.kube import KubeClient
 from e2e.cluster.s3 import S3Server
-
-CRD_PATH = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
-CRD_NAME = "finetunejobs.kubetune.io"
+from e2e.tests.helpers import install_crd
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,19 +56,7 @@ def kube(cluster: ClusterInfo) -> Iterator[KubeClient]:
 @pytest.fixture(scope="session")
 def crd(kube: KubeClient) -> dict:
     """The FineTuneJob CRD from crds/, applied and Established."""
-    manifest = yaml.safe_load(CRD_PATH.read_text())
-    # Server-side apply, as the chart's NOTES tell users to upgrade CRDs; a later `helm install` applying the
-    # same CRD then shares its fields instead of conflicting with them.
-    kube.server_side_apply("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", manifest)
-    return kube.wait_for(
-        f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}",
-        lambda o: any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in (o.get("status") or {}).get("conditions") or []
-        ),
-        timeout=30,
-        what="the FineTuneJob CRD to be Established",
-    )
+    return install_crd(kube)
 
 
 @pytest.fixture(scope="session")

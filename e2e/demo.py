@@ -315,13 +315,11 @@ def wait_for_operator(api: Any, timeout: float = 120.0) -> None:
         raise DemoError(f"the operator did not become Ready within {timeout:.0f}s ({detail})")
 
 
-def upload_inputs(env: Environment, run_id: str) -> dict[str, str]:
+def s3_client(env: Environment) -> Any:
     import boto3
     from botocore.config import Config
 
-    from kubetune_trainer.tiny import save_tiny_model
-
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env.s3_endpoint,
         aws_access_key_id=env.s3_access_key,
@@ -329,15 +327,19 @@ def upload_inputs(env: Environment, run_id: str) -> dict[str, str]:
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}),
     )
+
+
+def upload_inputs(s3: Any, run_id: str) -> dict[str, str]:
+    """Upload the base model and the dataset; returns the URIs the FineTuneJob names."""
+    from e2e.cluster.s3 import upload_directory
+    from kubetune_trainer.tiny import save_tiny_model
+
     with step(f"Uploading a tiny base model and an instruction dataset to s3://{BUCKET}/"):
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
             s3.create_bucket(Bucket=BUCKET)
         with tempfile.TemporaryDirectory(prefix="kubetune-demo-model-") as tmp:
-            model_dir = save_tiny_model(Path(tmp) / "tiny", seed=0)
-            files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file())
-            for path in files:
-                s3.upload_file(str(path), BUCKET, f"models/tiny/{path.relative_to(model_dir).as_posix()}")
-        say(f"  s3://{BUCKET}/models/tiny/: {', '.join(p.name for p in files)}")
+            files = upload_directory(s3, save_tiny_model(Path(tmp) / "tiny", seed=0), BUCKET, "models/tiny/")
+        say(f"  s3://{BUCKET}/models/tiny/: {', '.join(files)}")
         train, validation = instruction_dataset(240), instruction_dataset(24, offset=10_000)
         s3.put_object(Bucket=BUCKET, Key="datasets/demo/train.jsonl", Body=to_jsonl(train))
         s3.put_object(Bucket=BUCKET, Key="datasets/demo/validation.jsonl", Body=to_jsonl(validation))
@@ -350,7 +352,6 @@ def upload_inputs(env: Environment, run_id: str) -> dict[str, str]:
         "train": f"s3://{BUCKET}/datasets/demo/train.jsonl",
         "validation": f"s3://{BUCKET}/datasets/demo/validation.jsonl",
         "output": f"s3://{BUCKET}/adapters/{run_id}/",
-        "s3": s3,
     }
 
 
@@ -489,7 +490,7 @@ def loss_history(s3: Any, output_uri: str) -> list[tuple[int, float]]:
     return [(step, float(loss)) for step, loss in enumerate(summary.get("losses") or [], start=1)]
 
 
-def report(result: Follow, uris: dict[str, Any]) -> None:
+def report(result: Follow, s3: Any) -> None:
     status = result.job.get("status") or {}
     if status.get("phase") != "Succeeded":
         failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
@@ -497,7 +498,6 @@ def report(result: Follow, uris: dict[str, Any]) -> None:
             f"{JOB_NAME} failed: {failed.get('reason', '?')}: {failed.get('message', status.get('message'))}"
         )
     adapter = status.get("adapter") or {}
-    s3 = uris["s3"]
     key = adapter["uri"].removeprefix(f"s3://{BUCKET}/") + "adapter_model.safetensors"
     actual = hashlib.sha256(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()).hexdigest()
     check = (
@@ -534,7 +534,8 @@ def run(args: argparse.Namespace) -> None:
         install_chart(env, args.operator_image, args.trainer_image)
         wait_for_operator(api)
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-        uris = upload_inputs(env, run_id)
+        s3 = s3_client(env)
+        uris = upload_inputs(s3, run_id)
         prepare_namespace(api, env)
         manifest = finetunejob(uris, env.s3_endpoint, args.steps)
         client.CustomObjectsApi(api).create_namespaced_custom_object(
@@ -545,7 +546,7 @@ def run(args: argparse.Namespace) -> None:
             "following it:"
         )
         result = follow(api, args.timeout)
-        report(result, uris)
+        report(result, s3)
     finally:
         if env.keep_notes:
             print("\nThe demo cluster is still up:" if env.local else "\nTo clean up:")

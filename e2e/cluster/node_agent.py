@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from e2e.cluster.cluster import AGENT_NODE_LABEL, GPU_RESOURCE
 from e2e.cluster.kube import STRATEGIC_MERGE_PATCH, ApiError, KubeClient, load_kubeconfig
 from e2e.cluster.pod_runtime import ImageMap, NodeContext, PodWorker, now
 
@@ -39,7 +40,7 @@ CAPACITY = {
     "memory": "64Gi",
     "pods": "32",
     "ephemeral-storage": "100Gi",
-    "nvidia.com/gpu": "8",
+    GPU_RESOURCE: "8",
 }
 
 
@@ -111,7 +112,7 @@ class NodeAgent:
                     "kubernetes.io/hostname": self.name,
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
-                    "kubetune.io/node-agent": "true",
+                    AGENT_NODE_LABEL: "true",
                     "nvidia.com/gpu.present": "true",
                 },
             },
@@ -238,7 +239,7 @@ class NodeAgent:
                     KubeClient(self.client.creds),
                     pod,
                     node=self.ctx,
-                    pod_ip=self._ip_for(pod),
+                    pod_ip=self.ips.take(),
                     release_ip=self.ips.release,
                 )
                 self.workers[uid] = worker
@@ -250,9 +251,6 @@ class NodeAgent:
                 worker.mark_gone()
             if not worker.is_alive():
                 del self.workers[uid]
-
-    def _ip_for(self, pod: JSON) -> str:
-        return self.ips.take()
 
     def run(self) -> None:
         version = self.client.get("/version").get("gitVersion", "v0.0.0")

@@ -577,22 +577,23 @@ class PodWorker(threading.Thread):
             self.volume_paths[name] = target
 
     def _configmap(self, ref: JSON) -> dict[str, bytes]:
-        cm = self.client.get_or_none(f"/api/v1/namespaces/{self.ns}/configmaps/{ref['name']}")
-        if cm is None:
-            if ref.get("optional"):
-                return {}
-            raise ConfigError("CreateContainerConfigError", f'configmap "{ref["name"]}" not found')
+        cm = self._referenced("configmap", ref)
         data = {k: v.encode() for k, v in (cm.get("data") or {}).items()}
         data.update({k: base64.b64decode(v) for k, v in (cm.get("binaryData") or {}).items()})
         return data
 
     def _secret(self, ref: JSON) -> dict[str, bytes]:
-        s = self.client.get_or_none(f"/api/v1/namespaces/{self.ns}/secrets/{ref['name']}")
-        if s is None:
+        secret = self._referenced("secret", ref)
+        return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+    def _referenced(self, kind: str, ref: JSON) -> JSON:
+        """The ConfigMap or Secret (``kind``) a pod names; empty when it is missing and ``optional``."""
+        found = self.client.get_or_none(f"/api/v1/namespaces/{self.ns}/{kind}s/{ref['name']}")
+        if found is None:
             if ref.get("optional"):
                 return {}
-            raise ConfigError("CreateContainerConfigError", f'secret "{ref["name"]}" not found')
-        return {k: base64.b64decode(v) for k, v in (s.get("data") or {}).items()}
+            raise ConfigError("CreateContainerConfigError", f'{kind} "{ref["name"]}" not found')
+        return found
 
     def _select(self, data: dict[str, bytes], source: JSON) -> dict[str, bytes]:
         items = source.get("items")
@@ -885,7 +886,6 @@ class NodeContext:
     keep_paths: list[Path] = field(default_factory=list)
     # Where mount sources are staged; outside any path a pod would mount over.
     stage_root: Path = Path("/run/kubetune-agent")
-    created_mount_points: list[Path] = field(default_factory=list)
     mount_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ensure_mount_point(self, path: Path, *, directory: bool) -> None:
@@ -898,4 +898,3 @@ class NodeContext:
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
-            self.created_mount_points.append(path)

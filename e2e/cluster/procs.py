@@ -1,4 +1,5 @@
-"""Processes the launcher starts: free ports, a pids file, and a stop that touches only recorded PIDs."""
+"""Processes the launcher starts: where their binaries are, free ports, a pids file, and a stop that touches
+only recorded PIDs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+BUILD_SCRIPT = Path(__file__).resolve().parent / "build.sh"
+
+
+def bin_dir() -> Path:
+    """Where ``build.sh`` puts the Go binaries it builds (``build.sh --print``)."""
+    out = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--print"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return Path(out)
 
 
 def free_port() -> int:
@@ -44,18 +55,20 @@ def _cmdline_exe(pid: int) -> str | None:
     return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else None
 
 
-def _is_zombie(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """True while process ``pid`` exists and has not exited (a zombie has exited)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+        return False
+    # The command name (field 2) may hold spaces and parentheses; the state follows its last ")".
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def is_alive(record: ProcessRecord) -> bool:
     """True while the recorded PID still runs the recorded program (a recycled PID does not count)."""
     exe = _cmdline_exe(record.pid)
-    return exe is not None and exe == record.exe and not _is_zombie(record.pid)
+    return exe is not None and exe == record.exe and pid_running(record.pid)
 
 
 class PidFile:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,13 +22,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-_BUILD_SCRIPT = Path(__file__).resolve().parent / "build.sh"
+from e2e.cluster.procs import BUILD_SCRIPT, bin_dir, free_port
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def upload_directory(client: Any, local: Path, bucket: str, prefix: str) -> list[str]:
+    """Upload every file under ``local`` to ``s3://bucket/<prefix><relative path>`` with a boto3 ``client``
+    (a model directory, for instance); returns the relative paths, sorted."""
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for name in names:
+        client.upload_file(str(local / name), bucket, prefix + name)
+    return names
 
 
 class S3Server:
@@ -59,14 +61,9 @@ class S3Server:
     @staticmethod
     def binary() -> Path:
         """The versitygw binary, built from its Go module on first use."""
-        bin_dir = Path(
-            subprocess.run(
-                ["bash", str(_BUILD_SCRIPT), "--print"], check=True, capture_output=True, text=True
-            ).stdout.strip()
-        )
-        path = bin_dir / "versitygw"
+        path = bin_dir() / "versitygw"
         if not os.access(path, os.X_OK):
-            subprocess.run(["bash", str(_BUILD_SCRIPT), "versitygw"], check=True)
+            subprocess.run(["bash", str(BUILD_SCRIPT), "versitygw"], check=True)
         return path
 
     def start(self, timeout: float = 30.0) -> S3Server:

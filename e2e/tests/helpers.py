@@ -6,14 +6,34 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from e2e.cluster.cluster import AGENT_NODE_LABEL, KWOK_NODE_LABEL, KWOK_TAINT, ClusterInfo
+import yaml
+
+from e2e.cluster.cluster import AGENT_NODE_LABEL, KWOK_NODE_LABEL, KWOK_TAINT, REPO_ROOT, ClusterInfo
 from e2e.cluster.kube import KubeClient
 
 JSON = dict[str, Any]
 FTJ_API = "/apis/kubetune.io/v1alpha1"
+CRD_PATH = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+CRD_NAME = "finetunejobs.kubetune.io"
 
 ON_KWOK = {"nodeSelector": {KWOK_NODE_LABEL: "true"}, "tolerations": [dict(KWOK_TAINT)]}
 ON_AGENT = {"nodeSelector": {AGENT_NODE_LABEL: "true"}}
+
+
+def install_crd(kube: KubeClient) -> JSON:
+    """Apply the FineTuneJob CRD from crds/ and return it once it is Established.
+
+    Server-side apply, as the chart's NOTES tell users to upgrade CRDs: a later ``helm install`` applying the
+    same CRD then shares its fields instead of conflicting with them.
+    """
+    crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    kube.server_side_apply(crds, yaml.safe_load(CRD_PATH.read_text()))
+    return kube.wait_for(
+        f"{crds}/{CRD_NAME}",
+        lambda crd: has_condition(crd, "Established"),
+        timeout=30,
+        what="the FineTuneJob CRD to be Established",
+    )
 
 
 def ftj_path(namespace: str, name: str = "") -> str:
@@ -71,7 +91,8 @@ def s3_secret(access_key: str, secret_key: str, name: str = "s3-creds") -> JSON:
 
 
 def condition(obj: JSON, ctype: str) -> JSON | None:
-    return next((c for c in obj.get("status", {}).get("conditions", []) if c.get("type") == ctype), None)
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == ctype), None)
 
 
 def has_condition(obj: JSON, ctype: str, status: str = "True") -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster import procs
-from e2e.cluster.cluster import REPO_ROOT, ClusterInfo
+from e2e.cluster.cluster import CLUSTERS, REPO_ROOT, ClusterInfo
 from e2e.cluster.kube import ApiError, KubeClient
 from e2e.tests.helpers import ON_KWOK, has_condition, pods_of, terminated
 
@@ -166,7 +166,7 @@ def test_launcher_cli_up_status_down_leaves_nothing_behind(tmp_path: Path) -> No
     """A second, small cluster through the CLI: up, a pod on its node agent, down; nothing may be left."""
     name = f"e2e-cli-{tmp_path.name[-6:]}"
     up = cli("up", "--name", name, "--kwok-nodes", "0")
-    state = Path.home() / ".cache" / "kubetune" / "clusters" / name
+    state = CLUSTERS / name
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         assert "boot time:" in up.stdout

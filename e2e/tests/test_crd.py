@@ -35,9 +35,14 @@ def test_crd_names_and_columns(crd: JSON) -> None:
     assert {"Phase", "Method", "Age"} <= columns
 
 
-def _rejection(err: ApiError) -> tuple[str, list[str]]:
-    causes = err.body.get("details", {}).get("causes", [])
-    return err.message, [str(c.get("field", "")) for c in causes]
+def assert_rejected_as_expected(case: CrdCase, err: ApiError, what: str) -> None:
+    """The API server refused ``case`` (a create or an update) with the case's message and field."""
+    assert not case.valid, f"valid {what} rejected: {err.message}"
+    assert err.status == 422, err
+    assert case.message in err.message
+    if case.field:
+        fields = [str(c.get("field", "")) for c in err.body.get("details", {}).get("causes", [])]
+        assert any(f == case.field or f.startswith(case.field + "[") for f in fields), (fields, err.message)
 
 
 def _case_name(case: CrdCase) -> str:
@@ -56,15 +61,7 @@ def test_crd_case(kube: KubeClient, ns: str, case: CrdCase) -> None:
         try:
             kube.request("POST", path, created, params={"dryRun": "All", "fieldValidation": "Strict"})
         except ApiError as err:
-            assert not case.valid, f"valid case rejected: {err.message}"
-            assert err.status == 422, err
-            message, fields = _rejection(err)
-            assert case.message in message
-            if case.field:
-                assert any(f == case.field or f.startswith(case.field + "[") for f in fields), (
-                    fields,
-                    message,
-                )
+            assert_rejected_as_expected(case, err, "case")
             return
         assert case.valid, f"the API server accepted an invalid FineTuneJob (expected: {case.message!r})"
         return
@@ -76,15 +73,7 @@ def test_crd_case(kube: KubeClient, ns: str, case: CrdCase) -> None:
         try:
             kube.replace(f"{path}/{name}", updated)
         except ApiError as err:
-            assert not case.valid, f"valid update rejected: {err.message}"
-            assert err.status == 422, err
-            message, fields = _rejection(err)
-            assert case.message in message
-            if case.field:
-                assert any(f == case.field or f.startswith(case.field + "[") for f in fields), (
-                    fields,
-                    message,
-                )
+            assert_rejected_as_expected(case, err, "update")
             return
         assert case.valid, f"the API server accepted a forbidden update (expected: {case.message!r})"
     finally:

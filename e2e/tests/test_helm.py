@@ -22,16 +22,24 @@ import yaml
 
 from e2e.cluster.cluster import REPO_ROOT, ClusterInfo, bin_dir
 from e2e.cluster.kube import ApiError, KubeClient
-from e2e.cluster.s3 import S3Server
+from e2e.cluster.s3 import S3Server, upload_directory
 from e2e.demo import instruction_dataset, to_jsonl
-from e2e.tests.helpers import ON_AGENT, condition, container_log, ftj_path, make_ftj, pods_of, s3_secret
+from e2e.tests.helpers import (
+    CRD_NAME,
+    ON_AGENT,
+    condition,
+    container_log,
+    ftj_path,
+    make_ftj,
+    pods_of,
+    s3_secret,
+)
 
 JSON = dict[str, Any]
 CHART = REPO_ROOT / "charts" / "kubetune"
 RELEASE = "kt"
 FULLNAME = f"{RELEASE}-kubetune"
 BUCKET = "helm-e2e"
-CRD_NAME = "finetunejobs.kubetune.io"
 OPERATOR_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
 
 
@@ -110,9 +118,9 @@ def inputs(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
 
     client = s3.client()
     client.create_bucket(Bucket=BUCKET)
-    model_dir = Path(save_tiny_model(tmp_path_factory.mktemp("helm-tiny-model")))
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        client.upload_file(str(path), BUCKET, f"models/tiny/{path.relative_to(model_dir).as_posix()}")
+    upload_directory(
+        client, save_tiny_model(tmp_path_factory.mktemp("helm-tiny-model")), BUCKET, "models/tiny/"
+    )
     client.put_object(Bucket=BUCKET, Key="datasets/chat.jsonl", Body=to_jsonl(instruction_dataset(48)))
     return s3
 

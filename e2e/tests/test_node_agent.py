@@ -3,7 +3,6 @@ termination message, probes, restarts and deletion semantics a kubelet gives the
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import requests
 
 from e2e.cluster.cluster import ClusterInfo
 from e2e.cluster.kube import ApiError, KubeClient
+from e2e.cluster.procs import pid_running
 from e2e.tests.helpers import ON_AGENT, container_log, has_condition, terminated
 
 JSON = dict[str, Any]
@@ -41,6 +41,21 @@ def create_pod(kube: KubeClient, ns: str, manifest: JSON) -> str:
 
 def phase_in(*phases: str) -> Any:
     return lambda p: p.get("status", {}).get("phase") in phases
+
+
+def waiting_with(reason: str) -> Any:
+    """A pod predicate: one of its containers is waiting with ``reason``."""
+    return lambda p: any(
+        cs.get("state", {}).get("waiting", {}).get("reason") == reason
+        for cs in p.get("status", {}).get("containerStatuses", [])
+    )
+
+
+def start_shell_pod(kube: KubeClient, ns: str, name: str, script: str) -> tuple[str, int]:
+    """A pod running ``sh -c script`` on the agent; returns its path once Running, and its process id."""
+    path = create_pod(kube, ns, pod_manifest(name, ["sh", "-c", script]))
+    pod = kube.wait_for(path, phase_in("Running"), timeout=30, what=f"the {name} pod to run")
+    return path, int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
 
 
 def test_env_volumes_and_termination_message(cluster: ClusterInfo, kube: KubeClient, ns: str) -> None:
@@ -198,28 +213,24 @@ def test_readiness_probe_and_pod_ip_reachable(kube: KubeClient, ns: str) -> None
 
 def test_deletion_sends_sigterm_and_waits_for_exit(cluster: ClusterInfo, kube: KubeClient, ns: str) -> None:
     script = 'trap "echo got TERM; exit 0" TERM; echo started; while true; do sleep 0.1; done'
-    path = create_pod(kube, ns, pod_manifest("graceful", ["sh", "-c", script]))
-    pod = kube.wait_for(path, phase_in("Running"), timeout=30, what="the graceful pod to run")
-    pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
+    path, pid = start_shell_pod(kube, ns, "graceful", script)
     started = time.monotonic()
     kube.delete(path, {"gracePeriodSeconds": 20})
     kube.wait_gone(path, timeout=15)
     assert time.monotonic() - started < 10, "the pod waited for its grace period instead of its exit"
     assert "got TERM" in container_log(cluster, ns, "graceful", "main")
-    assert not _alive(pid)
+    assert not pid_running(pid)
 
 
 def test_deletion_kills_after_grace_period(kube: KubeClient, ns: str) -> None:
     script = 'trap "" TERM; echo started; while true; do sleep 0.1; done'
-    path = create_pod(kube, ns, pod_manifest("stubborn", ["sh", "-c", script]))
-    pod = kube.wait_for(path, phase_in("Running"), timeout=30, what="the stubborn pod to run")
-    pid = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
+    path, pid = start_shell_pod(kube, ns, "stubborn", script)
     started = time.monotonic()
     kube.delete(path, {"gracePeriodSeconds": 2})
     kube.wait_gone(path, timeout=20)
     elapsed = time.monotonic() - started
     assert 1.8 <= elapsed < 10, f"pod removed after {elapsed:.1f}s with a 2s grace period"
-    assert not _alive(pid)
+    assert not pid_running(pid)
 
 
 def test_missing_secret_waits_then_runs(kube: KubeClient, ns: str) -> None:
@@ -232,13 +243,7 @@ def test_missing_secret_waits_then_runs(kube: KubeClient, ns: str) -> None:
     )
     path = create_pod(kube, ns, manifest)
     pod = kube.wait_for(
-        path,
-        lambda p: any(
-            cs.get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError"
-            for cs in p.get("status", {}).get("containerStatuses", [])
-        ),
-        timeout=30,
-        what="CreateContainerConfigError",
+        path, waiting_with("CreateContainerConfigError"), timeout=30, what="CreateContainerConfigError"
     )
     assert pod["status"]["phase"] == "Pending"
     kube.create(
@@ -253,15 +258,7 @@ def test_missing_secret_waits_then_runs(kube: KubeClient, ns: str) -> None:
 
 def test_unknown_image_is_reported(kube: KubeClient, ns: str) -> None:
     path = create_pod(kube, ns, pod_manifest("no-image", ["true"], image="example.invalid/nothing:1"))
-    pod = kube.wait_for(
-        path,
-        lambda p: any(
-            cs.get("state", {}).get("waiting", {}).get("reason") == "ErrImagePull"
-            for cs in p.get("status", {}).get("containerStatuses", [])
-        ),
-        timeout=30,
-        what="ErrImagePull",
-    )
+    pod = kube.wait_for(path, waiting_with("ErrImagePull"), timeout=30, what="ErrImagePull")
     waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
     assert "images.yaml" in waiting["message"]
 
@@ -306,12 +303,3 @@ def test_node_agent_node_is_registered_as_a_kubelet(cluster: ClusterInfo, kube: 
         assert err.value.status == 403
     finally:
         agent.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from e2e.cluster.kube import KubeClient
-from e2e.tests.helpers import ON_KWOK, condition, ftj_path, has_condition, make_ftj, pods_of, s3_secret
+from e2e.tests.helpers import (
+    ON_KWOK,
+    condition,
+    ftj_path,
+    has_condition,
+    make_ftj,
+    pods_of,
+    s3_secret,
+    wait_pod,
+)
 from kubetune_trainer import contract
 
 JSON = dict[str, Any]
@@ -28,16 +37,13 @@ def trainer_selector(name: str) -> str:
 
 
 def wait_trainer_pod(kube: KubeClient, ns: str, name: str, phase: str = "Running") -> JSON:
-    found: list[JSON] = []
-
-    def check(_: JSON) -> bool:
-        found[:] = [
-            p for p in pods_of(kube, ns, trainer_selector(name)) if p.get("status", {}).get("phase") == phase
-        ]
-        return bool(found)
-
-    kube.wait_for(f"/api/v1/namespaces/{ns}", check, timeout=60, what=f"a {phase} trainer pod of {name}")
-    return found[0]
+    return wait_pod(
+        kube,
+        ns,
+        trainer_selector(name),
+        lambda p: p.get("status", {}).get("phase") == phase,
+        what=f"a {phase} trainer pod of {name}",
+    )
 
 
 def wait_phase(kube: KubeClient, ns: str, name: str, phase: str, timeout: float = 60) -> JSON:

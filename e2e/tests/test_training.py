@@ -5,33 +5,17 @@ reports Succeeded with the adapter's sha256."""
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from e2e.cluster.cluster import ClusterInfo
 from e2e.cluster.kube import KubeClient
-from e2e.cluster.s3 import S3Server
+from e2e.cluster.s3 import S3Server, upload_directory
+from e2e.demo import instruction_dataset, to_jsonl
 from e2e.tests.helpers import ON_AGENT, condition, container_log, ftj_path, make_ftj, pods_of, s3_secret
 
 JSON = dict[str, Any]
-
-
-def chat_rows(n: int) -> list[JSON]:
-    rows = []
-    for i in range(n):
-        a, b = i % 13, (i * 7) % 11
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is {a} plus {b}?"},
-                    {"role": "assistant", "content": f"{a} plus {b} equals {a + b}."},
-                ]
-            }
-        )
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +25,8 @@ def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     client = s3.client()
     for bucket in ("models", "datasets", "adapters"):
         client.create_bucket(Bucket=bucket)
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-    for path in sorted(Path(model_dir).iterdir()):
-        client.upload_file(str(path), "models", f"tiny/{path.name}")
-    body = "\n".join(json.dumps(r) for r in chat_rows(48)) + "\n"
-    client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=body.encode())
+    upload_directory(client, save_tiny_model(tmp_path_factory.mktemp("tiny-model")), "models", "tiny/")
+    client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=to_jsonl(instruction_dataset(48)))
     return s3
 
 

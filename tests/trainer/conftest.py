@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.cluster.s3 import S3Server
+from e2e.cluster.s3 import S3Server, upload_directory
 
 from kubetune_trainer.contract import (
     CONFIG_PATH_ENV,
@@ -54,14 +54,8 @@ def models_bucket(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> str
     client.create_bucket(Bucket="models")
     for prefix, chat in (("tiny/", True), ("tiny-plain/", False)):
         local = save_tiny_model(tmp_path_factory.mktemp(prefix.strip("/")), seed=0, chat_template=chat)
-        upload_dir(client, local, "models", prefix)
+        upload_directory(client, local, "models", prefix)
     return "models"
-
-
-def upload_dir(client: Any, local: Path, bucket: str, prefix: str) -> None:
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, prefix + path.relative_to(local).as_posix())
 
 
 def jsonl(records: Sequence[Any]) -> bytes:
@@ -120,25 +114,34 @@ class Workspace:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         code = main()
-        return RunResult(code, TerminationSummary.from_json(Path(env[TERMINATION_LOG_ENV]).read_text()), "")
+        return RunResult(code, TerminationSummary.from_json(Path(env[TERMINATION_LOG_ENV]).read_text()))
 
-    def subprocess(self, config: TrainerConfig, name: str = "sub") -> subprocess.Popen[str]:
-        env = {**os.environ, **self.env(config, name)}
+    def subprocess(
+        self, config: TrainerConfig, name: str = "sub", **env_overrides: str
+    ) -> tuple[subprocess.Popen[str], Path]:
+        """``python -m kubetune_trainer`` as the pod runs it; returns the process (stdout and stderr in one
+        text pipe) and the path of its termination log."""
+        env = {**os.environ, **self.env(config, name), **env_overrides}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image"), str(REPO)])
-        return subprocess.Popen(
+        env.pop("WORLD_SIZE", None)  # the pod's main process is never one of several workers
+        process = subprocess.Popen(
             [sys.executable, "-m", "kubetune_trainer"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        return process, Path(env[TERMINATION_LOG_ENV])
+
+    def read_json(self, key: str) -> Any:
+        """The JSON object stored at ``key`` in this workspace's bucket."""
+        return json.loads(self.s3.client().get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
 
 @dataclass
 class RunResult:
     code: int
     summary: TerminationSummary
-    output: str
 
 
 @pytest.fixture
@@ -146,6 +149,11 @@ def ws(s3: S3Server, models_bucket: str, tmp_path: Path) -> Workspace:
     bucket = f"t{next(_counter)}-{os.getpid()}"
     s3.client().create_bucket(Bucket=bucket)
     return Workspace(s3, bucket, tmp_path, models_bucket)
+
+
+def log_events(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The trainer's JSON log lines among ``lines`` (its stdout), parsed."""
+    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 def chat_records(count: int, seed: int = 0) -> list[dict[str, Any]]:

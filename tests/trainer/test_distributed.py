@@ -9,11 +9,8 @@ publishes; the launcher forwards SIGTERM and passes on the exit code the operato
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,18 +18,19 @@ from typing import Any
 
 import pytest
 import torch
+from e2e.cluster.procs import pid_running
 
-from conftest import REPO, Workspace, chat_records, jsonl
+from conftest import Workspace, chat_records, jsonl, log_events
 from kubetune_trainer import launch
 from kubetune_trainer.contract import (
-    TERMINATION_LOG_ENV,
     CheckpointConfig,
     DatasetConfig,
     Hyperparameters,
     OutputConfig,
     TerminationSummary,
+    TrainerReason,
 )
-from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PERMANENT, REASON_INTERRUPTED
+from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PERMANENT
 from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV, resolve_batching
 from kubetune_trainer.train import Runtime
 
@@ -44,25 +42,12 @@ LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-5
 
 
-def events(output: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-
-
 def start(ws: Workspace, config: Any, name: str, processes: int) -> tuple[subprocess.Popen[str], Path]:
-    """The trainer as the pod runs it; returns the process and its termination-log path."""
-    env = {**os.environ, **ws.env(config, name)}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image"), str(REPO)])
-    env[MICRO_BATCH_TOKENS_ENV] = MICRO_TOKENS
-    env[launch.CPU_PROCESSES_ENV] = str(processes)
-    env.pop("WORLD_SIZE", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_trainer"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    """The trainer as the pod runs it, with ``processes`` CPU workers; returns the process and its
+    termination-log path."""
+    return ws.subprocess(
+        config, name, **{MICRO_BATCH_TOKENS_ENV: MICRO_TOKENS, launch.CPU_PROCESSES_ENV: str(processes)}
     )
-    return process, Path(env[TERMINATION_LOG_ENV])
 
 
 def children(pid: int) -> set[int]:
@@ -82,25 +67,13 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
-
-
 def published(ws: Workspace, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors.torch import load
 
-    client = ws.s3.client()
-    summary = json.loads(
-        client.get_object(Bucket=ws.bucket, Key=f"{prefix}training_summary.json")["Body"].read()
-    )
     weights = load(
-        client.get_object(Bucket=ws.bucket, Key=f"{prefix}adapter_model.safetensors")["Body"].read()
+        ws.s3.client().get_object(Bucket=ws.bucket, Key=f"{prefix}adapter_model.safetensors")["Body"].read()
     )
-    return summary, weights
+    return ws.read_json(f"{prefix}training_summary.json"), weights
 
 
 def distributed_config(ws: Workspace, train: str, steps: int, out: str) -> Any:
@@ -171,7 +144,7 @@ def test_two_cpu_processes_train_exactly_like_one(ws: Workspace, monkeypatch: py
     assert one_summary["losses"][-1] < one_summary["losses"][0]
 
     # Rank 0 alone logs progress, serves metrics and checkpoints; every rank reports its exit.
-    logged = events(output)
+    logged = log_events(output.splitlines())
     assert [e["event"] for e in logged].count("plan") == 1
     assert [e["event"] for e in logged].count("metrics") == 1
     assert [e["step"] for e in logged if e["event"] == "checkpoint"] == [3]
@@ -195,7 +168,8 @@ def test_sigterm_stops_every_rank_at_a_checkpoint(ws: Workspace) -> None:
         if not line:
             break
         seen.append(line)
-        if line.startswith("{") and json.loads(line)["event"] == "progress" and json.loads(line)["step"] >= 2:
+        event = log_events([line])
+        if event and event[0]["event"] == "progress" and event[0]["step"] >= 2:
             workers = children(process.pid)
             process.send_signal(signal.SIGTERM)
             break
@@ -203,24 +177,21 @@ def test_sigterm_stops_every_rank_at_a_checkpoint(ws: Workspace) -> None:
     output = "".join(seen) + rest
     assert len(workers) == 2, output[-3000:]
     assert process.returncode == EXIT_INTERRUPTED, output[-3000:]
-    assert not [pid for pid in workers if alive(pid)]
+    assert not [pid for pid in workers if pid_running(pid)]
 
-    logged = events(output)
+    logged = log_events(output.splitlines())
     exits = sorted((e["rank"], e["code"]) for e in logged if e["event"] == "exit")
     assert exits == [(0, EXIT_INTERRUPTED), (1, EXIT_INTERRUPTED)]
     checkpoints = [e["step"] for e in logged if e["event"] == "checkpoint"]
     assert len(checkpoints) == 1 and 2 <= checkpoints[0] < 200
     step = checkpoints[0]
     summary = TerminationSummary.from_json(log.read_text())
-    assert summary.reason == REASON_INTERRUPTED
+    assert summary.reason == TrainerReason.INTERRUPTED
     assert summary.checkpoint == {
         "uri": f"s3://{ws.bucket}/stopped/checkpoints/step-{step:08d}/",
         "step": step,
     }
-    manifest = ws.s3.client().get_object(
-        Bucket=ws.bucket, Key=f"stopped/checkpoints/step-{step:08d}/manifest.json"
-    )
-    assert json.loads(manifest["Body"].read())["step"] == step
+    assert ws.read_json(f"stopped/checkpoints/step-{step:08d}/manifest.json")["step"] == step
 
 
 def test_a_permanent_failure_keeps_its_exit_code_through_the_launcher(ws: Workspace) -> None:
@@ -232,7 +203,7 @@ def test_a_permanent_failure_keeps_its_exit_code_through_the_launcher(ws: Worksp
     assert process.returncode == EXIT_PERMANENT, output[-3000:]
     summary = TerminationSummary.from_json(log.read_text())
     assert summary.reason == "InvalidConfig" and "scheduler 'Wavy'" in summary.message, summary.message
-    exits = sorted((e["rank"], e["code"]) for e in events(output) if e["event"] == "exit")
+    exits = sorted((e["rank"], e["code"]) for e in log_events(output.splitlines()) if e["event"] == "exit")
     assert exits == [(0, EXIT_PERMANENT), (1, EXIT_PERMANENT)]
 
 

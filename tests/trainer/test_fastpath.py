@@ -104,14 +104,7 @@ def packed_hidden(model: nn.Module, examples: list[Example]) -> torch.Tensor:
     batch = collate_packed(examples)
     decoder = model.get_decoder()
     with torch.no_grad():
-        out = decoder(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seq_lens_q=batch.cu_seqlens,
-            cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_seqlen,
-            max_length_k=batch.max_seqlen,
-        )
+        out = decoder(**batch.model_inputs())
     return out.last_hidden_state[0]
 
 

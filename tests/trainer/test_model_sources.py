@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, chat_records, jsonl
-from kubetune_trainer.contract import JobRef, TrainerReason
+from kubetune_trainer.contract import PVC_ROOT_ENV, JobRef, TrainerReason
 from kubetune_trainer.errors import EXIT_PERMANENT, TrainerError
-from kubetune_trainer.model import PVC_ROOT_ENV, fetch_base_model
+from kubetune_trainer.model import fetch_base_model
 from kubetune_trainer.tiny import save_tiny_model
 
 

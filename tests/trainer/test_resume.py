@@ -10,22 +10,19 @@ import subprocess
 import time
 import urllib.request
 from dataclasses import replace
-from typing import Any
 
-from conftest import Workspace, chat_records, jsonl
+from conftest import Workspace, chat_records, jsonl, log_events
 from kubetune_trainer import contract
-from kubetune_trainer.contract import CheckpointConfig, LoraConfig, OutputConfig, TerminationSummary
-from kubetune_trainer.errors import EXIT_INTERRUPTED, REASON_INTERRUPTED
+from kubetune_trainer.contract import (
+    CheckpointConfig,
+    LoraConfig,
+    OutputConfig,
+    TerminationSummary,
+    TrainerReason,
+)
+from kubetune_trainer.errors import EXIT_INTERRUPTED
 
 TOTAL_STEPS = 30
-
-
-def events(lines: list[str]) -> list[dict[str, Any]]:
-    parsed = []
-    for line in lines:
-        if line.startswith("{"):
-            parsed.append(json.loads(line))
-    return parsed
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -58,13 +55,11 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_losses(ws: Work
     # Uninterrupted reference run.
     reference = ws.run(replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/reference/")), monkeypatch)
     assert reference.code == 0, reference.summary.message
-    reference_losses = json.loads(
-        ws.s3.client().get_object(Bucket=ws.bucket, Key="reference/training_summary.json")["Body"].read()
-    )["losses"]
+    reference_losses = ws.read_json("reference/training_summary.json")["losses"]
 
     # The interrupted run: SIGTERM once it is past its first periodic checkpoint.
     resumed_config = replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/resumed/"))
-    process = ws.subprocess(resumed_config, "interrupted")
+    process, termination_log = ws.subprocess(resumed_config, "interrupted")
     assert process.stdout is not None
     seen: list[str] = []
     port = None
@@ -88,13 +83,12 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_losses(ws: Work
     code, rest = wait(process)
     lines = seen + rest
     assert code == EXIT_INTERRUPTED, "\n".join(lines[-20:])
-    checkpoints = [e for e in events(lines) if e["event"] == "checkpoint"]
+    checkpoints = [e for e in log_events(lines) if e["event"] == "checkpoint"]
     assert checkpoints[0]["step"] == 5
     interrupted_at = checkpoints[-1]["step"]
     assert 7 <= interrupted_at < TOTAL_STEPS
-    log_path = ws.tmp.glob("interrupted-*/termination-log")
-    summary = TerminationSummary.from_json(next(iter(log_path)).read_text())
-    assert summary.outcome == "Failed" and summary.reason == REASON_INTERRUPTED
+    summary = TerminationSummary.from_json(termination_log.read_text())
+    assert summary.outcome == "Failed" and summary.reason == TrainerReason.INTERRUPTED
     assert summary.checkpoint == {
         "uri": f"s3://{ws.bucket}/resumed/checkpoints/step-{interrupted_at:08d}/",
         "step": interrupted_at,
@@ -108,16 +102,14 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_losses(ws: Work
     assert scraped[contract.METRIC_TRAINED_TOKENS] > 0
 
     # The restart resumes from the SIGTERM checkpoint and lands on the same losses.
-    code, lines = wait(ws.subprocess(resumed_config, "restarted"))
+    code, lines = wait(ws.subprocess(resumed_config, "restarted")[0])
     assert code == 0, "\n".join(lines[-20:])
-    plan = next(e for e in events(lines) if e["event"] == "plan")
+    plan = next(e for e in log_events(lines) if e["event"] == "plan")
     assert plan["resumed_step"] == interrupted_at
     assert plan["resumed_from"].endswith(f"/checkpoints/step-{interrupted_at:08d}/")
-    first_progress = next(e for e in events(lines) if e["event"] == "progress")
+    first_progress = next(e for e in log_events(lines) if e["event"] == "progress")
     assert first_progress["step"] == interrupted_at + 1
-    resumed_losses = json.loads(
-        ws.s3.client().get_object(Bucket=ws.bucket, Key="resumed/training_summary.json")["Body"].read()
-    )["losses"]
+    resumed_losses = ws.read_json("resumed/training_summary.json")["losses"]
     assert len(resumed_losses) == len(reference_losses) == TOTAL_STEPS
     print(
         f"resume: interrupted after step {interrupted_at}; final loss reference {reference_losses[-1]!r} "
@@ -130,3 +122,32 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_losses(ws: Work
         or max(abs(a - b) for a, b in zip(reference_losses, resumed_losses, strict=True)) < 1e-6
     )
     assert resumed_losses[-1] < resumed_losses[0]
+
+
+def test_checkpoint_rotation_keeps_the_newest_complete_ones_and_a_newer_partial_one(
+    ws: Workspace, monkeypatch, tmp_path
+) -> None:
+    """A checkpoint counts once its manifest is written; pruning drops older complete and stale partial
+    ones, but not a partial one newer than every complete one (another pod may be writing it)."""
+    from kubetune_trainer.checkpoint import MANIFEST, Checkpointer
+    from kubetune_trainer.storage import Storage, make_client
+
+    for key, value in ws.s3.env().items():
+        monkeypatch.setenv(key, value)
+    storage = Storage(make_client(ws.config("s3://unused/x.jsonl").s3))
+    checkpointer = Checkpointer(storage, f"s3://{ws.bucket}/out/", tmp_path, keep=2)
+    for step, complete in ((1, True), (2, False), (3, True), (4, True), (6, False)):
+        ws.put(f"out/checkpoints/step-{step:08d}/state.json", b"{}")
+        if complete:
+            ws.put(f"out/checkpoints/step-{step:08d}/{MANIFEST}", b"{}")
+    assert checkpointer.complete_steps() == [1, 3, 4]
+
+    checkpointer.prune()
+
+    listed = ws.s3.client().list_objects_v2(Bucket=ws.bucket, Prefix="out/checkpoints/")["Contents"]
+    assert sorted({o["Key"].split("/")[2] for o in listed}) == [
+        "step-00000003",
+        "step-00000004",
+        "step-00000006",
+    ]
+    assert checkpointer.complete_steps() == [3, 4]

@@ -74,7 +74,7 @@ def test_storage_reads_with_provenance_and_maps_errors(s3: S3Server, monkeypatch
 
 
 def test_an_unreachable_endpoint_is_a_retryable_storage_error(monkeypatch) -> None:
-    from e2e.cluster.s3 import free_port
+    from e2e.cluster.procs import free_port
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")

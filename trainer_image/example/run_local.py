@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT)]
 
-from e2e.cluster.s3 import S3Server  # noqa: E402
+from e2e.cluster.s3 import S3Server, upload_directory  # noqa: E402
 
 from kubetune_trainer.contract import TrainerConfig  # noqa: E402
 from kubetune_trainer.tiny import save_tiny_model  # noqa: E402
@@ -52,9 +52,7 @@ def seed(server: S3Server, work: Path) -> None:
     client = server.client()
     for bucket in ("models", "datasets", "adapters"):
         client.create_bucket(Bucket=bucket)
-    model_dir = save_tiny_model(work / "tiny")
-    for path in sorted(model_dir.iterdir()):
-        client.upload_file(str(path), "models", f"tiny/{path.name}")
+    upload_directory(client, save_tiny_model(work / "tiny"), "models", "tiny/")
     client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=chat_dataset(200, seed=1))
     client.put_object(Bucket="datasets", Key="chat/val.jsonl", Body=chat_dataset(20, seed=2))
 

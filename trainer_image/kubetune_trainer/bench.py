@@ -111,27 +111,13 @@ class BenchConfig:
 def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[nn.Module, int]:
     """A randomly initialised causal LM and its pad id."""
     if name == "tiny":
-        try:
-            from kubetune_trainer.tiny import build_tiny_model
-        except ImportError:  # pragma: no cover - the tiny module ships with the trainer
-            build_tiny_model = None
-        if build_tiny_model is not None:
-            model, tokenizer = build_tiny_model(seed=seed)
-            return model.to(device=device, dtype=dtype), int(tokenizer.pad_token_id)
-        config_values: dict[str, Any] = {
-            "family": "llama",
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 192,
-            "vocab_size": 512,
-            "max_position_embeddings": 4096,
-        }
-    elif name in MODEL_CONFIGS:
-        config_values = dict(MODEL_CONFIGS[name])
-    else:
+        from kubetune_trainer.tiny import build_tiny_model
+
+        model, tokenizer = build_tiny_model(seed=seed)
+        return model.to(device=device, dtype=dtype), int(tokenizer.pad_token_id)
+    if name not in MODEL_CONFIGS:
         raise SystemExit(f"unknown --model {name!r}; choose tiny, {', '.join(MODEL_CONFIGS)}")
+    config_values = dict(MODEL_CONFIGS[name])
     family = config_values.pop("family")
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -245,14 +231,7 @@ def kubetune_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens:
 
 
 def plain_ce_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens: int) -> torch.Tensor:
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        cu_seq_lens_q=batch.cu_seqlens,
-        cu_seq_lens_k=batch.cu_seqlens,
-        max_length_q=batch.max_seqlen,
-        max_length_k=batch.max_seqlen,
-    )
+    out = model(**batch.model_inputs())
     logits = out.logits[0, :-1].float()
     return (
         F.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
@@ -353,7 +332,8 @@ ARM_NAMES = ("baseline", "kubetune", "kubetune-plain-ce", "kubetune-cap24")
 
 def run_dataset(
     cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str, emit: Callable[[dict[str, Any]], None]
-) -> dict[str, dict[str, Any]]:
+) -> None:
+    """Every arm on one synthetic data set: one line per arm, then the throughput ratios."""
     vocab = int(fastpath.causal_lm(pristine).config.vocab_size)
     examples = synthetic_examples(cfg.steps * cfg.examples_per_step, DATASETS[dataset], vocab, cfg.seed)
     steps = [examples[i : i + cfg.examples_per_step] for i in range(0, len(examples), cfg.examples_per_step)]
@@ -456,10 +436,10 @@ def run_dataset(
                 "tokens_nonpad_per_s": capped["tokens_nonpad_per_s"] / uncapped["tokens_nonpad_per_s"],
             }
         )
-    return results
 
 
-def parse_args(argv: Sequence[str] | None) -> BenchConfig:
+def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, str | None]:
+    """The run's settings, and the file to append the JSON lines to (``--out``)."""
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_trainer.bench", description=__doc__.split("\n")[0]
     )
@@ -529,7 +509,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         device=device,
         dtype=torch.bfloat16 if on_gpu else torch.float32,
     )
-    return cfg, args.out  # type: ignore[return-value]
+    return cfg, args.out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    cfg, out_path = parse_args(argv)  # type: ignore[misc]
+    cfg, out_path = parse_args(argv)
     out_file = open(out_path, "a", encoding="utf-8") if out_path else None  # noqa: SIM115
 
     def emit(line: dict[str, Any]) -> None:
@@ -555,9 +535,8 @@ def _run(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     pristine, pad_id = build_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     pristine.to("cpu")
-    all_results = {}
     for dataset in cfg.datasets:
-        all_results[dataset] = run_dataset(cfg, pristine, pad_id, dataset, emit)
+        run_dataset(cfg, pristine, pad_id, dataset, emit)
     print(f"bench finished in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if out_file:
         out_file.close()

@@ -63,14 +63,20 @@ class Checkpointer:
 
     def complete_steps(self) -> list[int]:
         """Steps with a manifest, oldest first."""
-        steps = set()
+        return self._listed_steps()[1]
+
+    def _listed_steps(self) -> tuple[list[int], list[int]]:
+        """(steps with a directory, steps with a complete checkpoint), oldest first, from one listing."""
+        seen: set[int] = set()
+        complete: set[int] = set()
         for info in self.storage.list(self.root):
-            relative = info.uri.key[len(self.root.key) :]
-            head, _, name = relative.partition("/")
+            head, _, name = info.uri.key[len(self.root.key) :].partition("/")
             match = _STEP_DIR.match(head + "/")
-            if match and name == MANIFEST:
-                steps.add(int(match.group(1)))
-        return sorted(steps)
+            if match:
+                seen.add(int(match.group(1)))
+                if name == MANIFEST:
+                    complete.add(int(match.group(1)))
+        return sorted(seen), sorted(complete)
 
     def save(self, step: int, trainable: dict[str, Any], optimizer: Any, state: dict[str, Any]) -> S3Uri:
         import torch
@@ -97,15 +103,10 @@ class Checkpointer:
 
     def prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older ones and stale incomplete ones."""
-        complete = self.complete_steps()
+        seen, complete = self._listed_steps()
         keep = set(complete[-self.keep :])
         newest = complete[-1] if complete else None
-        seen = set()
-        for info in self.storage.list(self.root):
-            match = _STEP_DIR.match(info.uri.key[len(self.root.key) :].split("/")[0] + "/")
-            if match:
-                seen.add(int(match.group(1)))
-        for step in sorted(seen):
+        for step in seen:
             if step in keep or (newest is not None and step > newest):
                 continue  # a newer incomplete one may be being written by a racing pod: leave it
             self.storage.delete_prefix(self.uri(step))

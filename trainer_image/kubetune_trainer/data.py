@@ -90,10 +90,14 @@ class ParseResult:
     detected_at: str = ""
 
 
-def _require_str(obj: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+def _field(obj: dict[str, Any], key: str) -> Any:
     if key not in obj:
         raise BadRecord(f"missing key '{key}'")
-    value = obj[key]
+    return obj[key]
+
+
+def _require_str(obj: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = _field(obj, key)
     if not isinstance(value, str):
         raise BadRecord(f"'{key}' must be a string, got {_type_name(value)}")
     if not allow_empty and not value.strip():
@@ -105,7 +109,7 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _messages_of(
+def _messages(
     obj: dict[str, Any],
     key: str,
     role_key: str,
@@ -113,19 +117,8 @@ def _messages_of(
     roles: dict[str, str] | frozenset[str],
     column_map: dict[str, str],
 ) -> list[tuple[str, str]]:
-    if key not in obj:
-        raise BadRecord(f"missing key '{key}'")
-    return _messages(obj[key], key, role_key, content_key, roles, column_map)
-
-
-def _messages(
-    raw: Any,
-    key: str,
-    role_key: str,
-    content_key: str,
-    roles: dict[str, str] | frozenset[str],
-    column_map: dict[str, str],
-) -> list[tuple[str, str]]:
+    """The (role, content) pairs of the message list at ``obj[key]``, roles mapped through ``roles``."""
+    raw = _field(obj, key)
     role_key = column_map.get(role_key, role_key)
     content_key = column_map.get(content_key, content_key)
     if not isinstance(raw, list):
@@ -163,22 +156,19 @@ def _conversation(pairs: list[tuple[str, str]], trained_from: int = 0) -> tuple[
 
 
 def _parse_messages(obj: dict[str, Any], column_map: dict[str, str]) -> Record:
-    pairs = _messages_of(obj, "messages", "role", "content", MESSAGE_ROLES, column_map)
+    pairs = _messages(obj, "messages", "role", "content", MESSAGE_ROLES, column_map)
     return Record("", turns=_conversation(pairs))
 
 
 def _parse_prompt_completion(obj: dict[str, Any], column_map: dict[str, str]) -> Record:
-    for key in ("prompt", "completion"):
-        if key not in obj:
-            raise BadRecord(f"missing key '{key}'")
-    prompt, completion = obj["prompt"], obj["completion"]
+    prompt, completion = _field(obj, "prompt"), _field(obj, "completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise BadRecord("'completion' is empty")
         return Record("", segments=((prompt, False), (completion, True)))
     if isinstance(prompt, list) and isinstance(completion, list):
-        before = _messages(prompt, "prompt", "role", "content", MESSAGE_ROLES, column_map)
-        after = _messages(completion, "completion", "role", "content", MESSAGE_ROLES, column_map)
+        before = _messages(obj, "prompt", "role", "content", MESSAGE_ROLES, column_map)
+        after = _messages(obj, "completion", "role", "content", MESSAGE_ROLES, column_map)
         return Record("", turns=_conversation(before + after, trained_from=len(before)))
     raise BadRecord(
         f"'prompt' and 'completion' must both be strings or both be message lists, got "
@@ -187,7 +177,7 @@ def _parse_prompt_completion(obj: dict[str, Any], column_map: dict[str, str]) ->
 
 
 def _parse_sharegpt(obj: dict[str, Any], column_map: dict[str, str]) -> Record:
-    pairs = _messages_of(obj, "conversations", "from", "value", SHAREGPT_ROLES, column_map)
+    pairs = _messages(obj, "conversations", "from", "value", SHAREGPT_ROLES, column_map)
     return Record("", turns=_conversation(pairs))
 
 

@@ -12,8 +12,6 @@ EXIT_RETRYABLE = 1
 EXIT_PERMANENT = contract.EXIT_CODE_PERMANENT_FAILURE
 # 128 + SIGTERM, the code a shell reports for a terminated process: "stopped, try again".
 EXIT_INTERRUPTED = contract.EXIT_CODE_INTERRUPTED
-# Reported (with the checkpoint) when SIGTERM stopped the run; the Job restarts the pod, which resumes.
-REASON_INTERRUPTED = contract.TrainerReason.INTERRUPTED
 
 
 class TrainerError(Exception):

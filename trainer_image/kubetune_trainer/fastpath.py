@@ -373,15 +373,7 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if isinstance(batch, PackedBatch):
-        outputs = decoder(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            cu_seq_lens_q=batch.cu_seqlens,
-            cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_seqlen,
-            max_length_k=batch.max_seqlen,
-            use_cache=False,
-        )
+        outputs = decoder(**batch.model_inputs(), use_cache=False)
     elif isinstance(batch, PaddedBatch):
         outputs = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     else:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ def launch(count: int, on_gpu: bool) -> int:
     return code
 
 
-def worker_env(base: Any, rank: int, count: int, port: int, report: Path, on_gpu: bool) -> dict[str, str]:
+def worker_env(
+    base: Mapping[str, str], rank: int, count: int, port: int, report: Path, on_gpu: bool
+) -> dict[str, str]:
     env = dict(base)
     env.update(
         RANK=str(rank),
@@ -117,7 +119,10 @@ def pick_report(exits: Sequence[tuple[int, int]]) -> tuple[int, int]:
     return next((rank, code) for rank, code in exits if rank == 0)
 
 
-def _wait(workers: Sequence[subprocess.Popen[bytes]], stopping: Any) -> list[tuple[int, int]]:
+def _wait(workers: Sequence[subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> list[tuple[int, int]]:
+    """(rank, exit code) of every worker in the order they ended. After the first failure the others get
+    SIGTERM, and SIGKILL once ``PEER_EXIT_GRACE_S`` has passed (unless the pod itself is stopping, when they
+    have their own grace period to write a checkpoint)."""
     exits: list[tuple[int, int]] = []
     running = set(range(len(workers)))
     failed_at: float | None = None

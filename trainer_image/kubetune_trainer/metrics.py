@@ -49,20 +49,16 @@ def log_event(event: str, every_rank: bool = False, **fields: Any) -> None:
 class Metrics:
     """Gauges in a registry of their own (one per run, so runs in one process never collide)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Gauge
 
-        self.enabled = enabled
         self.registry = CollectorRegistry()
         self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in GAUGES.items()}
-        self.values: dict[str, float] = {}
         self._server: Any = None
         self.port: int | None = None
 
     def serve(self, port: int) -> None:
         """Serve /metrics on $POD_IP (0.0.0.0 without it); port 0 picks a free one."""
-        if not self.enabled:
-            return
         from prometheus_client import start_http_server
 
         address = os.environ.get("POD_IP") or "0.0.0.0"
@@ -75,7 +71,6 @@ class Metrics:
             if value is None:
                 continue
             self.gauges[key].set(float(value))
-            self.values[key] = float(value)
 
     def close(self) -> None:
         if self._server is not None:

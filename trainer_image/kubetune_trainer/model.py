@@ -13,20 +13,6 @@ from kubetune_trainer.contract import LoraConfig, TrainerReason
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import S3Uri, Storage
 
-# Where the operator mounts a PersistentVolumeClaim named in a pvc:// URI (pvc://claim/path ->
-# <root>/claim/path); the env variable overrides it.
-PVC_ROOT_ENV = contract.PVC_ROOT_ENV
-DEFAULT_PVC_ROOT = contract.DEFAULT_PVC_ROOT
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
-
 
 def fetch_base_model(uri: str, storage: Storage | None, work_dir: Path) -> tuple[Path, dict[str, Any]]:
     """A local directory holding the model, and its provenance (what was read, with digests)."""
@@ -38,7 +24,7 @@ def fetch_base_model(uri: str, storage: Storage | None, work_dir: Path) -> tuple
         return _fetch_hub_model(uri, work_dir)
     if uri.startswith("pvc://"):
         claim_path = uri[len("pvc://") :]
-        local = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / claim_path
+        local = Path(os.environ.get(contract.PVC_ROOT_ENV, contract.DEFAULT_PVC_ROOT)) / claim_path
     else:
         local = Path(uri)
     if not (local / "config.json").is_file():

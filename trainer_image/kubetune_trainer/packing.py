@@ -86,6 +86,18 @@ class PackedBatch:
     prediction_positions: torch.Tensor  # long [num_label_tokens]
     prediction_targets: torch.Tensor  # long [num_label_tokens]
 
+    def model_inputs(self) -> dict[str, torch.Tensor | int]:
+        """The keyword arguments a transformers decoder takes for this row: the example boundaries in the
+        names its flash/varlen attention path reads (see ``fastpath.kubetune_attention``)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen,
+        }
+
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
             input_ids=self.input_ids.to(device, non_blocking=True),

@@ -78,9 +78,14 @@ def upload(
     return record_from_manifest(manifest, output_uri)
 
 
+def weights_file(method: str) -> str:
+    """The weights file a result of ``method`` is known by (its sha256 is the one the status reports)."""
+    return ADAPTER_WEIGHTS if method == "LoRA" else MODEL_WEIGHTS
+
+
 def record_from_manifest(manifest: dict[str, Any], output_uri: str) -> AdapterRecord:
     files: dict[str, dict[str, Any]] = manifest["files"]
-    weights = ADAPTER_WEIGHTS if manifest["method"] == "LoRA" else MODEL_WEIGHTS
+    weights = weights_file(manifest["method"])
     if weights not in files:  # sharded full model: the first shard
         shards = sorted(n for n in files if n.startswith("model-") and n.endswith(".safetensors"))
         weights = shards[0] if shards else weights

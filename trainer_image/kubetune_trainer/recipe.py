@@ -1,10 +1,10 @@
 """The trainer, as one path: load config -> validate -> fetch inputs -> build data -> build model -> train ->
 save -> report.
 
-``main()`` is what the image's ENTRYPOINT runs (``python -m kubetune_trainer``). It always ends by writing a
-``TerminationSummary`` to the termination log, and exits 0 (done), ``EXIT_PERMANENT`` (a restart cannot help:
-bad data, refused credentials, ...), ``EXIT_INTERRUPTED`` (SIGTERM: a checkpoint was written, restart me) or
-``EXIT_RETRYABLE`` (anything else).
+``main()`` runs one training process: the whole pod, or one worker of several under ``launch`` (see
+``__main__``). It always ends by writing a ``TerminationSummary`` to the termination log, and exits 0 (done),
+``EXIT_PERMANENT`` (a restart cannot help: bad data, refused credentials, ...), ``EXIT_INTERRUPTED`` (SIGTERM:
+a checkpoint was written, restart me) or ``EXIT_RETRYABLE`` (anything else).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from kubetune_trainer.errors import (
     TrainerError,
 )
 from kubetune_trainer.metrics import Metrics, log_event
-from kubetune_trainer.storage import S3Uri, Storage, make_client
+from kubetune_trainer.storage import Storage, make_client
 
 # Tokens per optimizer step when the job gives neither batchTokens nor microBatchSize.
 DEFAULT_BATCH_TOKENS = 16384
@@ -257,13 +257,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
 
     # 7. Save: files first, manifest last; then the checkpoints are no longer needed.
     final_metrics = _metrics(state)
-    final_progress = _progress(state, plan.total_steps, trainer)
+    final_progress = _progress(trainer)
     # This attempt's average: a resumed run trained the earlier tokens in another process.
     final_progress["tokensPerSecond"] = round((state.trained_tokens - tokens_before) / max(seconds, 1e-9), 1)
     record = AdapterRecord()
     if runtime.is_main:
+        job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
         summary_file = {
-            "job": {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
+            "job": job,
             "method": config.method,
             "baseModel": config.base_model,
             "metrics": final_metrics,
@@ -288,13 +289,12 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             config.output.uri,
             config.base_model,
             config.method,
-            {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid},
+            job,
             {"metrics": final_metrics, "progress": final_progress},
         )
-        storage.delete_prefix(S3Uri.parse(config.output.uri).join("checkpoints/"))
+        storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
-        weights = publish.ADAPTER_WEIGHTS if config.method == "LoRA" else publish.MODEL_WEIGHTS
-        print(f"sha256 {record.sha256}  {config.output.uri}{weights}", flush=True)
+        print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
     # 8. Report.
     return _success(record, final_metrics, final_progress, progress.provenance)
 
@@ -354,12 +354,12 @@ def _metrics(state: Any) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None}
 
 
-def _progress(state: Any, total_steps: int, trainer: Any) -> dict[str, float]:
+def _progress(trainer: Any) -> dict[str, float]:
     return {
-        "step": state.step,
-        "totalSteps": total_steps,
-        "epoch": trainer._epoch(),
-        "trainedTokens": state.trained_tokens,
+        "step": trainer.state.step,
+        "totalSteps": trainer.total,
+        "epoch": trainer.epoch(),
+        "trainedTokens": trainer.state.trained_tokens,
     }
 
 
@@ -389,7 +389,7 @@ def _compact(provenance: dict[str, Any]) -> dict[str, Any] | None:
 def _failure(progress: Progress, reason: str, message: str) -> TerminationSummary:
     trainer = progress.trainer
     metrics = _metrics(trainer.state) if trainer is not None else None
-    steps = _progress(trainer.state, trainer.total, trainer) if trainer is not None else None
+    steps = _progress(trainer) if trainer is not None else None
     checkpoint = None
     if trainer is not None and trainer.checkpointer is not None and trainer.last_checkpoint_step > 0:
         checkpoint = {

@@ -95,9 +95,8 @@ def make_client(s3: S3Config) -> Any:
 class Storage:
     """The trainer's only door to S3. Errors become ``TrainerError`` with a reason and the URI."""
 
-    def __init__(self, client: Any, not_found_reason: str = TrainerReason.STORAGE_ERROR) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
-        self.not_found_reason = not_found_reason
 
     # -- errors ---------------------------------------------------------------------------------------------
     def _error(
@@ -116,7 +115,7 @@ class Storage:
                 )
             if code in _MISSING_CODES or status == "404":
                 return TrainerError(
-                    not_found or self.not_found_reason, f"{uri} does not exist ({code or status})"
+                    not_found or TrainerReason.STORAGE_ERROR, f"{uri} does not exist ({code or status})"
                 )
             return TrainerError(TrainerReason.STORAGE_ERROR, f"S3 failed to {action} {uri}: {code} {err}")
         if isinstance(err, BotoCoreError):

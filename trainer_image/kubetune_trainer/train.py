@@ -61,6 +61,12 @@ class Runtime:
             dist.all_reduce(tensor, op=ops[op])
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any of them (so all ranks take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.device), op="max").item())
+
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a picklable object)."""
         if self.world_size == 1:
@@ -241,7 +247,7 @@ class Trainer:
             eta = (self.total - self.state.step) * (now - run_start) / (self.state.step - start_step)
             self.metrics.set(
                 step=self.state.step,
-                epoch=self._epoch(),
+                epoch=self.epoch(),
                 train_loss=loss,
                 learning_rate=lr,
                 grad_norm=grad_norm,
@@ -334,11 +340,11 @@ class Trainer:
                 best_step=self.state.best_step,
             )
 
-    def _epoch(self) -> float:
-        done = self.state.step
+    def epoch(self) -> float:
+        """Epochs completed, fractional."""
         if self.plan.steps_per_epoch == 0:
             return 0.0
-        return round(done / self.plan.steps_per_epoch, 4)
+        return round(self.state.step / self.plan.steps_per_epoch, 4)
 
     def _log_progress(self, tokens_per_s: float, eta: float) -> None:
         if self.runtime.is_main:
@@ -346,7 +352,7 @@ class Trainer:
                 "progress",
                 step=self.state.step,
                 total_steps=self.total,
-                epoch=self._epoch(),
+                epoch=self.epoch(),
                 loss=round(self.state.train_loss or 0.0, 6),
                 lr=self.state.learning_rate,
                 grad_norm=round(self.state.grad_norm or 0.0, 6),
@@ -360,20 +366,11 @@ class Trainer:
             return False
         every_steps = self.settings.checkpoint_every_steps
         every_minutes = self.settings.checkpoint_every_minutes
-        due = torch.tensor(
-            [
-                float(
-                    (every_steps is not None and self.state.step % every_steps == 0)
-                    or (
-                        every_minutes is not None
-                        and time.monotonic() - self.last_checkpoint_time >= every_minutes * 60
-                    )
-                )
-            ],
-            device=self.runtime.device,
+        due = (every_steps is not None and self.state.step % every_steps == 0) or (
+            every_minutes is not None and time.monotonic() - self.last_checkpoint_time >= every_minutes * 60
         )
         # Ranks decide together (their clocks differ), so they all reach the barrier in save_checkpoint.
-        return bool(self.runtime.all_reduce(due, op="max").item())
+        return self.runtime.any_rank(due)
 
     def save_checkpoint(self) -> None:
         if self.checkpointer is None or self.state.step == self.last_checkpoint_step:
@@ -394,7 +391,6 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
 
     def _stop_if_requested(self) -> None:
-        flag = torch.tensor([float(self.stop.requested)], device=self.runtime.device)
-        if self.runtime.all_reduce(flag, op="max").item():
+        if self.runtime.any_rank(self.stop.requested):
             self.save_checkpoint()
             raise Interrupted(f"stopped by SIGTERM after step {self.state.step}")
