@@ -35,20 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 from e2e.cluster import procs
 from e2e.cluster.cluster import REPO_ROOT, Cluster, ClusterInfo
 from e2e.cluster.kube import ApiError, KubeClient
-from e2e.tests.helpers import ON_KWOK, ftj_path, make_ftj
+from e2e.tests.helpers import ON_KWOK, ftj_path, install_crd, make_ftj
+from kubetune_operator.labels import LABEL_JOB_NAME
 from kubetune_trainer import contract
 
 JSON = dict[str, Any]
-CRD_PATH = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
-CRD_NAME = "finetunejobs.kubetune.io"
 NAMESPACE = "bench"
 GPUS_PER_NODE = 8  # what e2e.cluster gives each KWOK node
-LABEL_JOB_NAME = "kubetune.io/job-name"
 
 TARGET_APPLY_TO_POD_P50 = 1.0
 TARGET_DONE_TO_SUCCEEDED = 2.0
@@ -288,17 +285,7 @@ def success_message(name: str) -> str:
 
 
 def install(kube: KubeClient) -> None:
-    manifest = yaml.safe_load(CRD_PATH.read_text())
-    kube.server_side_apply("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", manifest)
-    kube.wait_for(
-        f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}",
-        lambda o: any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in (o.get("status") or {}).get("conditions") or []
-        ),
-        timeout=30,
-        what="the FineTuneJob CRD to be Established",
-    )
+    install_crd(kube)
     kube.apply_yaml(
         "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     )

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = OperatorMetrics()
     serve_metrics(metrics.registry, host, args.metrics_port)
     registry = kopf.OperatorRegistry()
-    register_handlers(registry, config)
+    register_handlers(registry)
     url_host = f"[{host}]" if ":" in host else host
     kopf.run(
         registry=registry,

@@ -31,6 +31,8 @@ class OperatorConfig:
     scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS
     """How often the trainer pod's Prometheus endpoint is read while a job runs."""
     scrape_timeout_seconds: float = 2.0
+    """How long one read of a trainer's /metrics may take; the scrape loop reads every running trainer from
+    one thread, so a hung pod must not hold up the others for long."""
     request_timeout_seconds: float = 15.0
     """Timeout of every API call the operator makes itself."""
 

@@ -26,10 +26,10 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_operator import labels
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
-from kubetune_operator.models import FineTuneJob, FineTuneJobStatus
+from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
 from kubetune_operator.observed import Obj, Observed, pod_to_scrape
 from kubetune_operator.operator_metrics import OperatorMetrics
-from kubetune_operator.reconcile import Outcome, reconcile
+from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
 from kubetune_operator.trainer_metrics import MetricsParseError, parse_trainer_metrics
 from kubetune_operator.workqueue import WorkQueue
@@ -41,8 +41,7 @@ RECONCILE_LOGGER = logging.getLogger("kubetune_operator.reconcile")
 HANDLER_THREADS = 16
 """kopf's thread pool, which runs the create, update and resume handlers."""
 RECONCILE_THREADS = 8
-"""Threads reconciling FineTuneJobs on behalf of child events (kopf's own pool runs the create, update and
-resume handlers)."""
+"""The work queue's threads, which reconcile FineTuneJobs on behalf of child events."""
 WATCH_SERVER_TIMEOUT_SECONDS = 300
 """Ask the API server to end each watch after this long, so a silently dropped connection is noticed."""
 WATCH_CLIENT_TIMEOUT_SECONDS = 330
@@ -56,30 +55,39 @@ class _KeyedLocks:
     Passes are coalesced: while one pass already waits for a job's lock, another request for that job
     returns at once. The waiting pass reads the cluster after the newer request's event happened, so it
     sees everything that event reported; a burst of events (a pod's ADDED, scheduled, running; its Job's
-    active and ready) costs one or two passes instead of one each."""
+    active and ready) costs one or two passes instead of one each. The one thing the cluster may no longer
+    show is an ended pod that arrived only in an event, so a covered request hands those to the waiting
+    pass."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._waiting: set[tuple[str, str]] = set()
+        self._locks: dict[JobKey, threading.Lock] = {}
+        self._waiting: dict[JobKey, dict[str, Obj]] = {}
+        """Jobs whose lock a pass waits for, with the ended pods (by uid) handed to that pass."""
 
     @contextmanager
-    def hold(self, key: tuple[str, str]) -> Iterator[bool]:
-        """Yield True holding the job's lock, or False (holding nothing) when a waiting pass covers us."""
+    def hold(self, key: JobKey, event_pods: list[Obj]) -> Iterator[list[Obj] | None]:
+        """Yield the event pods the pass must see, holding the job's lock; or None (holding nothing) when a
+        waiting pass covers this request and has taken its ``event_pods``."""
         with self._guard:
-            covered = key in self._waiting
-            if not covered:
-                self._waiting.add(key)
+            handed = self._waiting.get(key)
+            if handed is None:
+                handed = self._waiting[key] = {}
                 lock = self._locks.setdefault(key, threading.Lock())
+                covered = False
+            else:
+                covered = True
+            for pod in event_pods:
+                handed[str((pod.get("metadata") or {}).get("uid") or "")] = pod
         if covered:
-            yield False
+            yield None
             return
         with lock:
             with self._guard:
-                self._waiting.discard(key)
-            yield True
+                pods = list(self._waiting.pop(key).values())
+            yield pods
 
-    def drop(self, key: tuple[str, str]) -> None:
+    def drop(self, key: JobKey) -> None:
         with self._guard:
             self._locks.pop(key, None)
 
@@ -120,12 +128,15 @@ def sync(
     logger: logging.Logger | Any,
     event_pods: list[Obj] | None = None,
 ) -> None:
-    """``event_pods``: ended trainer pods as their watch events carried them (with_finished_event_pods)."""
+    """``event_pods``: ended trainer pods as their watch events carried them (with_finished_event_pods).
+
+    A failed pass is counted here, once for every road in; each caller decides what the failure means for
+    it (kopf retries, the work queue retries, the scrape loop waits for its next round)."""
     io = runtime.io
     if io is None:
         raise RuntimeError("no API client: the startup hook has not run")
-    with runtime.locks.hold((namespace, name)) as holding:
-        if not holding:
+    with runtime.metrics.errors_counted(), runtime.locks.hold((namespace, name), event_pods or []) as pods:
+        if pods is None:
             return
         body = io.get_finetunejob(namespace, name)
         if body is None:
@@ -136,7 +147,7 @@ def sync(
         if job.metadata.deletion_timestamp:
             _track(runtime, namespace, name, running=False)
             return
-        seen = observe(io, job, scrape=scrape, logger=logger, event_pods=event_pods)
+        seen = observe(io, job, scrape=scrape, logger=logger, event_pods=pods)
         outcome = reconcile(job, seen, runtime.config)
         outcome = _apply_children(io, job, seen, outcome, runtime.config)
         if outcome.set_suspend is not None:
@@ -161,6 +172,8 @@ def observe(
     logger: logging.Logger | Any,
     event_pods: list[Obj] | None = None,
 ) -> Observed:
+    if is_finished(job.status):  # reconcile() never looks at a finished job's children again
+        return Observed(None, None, (), datetime.now(UTC))
     config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
     trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
     pods: tuple[Obj, ...] = ()
@@ -244,17 +257,12 @@ def _post_events(io: ClusterIO, job: FineTuneJob, outcome: Outcome, logger: logg
 def _run(memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any) -> None:
     if not namespace or not name:
         return
-    runtime = runtime_of(memo)
     try:
-        sync(runtime, namespace, name, scrape=scrape, logger=logger)
+        sync(runtime_of(memo), namespace, name, scrape=scrape, logger=logger)
     except (ApiException, OSError) as exc:
-        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
         raise kopf.TemporaryError(
             f"reconciling {namespace}/{name} failed: {exc}", delay=RETRY_DELAY_SECONDS
         ) from exc
-    except Exception as exc:
-        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
-        raise
 
 
 # --- handlers ---------------------------------------------------------------------------------------------
@@ -270,11 +278,7 @@ def scrape_job(runtime: Runtime, namespace: str, name: str) -> None:
     try:
         sync(runtime, namespace, name, scrape=True, logger=SCRAPE_LOGGER)
     except (ApiException, OSError) as exc:  # the next round tries again
-        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
         SCRAPE_LOGGER.warning("reconciling %s/%s while scraping failed: %s", namespace, name, exc)
-    except Exception as exc:
-        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
-        raise
 
 
 async def on_child_event(body: Any, namespace: str | None, memo: Any, **_: Any) -> None:
@@ -296,18 +300,11 @@ def queue_of(runtime: Runtime) -> WorkQueue:
 def start_queue(runtime: Runtime, threads: int = RECONCILE_THREADS) -> WorkQueue:
     """The queue of passes requested by child events, worked by ``threads`` threads."""
 
-    def work(key: tuple[str, str], finished_pods: list[Obj]) -> None:
+    def work(key: JobKey, finished_pods: list[Obj]) -> None:
         sync(runtime, key[0], key[1], scrape=False, logger=RECONCILE_LOGGER, event_pods=finished_pods)
 
-    def count(exc: BaseException) -> None:
-        runtime.metrics.reconcile_errors.labels(error=type(exc).__name__).inc()
-
     runtime.queue = WorkQueue(
-        work,
-        threads=threads,
-        retry_delay_seconds=RETRY_DELAY_SECONDS,
-        logger=RECONCILE_LOGGER,
-        on_error=count,
+        work, threads=threads, retry_delay_seconds=RETRY_DELAY_SECONDS, logger=RECONCILE_LOGGER
     )
     return runtime.queue
 
@@ -383,9 +380,9 @@ def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     return connection_info(load_api_client(), trust_env=settings.networking.trust_env)
 
 
-def register_handlers(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
-    """Attach every handler to ``registry``. Handlers read ``config`` from the Runtime in kopf's memo; no
-    registration depends on it."""
+def register_handlers(registry: kopf.OperatorRegistry) -> None:
+    """Attach every handler to ``registry``. Handlers read the operator's settings from the Runtime in
+    kopf's memo, so no registration depends on them."""
     ftj = (labels.GROUP, labels.VERSION, labels.PLURAL)
     kopf.on.startup(registry=registry)(on_startup)
     kopf.on.cleanup(registry=registry)(on_cleanup)

@@ -38,8 +38,8 @@ class ClusterIO(Protocol):
     def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
     def get_job(self, namespace: str, name: str) -> Obj | None: ...
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]: ...
-    def create(self, obj: Obj) -> Obj:
-        """Create a child; if it exists already (409), return the existing one. Raises Rejected on 422."""
+    def create(self, obj: Obj) -> None:
+        """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422."""
         ...
 
     def replace(self, obj: Obj) -> None: ...
@@ -159,18 +159,15 @@ class KubeIO:
         items = self._request("GET", _path("Pod", namespace), query=query).get("items") or []
         return [dict(item) for item in items]
 
-    def create(self, obj: Obj) -> Obj:
+    def create(self, obj: Obj) -> None:
         namespace = str(obj["metadata"]["namespace"])
         try:
-            return self._request("POST", _path(obj, namespace), body=obj)
+            self._request("POST", _path(obj, namespace), body=obj)
         except ApiException as exc:
-            if exc.status == 409:
-                existing = self._get_or_none(_path(obj, namespace, str(obj["metadata"]["name"])))
-                if existing is not None:
-                    return existing
             if exc.status == 422:
                 raise Rejected(_api_message(exc)) from exc
-            raise
+            if exc.status != 409:  # 409: an earlier pass created it; the next pass reads and compares it
+                raise
 
     def replace(self, obj: Obj) -> None:
         namespace, name = str(obj["metadata"]["namespace"]), str(obj["metadata"]["name"])
@@ -230,4 +227,4 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or exc.reason)
 
 
-__all__ = ["ClusterIO", "KubeIO", "Rejected", "load_api_client"]
+__all__ = ["ClusterIO", "KubeIO", "Rejected", "connection_info", "load_api_client"]

@@ -190,6 +190,9 @@ class FineTuneJobStatus(_Model):
 
 # --- the whole object -------------------------------------------------------------------------------------
 
+JobKey = tuple[str, str]
+"""(namespace, name) of a FineTuneJob: how the work queue, the per-job locks and the scrape loop name it."""
+
 
 class ObjectMeta(_Model):
     name: str

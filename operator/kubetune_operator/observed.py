@@ -76,7 +76,7 @@ def current_pod(pods: tuple[Obj, ...]) -> Obj | None:
 
 
 def last_finished_pod(pods: tuple[Obj, ...], phase: str) -> Obj | None:
-    """The newest pod in phase Failed or Succeeded."""
+    """The newest pod in ``phase`` (Failed or Succeeded)."""
     done = [p for p in pods if _get(p, "status", "phase") == phase]
     return max(done, key=_created) if done else None
 
@@ -90,7 +90,7 @@ def pod_to_scrape(pods: tuple[Obj, ...]) -> tuple[str, str] | None:
     ip = _get(pod, "status", "podIP")
     if not ip or container is None or "running" not in (container.get("state") or {}):
         return None
-    return str(_get(pod, "metadata", "name")), str(ip)
+    return pod_name(pod), str(ip)
 
 
 def pod_name(pod: Obj) -> str:
@@ -111,7 +111,7 @@ def unschedulable_message(pod: Obj) -> str | None:
         if (
             cond.get("type") == "PodScheduled"
             and cond.get("status") == "False"
-            and cond.get("reason") == ("Unschedulable")
+            and cond.get("reason") == "Unschedulable"
         ):
             return str(cond.get("message") or "no node fits the pod")
     return None

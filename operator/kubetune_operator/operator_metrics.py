@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -83,6 +84,15 @@ class OperatorMetrics(Collector):
                     loss=metrics.train_loss if metrics else None,
                     tokens_per_second=progress.tokens_per_second if progress else None,
                 )
+
+    @contextmanager
+    def errors_counted(self) -> Iterator[None]:
+        """Count an exception raised inside by its type, and let it through."""
+        try:
+            yield
+        except Exception as exc:
+            self.reconcile_errors.labels(error=type(exc).__name__).inc()
+            raise
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:

@@ -11,7 +11,8 @@ Lifecycle, each step with the condition reason a user reads:
     Running=False/TrainerPending | Unschedulable | ContainerNotStarting
        v
     Running=True/TrainerStarting -> Running=True/Training (progress + metrics scraped)
-       |-- attempt failed: Running=False/Restarting (status.restarts++) or /Preempted, then back
+       |-- attempt failed: Running=False/Restarting (status.restarts++); stopped from outside:
+       |   /Preempted or /Interrupted (not counted); then back
        v
     Succeeded/Completed (adapter record from the termination message)
     Failed/<trainer reason> | BackoffLimitExceeded | DeadlineExceeded | TrainerFailed | TrainerJobMissing
@@ -124,17 +125,15 @@ class _Status:
         self.conditions = cond.remove_condition(self.conditions, type_)
 
     def build(self) -> FineTuneJobStatus:
-        phase = cond.derive_phase(self.conditions)
-        status = self.old.model_copy(
+        return self.old.model_copy(
             update={
                 **self.fields,
                 "conditions": self.conditions,
-                "phase": phase,
+                "phase": cond.derive_phase(self.conditions),
                 "message": _headline(self.conditions),
                 "observed_generation": self.generation,
             }
         )
-        return status
 
 
 def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outcome:
@@ -549,29 +548,27 @@ def _attempt_detail(pod: Obj) -> str:
 
 
 def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) -> None:
-    old_progress = st.old.progress or Progress()
-    p = summary.progress or {}
-    step = _int(p.get("step"), old_progress.step)
-    total = _int(p.get("totalSteps"), old_progress.total_steps)
-    st.fields["progress"] = Progress(
-        step=step,
-        total_steps=total,
-        epoch=_num(p.get("epoch"), old_progress.epoch, 3),
-        percent=100.0 if finished else old_progress.percent,
-        eta_seconds=0 if finished else old_progress.eta_seconds,
-        tokens_per_second=_num(p.get("tokensPerSecond"), old_progress.tokens_per_second, 1),
-        trained_tokens=_int(p.get("trainedTokens"), old_progress.trained_tokens),
+    """The final progress and metrics the trainer reported on its way out, read like a last scrape."""
+    p, m = summary.progress or {}, summary.metrics or {}
+    _apply_sample(
+        st,
+        TrainerSample(
+            step=p.get("step"),
+            total_steps=p.get("totalSteps"),
+            epoch=p.get("epoch"),
+            tokens_per_second=p.get("tokensPerSecond"),
+            trained_tokens=p.get("trainedTokens"),
+            train_loss=m.get("trainLoss"),
+            eval_loss=m.get("evalLoss"),
+            learning_rate=m.get("learningRate"),
+            grad_norm=m.get("gradNorm"),
+            best_eval_loss=m.get("bestEvalLoss"),
+            best_step=m.get("bestStep"),
+        ),
     )
-    m = summary.metrics or {}
-    old_metrics = st.old.metrics or TrainingMetrics()
-    st.fields["metrics"] = TrainingMetrics(
-        train_loss=_sig(m.get("trainLoss"), old_metrics.train_loss),
-        eval_loss=_sig(m.get("evalLoss"), old_metrics.eval_loss),
-        learning_rate=_sig(m.get("learningRate"), old_metrics.learning_rate),
-        grad_norm=_sig(m.get("gradNorm"), old_metrics.grad_norm),
-        best_eval_loss=_sig(m.get("bestEvalLoss"), old_metrics.best_eval_loss),
-        best_step=_int(m.get("bestStep"), old_metrics.best_step),
-    )
+    if finished:
+        progress: Progress = st.fields["progress"]
+        st.fields["progress"] = progress.model_copy(update={"percent": 100.0, "eta_seconds": 0})
     _record_checkpoint(st, summary)
     if summary.provenance:
         st.fields["provenance"] = {**(st.old.provenance or {}), **summary.provenance}

@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-Key = tuple[str, str]
-"""(namespace, name) of a FineTuneJob."""
+from kubetune_operator.models import JobKey
 
 
 class ScrapeLoop:
@@ -30,7 +29,7 @@ class ScrapeLoop:
         self._scrape = scrape
         self._logger = logger or logging.getLogger("kubetune_operator.scraping")
         self._lock = threading.Lock()
-        self._running: set[Key] = set()
+        self._running: set[JobKey] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,7 +41,7 @@ class ScrapeLoop:
             else:
                 self._running.discard((namespace, name))
 
-    def running(self) -> list[Key]:
+    def running(self) -> list[JobKey]:
         with self._lock:
             return sorted(self._running)
 

@@ -13,7 +13,7 @@ from kubetune_operator import labels
 from kubetune_operator.builders.trainer_job import PVC_SCHEME, pvc_claim
 from kubetune_operator.models import FineTuneJob
 
-BASE_MODEL_SCHEMES = ("s3://", "hf://", "pvc://")
+BASE_MODEL_SCHEMES = ("s3://", "hf://", PVC_SCHEME)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 

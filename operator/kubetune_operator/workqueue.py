@@ -14,14 +14,13 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-Key = tuple[str, str]
-"""(namespace, name) of a FineTuneJob."""
-Obj = dict[str, Any]
-Work = Callable[[Key, list[Obj]], None]
+from kubetune_operator.models import JobKey
+from kubetune_operator.observed import Obj
+
+Work = Callable[[JobKey, list[Obj]], None]
 """Reconcile one FineTuneJob, given the finished pods that arrived with its events."""
 
 
@@ -33,19 +32,17 @@ class WorkQueue:
         threads: int,
         retry_delay_seconds: float,
         logger: logging.Logger | None = None,
-        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._work = work
         self._retry_delay = retry_delay_seconds
         self._logger = logger or logging.getLogger("kubetune_operator.workqueue")
-        self._on_error = on_error
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kubetune-reconcile")
         self._idle = threading.Condition()
-        self._waiting: dict[Key, dict[str, Obj]] = {}
+        self._waiting: dict[JobKey, dict[str, Obj]] = {}
         self._busy = 0
         self._closed = False
 
-    def add(self, key: Key, finished_pod: Obj | None = None) -> None:
+    def add(self, key: JobKey, finished_pod: Obj | None = None) -> None:
         """Ask for a pass over ``key``; ``finished_pod`` is an ended pod the pass must see even if it is gone
         from the API by then (its last state arrived only in the watch event)."""
         with self._idle:
@@ -61,30 +58,24 @@ class WorkQueue:
             self._busy += 1
         self._executor.submit(self._run, key)
 
-    def _run(self, key: Key) -> None:
+    def _run(self, key: JobKey) -> None:
         with self._idle:
             pods = list(self._waiting.pop(key, {}).values())
         try:
             self._work(key, pods)
         except (ApiException, OSError) as exc:
-            self._failed(exc)
             self._logger.warning(
                 "reconciling %s/%s failed: %s; again in %ss", key[0], key[1], exc, self._retry_delay
             )
             self._retry(key, pods)
-        except Exception as exc:
-            self._failed(exc)
+        except Exception:  # a bug: retrying would fail the same way
             self._logger.exception("reconciling %s/%s failed", key[0], key[1])
         finally:
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _failed(self, exc: BaseException) -> None:
-        if self._on_error is not None:
-            self._on_error(exc)
-
-    def _retry(self, key: Key, pods: list[Obj]) -> None:
+    def _retry(self, key: JobKey, pods: list[Obj]) -> None:
         def again() -> None:
             self.add(key)
             for pod in pods:

@@ -117,7 +117,7 @@ def kopf_grants() -> Grants:
     """kopf lists and watches every resource a handler is registered for, patches its bookkeeping
     (annotations) onto the resources with change handlers, and posts warnings as core Events."""
     registry = kopf.OperatorRegistry()
-    register_handlers(registry, OperatorConfig())
+    register_handlers(registry)
     grants: Grants = {("", "events"): {"create"}}
     for resource_registry, verbs in (
         (registry._watching, {"list", "watch"}),

@@ -76,14 +76,13 @@ class FakeCluster:
             and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
         ]
 
-    def create(self, obj: Obj) -> Obj:
+    def create(self, obj: Obj) -> None:
         self._check(f"create:{obj['kind']}")
         if obj["kind"] in self.reject_kinds:
             raise Rejected(self.reject_kinds[obj["kind"]])
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if key in self.objects:
-            return copy.deepcopy(self.objects[key])
-        return self.put(obj)
+        if key not in self.objects:
+            self.put(obj)
 
     def replace(self, obj: Obj) -> None:
         self._check(f"replace:{obj['kind']}")

@@ -93,6 +93,16 @@ def job_pod(cluster: FakeCluster, **kwargs: Any) -> dict[str, Any]:
     return cluster.put(pod)
 
 
+def complete_trainer_job(cluster: FakeCluster, memo: kopf.Memo) -> dict[str, Any]:
+    """The trainer exits 0 with its summary and its Job completes; the Job's watch event is delivered."""
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
+    job_pod(cluster, phase="Succeeded", terminated=terminated(0, success_summary()))
+    child_event(memo, job)
+    return job
+
+
 def test_create_makes_children_and_writes_status_once(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
@@ -158,11 +168,7 @@ def test_unreachable_trainer_metrics_do_not_fail_the_pass(cluster: FakeCluster, 
 def test_job_completion_records_the_adapter(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
-    job = cluster.get("Job", NAMESPACE, "a-trainer")
-    assert job is not None
-    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
-    job_pod(cluster, phase="Succeeded", terminated=terminated(0, success_summary()))
-    child_event(memo, job)
+    complete_trainer_job(cluster, memo)
     assert status(cluster)["phase"] == "Succeeded"
     assert status(cluster)["adapter"]["sha256"] == "ab" * 32
     assert ("Normal", "Completed", "a") in cluster.events
@@ -172,6 +178,21 @@ def test_job_completion_records_the_adapter(cluster: FakeCluster, memo: kopf.Mem
         == 1
     )
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Succeeded"}) == 1
+
+
+def test_a_finished_job_costs_no_reads_of_its_children(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    job = complete_trainer_job(cluster, memo)
+    assert status(cluster)["phase"] == "Succeeded"
+    before = dict(cluster.calls)
+    fire(memo)  # the operator restarted: @kopf.on.resume
+    child_event(memo, job)  # e.g. the Job removed by its TTL
+    assert {call: cluster.calls[call] - before[call] for call in before} == {
+        **dict.fromkeys(before, 0),
+        "get_finetunejob": 2,
+    }
+    assert status(cluster)["phase"] == "Succeeded"
 
 
 def test_stopped_pod_seen_only_in_its_watch_event_records_the_checkpoint(
@@ -237,14 +258,18 @@ def test_rejected_job_fails_with_child_rejected(cluster: FakeCluster, memo: kopf
     assert ("Warning", "ChildRejected", "a") in cluster.events
 
 
-def test_api_errors_become_temporary_errors_and_are_counted(cluster: FakeCluster, memo: kopf.Memo) -> None:
+def test_api_errors_are_counted_on_every_road_and_retried_there(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
     cluster.put(make_job())
     cluster.fail_with = ApiException(status=500, reason="etcdserver: request timed out")
     with pytest.raises(kopf.TemporaryError):
-        fire(memo)
+        fire(memo)  # kopf retries after the error's delay
+    scrape_job(runtime(memo), NAMESPACE, "a")  # logged; the next round tries again
+    child_event(memo, make_pod())  # the work queue tries again after its delay
     registry = runtime(memo).metrics.registry
     assert (
-        registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1
+        registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 3
     )
 
 
@@ -290,9 +315,9 @@ def test_status_patch_nulls_dropped_fields() -> None:
     }
 
 
-def test_register_handlers_wires_every_trigger(config: OperatorConfig) -> None:
+def test_register_handlers_wires_every_trigger() -> None:
     registry = kopf.OperatorRegistry()
-    register_handlers(registry, OperatorConfig(scrape_interval_seconds=3))
+    register_handlers(registry)
     changing = registry._changing.get_all_handlers()
     triggers = {"resume" if h.initial else h.reason for h in changing if h.fn is on_finetunejob}
     assert triggers == {"resume", causes.Reason.CREATE, causes.Reason.UPDATE}
@@ -325,10 +350,7 @@ def test_scrape_loop_follows_the_phase_each_pass_computes(cluster: FakeCluster, 
     )
     assert rt.scraper.run_round() == 1
     assert status(cluster)["progress"]["step"] == 7
-    job = cluster.get("Job", NAMESPACE, "a-trainer")
-    assert job is not None
-    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
-    child_event(memo, job)
+    complete_trainer_job(cluster, memo)
     assert rt.scraper.running() == []
     scrapes = cluster.calls["scrape"]
     assert rt.scraper.run_round() == 0 and cluster.calls["scrape"] == scrapes
@@ -347,8 +369,8 @@ def test_a_waiting_pass_covers_later_requests_for_the_same_job(cluster: FakeClus
     fire(memo)
     rt = runtime(memo)
     reads = cluster.calls["get_finetunejob"]
-    with rt.locks.hold((NAMESPACE, "a")) as holding:
-        assert holding
+    with rt.locks.hold((NAMESPACE, "a"), []) as pods:
+        assert pods is not None
         # Another thread waits for the lock; two more events arrive meanwhile.
         waiter = threading.Thread(target=fire, args=(memo,))
         waiter.start()
@@ -361,6 +383,37 @@ def test_a_waiting_pass_covers_later_requests_for_the_same_job(cluster: FakeClus
     assert cluster.calls["get_finetunejob"] == reads + 1  # one pass for three requests
     fire(memo)  # nothing waits any more: a new request runs its own pass
     assert cluster.calls["get_finetunejob"] == reads + 2
+
+
+def test_a_covered_request_hands_its_ended_pods_to_the_waiting_pass(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    """The waiting pass lists pods from the API, where a stopped pod may already be gone: the ended pod a
+    skipped request carried must reach that pass, or its checkpoint is lost."""
+    cluster.put(make_job())
+    fire(memo)
+    summary = contract.TerminationSummary(
+        outcome="Failed",
+        reason=contract.TrainerReason.INTERRUPTED,
+        checkpoint={"uri": "s3://adapters/support-bot/checkpoints/step-70/", "step": 70},
+    ).to_json()
+    stopped = job_pod(cluster, phase="Failed", terminated=terminated(contract.EXIT_CODE_INTERRUPTED, summary))
+    cluster.delete("Pod", NAMESPACE, stopped["metadata"]["name"])
+    rt = runtime(memo)
+    with rt.locks.hold((NAMESPACE, "a"), []) as pods:
+        assert pods is not None
+        waiter = threading.Thread(target=fire, args=(memo,))  # a pass that carries no pods
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while (NAMESPACE, "a") not in rt.locks._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handlers.sync(rt, NAMESPACE, "a", scrape=False, logger=LOG, event_pods=[stopped])  # covered
+        assert "checkpoint" not in status(cluster)
+    waiter.join(5)
+    assert status(cluster)["checkpoint"] == {
+        "uri": "s3://adapters/support-bot/checkpoints/step-70/",
+        "step": 70,
+    }
 
 
 def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:

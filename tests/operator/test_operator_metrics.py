@@ -95,9 +95,3 @@ def test_start_and_duration_are_observed_once_at_their_transition() -> None:
     metrics.record("ml", "a", ts(0), done, done)
     assert _value(metrics, "kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"}) == 1
     assert _value(metrics, "kubetune_operator_job_duration_seconds_sum", {"outcome": "Succeeded"}) == 600
-
-
-def test_reconcile_errors_counter_is_exposed() -> None:
-    metrics = OperatorMetrics()
-    metrics.reconcile_errors.labels(error="ApiException").inc()
-    assert _value(metrics, "kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 1

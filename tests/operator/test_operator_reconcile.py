@@ -49,9 +49,14 @@ def config_map() -> Obj:
     return {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {}}
 
 
+def observed_children(**kwargs: Any) -> Observed:
+    """What a pass observes once the ConfigMap exists: ``trainer_job``, ``pods``, ``sample``, ``now``."""
+    return observed(config_map=config_map(), **kwargs)
+
+
 RUNNING_POD = make_pod(phase="Running", ip="10.0.0.7", running_since=ts(30))
 CREATED = observed()
-RUNNING = observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD])
+RUNNING = observed_children(trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD])
 TRAINING_SAMPLE = TrainerSample(
     step=100, total_steps=400, epoch=0.75, train_loss=1.52341234, tokens_per_second=51234.56
 )
@@ -126,7 +131,7 @@ CASES = [
         make_job(queue_name="gpu-queue"),
         [
             CREATED,
-            observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[make_pod()]),
+            observed_children(trainer_job=make_trainer_job(active=1), pods=[make_pod()]),
         ],
         "Pending",
         {
@@ -139,7 +144,7 @@ CASES = [
     Case(
         "still queued: Kueue has not admitted -> stays Queued, no patch",
         make_job(queue_name="gpu-queue"),
-        [CREATED, observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True))],
+        [CREATED, observed_children(trainer_job=make_trainer_job(suspend=True))],
         "Suspended",
         {"Suspended": (T, "Queued")},
     ),
@@ -156,7 +161,7 @@ CASES = [
         "suspended job resumed -> Job patched suspend=false, Resumed",
         make_job(suspend=False),
         [
-            observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True)),
+            observed_children(trainer_job=make_trainer_job(suspend=True)),
         ],
         "Pending",
         {"Suspended": (F, "NotSuspended"), "Running": (F, "Created")},
@@ -168,8 +173,7 @@ CASES = [
         make_job(),
         [
             CREATED,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1),
                 pods=[make_pod(unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")],
             ),
@@ -184,8 +188,7 @@ CASES = [
         make_job(),
         [
             CREATED,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1),
                 pods=[make_pod(waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))],
             ),
@@ -208,8 +211,7 @@ CASES = [
         make_job(),
         [
             CREATED,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1),
                 pods=[RUNNING_POD],
                 sample=TRAINING_SAMPLE,
@@ -225,8 +227,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1, failed=1),
                 pods=[
                     make_pod(
@@ -252,8 +253,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1),
                 pods=[
                     make_pod(phase="Failed", created=2, disrupted=True, terminated=terminated(143)),
@@ -271,8 +271,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=0),
                 pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
             ),
@@ -287,8 +286,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
                 ),
@@ -312,8 +310,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]
                 ),
@@ -344,8 +341,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]
                 ),
@@ -369,8 +365,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]
                 ),
@@ -388,8 +383,7 @@ CASES = [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     failed=1,
                     conditions=[job_condition("Failed", "PodFailurePolicy", "container trainer exited 2")],
@@ -409,7 +403,7 @@ CASES = [
     Case(
         "trainer Job deleted mid-run -> Failed TrainerJobMissing, never re-created",
         make_job(),
-        [CREATED, RUNNING, observed(config_map=config_map())],
+        [CREATED, RUNNING, observed_children()],
         "Failed",
         {"Failed": (T, "TrainerJobMissing"), "Stalled": (T, "TrainerJobMissing")},
         events=["TrainerJobMissing"],
@@ -423,8 +417,7 @@ CASES += [
         make_job(),
         [
             CREATED,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("SuccessCriteriaMet")]),
                 pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
             ),
@@ -439,8 +432,7 @@ CASES += [
         make_job(),
         [
             CREATED,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     failed=1, conditions=[job_condition("FailureTarget", "PodFailurePolicy")]
                 ),
@@ -462,8 +454,7 @@ CASES += [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(failed=1),
                 pods=[
                     make_pod(phase="Failed", terminated=terminated(2, failure_summary("AccessDenied", "403")))
@@ -505,8 +496,7 @@ CASES += [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=1),
                 pods=[stopped_pod(), make_pod(created=300)],
             ),
@@ -523,8 +513,7 @@ CASES += [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(active=0),
                 pods=[make_pod(phase="Failed", terminated=terminated(contract.EXIT_CODE_INTERRUPTED))],
             ),
@@ -539,9 +528,7 @@ CASES += [
         make_job(suspend=True),
         [
             RUNNING,
-            observed(
-                config_map=config_map(), trainer_job=make_trainer_job(suspend=True), pods=[stopped_pod()]
-            ),
+            observed_children(trainer_job=make_trainer_job(suspend=True), pods=[stopped_pod()]),
         ],
         "Suspended",
         {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
@@ -553,8 +540,7 @@ CASES += [
         [
             CREATED,
             RUNNING,
-            observed(
-                config_map=config_map(),
+            observed_children(
                 trainer_job=make_trainer_job(
                     conditions=[job_condition("Failed", "MaxFailedIndexesExceeded", "the Job gave up")]
                 ),
@@ -600,8 +586,7 @@ def test_new_job_records_trainer_job_and_provenance(config: OperatorConfig) -> N
 
 
 def test_training_progress_and_metrics_from_the_scrape(config: OperatorConfig) -> None:
-    seen = observed(
-        config_map=config_map(),
+    seen = observed_children(
         trainer_job=make_trainer_job(active=1),
         pods=[RUNNING_POD],
         sample=TRAINING_SAMPLE,
@@ -617,8 +602,7 @@ def test_training_progress_and_metrics_from_the_scrape(config: OperatorConfig) -
 
 
 def test_without_a_new_scrape_progress_and_training_state_are_kept(config: OperatorConfig) -> None:
-    scraped = observed(
-        config_map=config_map(),
+    scraped = observed_children(
         trainer_job=make_trainer_job(active=1),
         pods=[RUNNING_POD],
         sample=TRAINING_SAMPLE,
@@ -633,8 +617,7 @@ def test_without_a_new_scrape_progress_and_training_state_are_kept(config: Opera
 
 def test_condition_time_survives_progress_updates(config: OperatorConfig) -> None:
     def scraped(step: int, now: float) -> Observed:
-        return observed(
-            config_map=config_map(),
+        return observed_children(
             trainer_job=make_trainer_job(active=1),
             pods=[RUNNING_POD],
             sample=TrainerSample(step=step, total_steps=400),
@@ -649,8 +632,7 @@ def test_condition_time_survives_progress_updates(config: OperatorConfig) -> Non
 
 
 def test_restarts_follow_the_jobs_failed_count(config: OperatorConfig) -> None:
-    retry = observed(
-        config_map=config_map(),
+    retry = observed_children(
         trainer_job=make_trainer_job(active=1, failed=2),
         pods=[make_pod(phase="Failed", terminated=terminated(1)), make_pod(created=50)],
     )
@@ -660,8 +642,7 @@ def test_restarts_follow_the_jobs_failed_count(config: OperatorConfig) -> None:
 
 
 def test_success_record_progress_and_times(config: OperatorConfig) -> None:
-    done = observed(
-        config_map=config_map(),
+    done = observed_children(
         trainer_job=make_trainer_job(
             succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
         ),
@@ -681,8 +662,7 @@ def test_success_record_progress_and_times(config: OperatorConfig) -> None:
 
 
 def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
-    done = observed(
-        config_map=config_map(),
+    done = observed_children(
         trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
         pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary("s3://models/out/")))],
     )
@@ -693,8 +673,7 @@ def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
 
 
 def test_success_without_readable_summary_still_succeeds_and_says_why(config: OperatorConfig) -> None:
-    done = observed(
-        config_map=config_map(),
+    done = observed_children(
         trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
     )
     _, outcome = chain(make_job(), [CREATED, done], config)
@@ -705,8 +684,7 @@ def test_success_without_readable_summary_still_succeeds_and_says_why(config: Op
 
 
 def test_backoff_failure_counts_restarts(config: OperatorConfig) -> None:
-    failed = observed(
-        config_map=config_map(),
+    failed = observed_children(
         trainer_job=make_trainer_job(failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
         pods=[make_pod(phase="Failed", terminated=terminated(1))],
     )
@@ -716,9 +694,33 @@ def test_backoff_failure_counts_restarts(config: OperatorConfig) -> None:
     assert all(e.type == "Warning" for e in outcome.events)
 
 
+def test_a_failed_runs_last_summary_sets_progress_and_metrics(config: OperatorConfig) -> None:
+    scraped = observed_children(
+        trainer_job=make_trainer_job(active=1),
+        pods=[RUNNING_POD],
+        sample=TRAINING_SAMPLE,
+    )
+    last_words = contract.TerminationSummary(
+        outcome="Failed",
+        reason="StorageError",
+        message="throttled",
+        progress={"step": 120, "totalSteps": 400},
+        metrics={"trainLoss": 1.4},
+    ).to_json()
+    failed = observed_children(
+        trainer_job=make_trainer_job(failed=4, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(1, last_words))],
+    )
+    _, outcome = chain(make_job(), [CREATED, scraped, failed], config)
+    progress, metrics = outcome.status.progress, outcome.status.metrics
+    assert progress is not None and metrics is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (120, 400, 30.0)
+    assert progress.epoch == 0.75  # not in the summary: the last scraped value stays
+    assert metrics.train_loss == 1.4
+
+
 def test_finished_job_whose_trainer_job_was_removed_by_ttl_keeps_its_record(config: OperatorConfig) -> None:
-    done = observed(
-        config_map=config_map(),
+    done = observed_children(
         trainer_job=make_trainer_job(
             succeeded=1, conditions=[job_condition("Complete")], completion_time=ts(400)
         ),
@@ -732,8 +734,7 @@ def test_finished_job_whose_trainer_job_was_removed_by_ttl_keeps_its_record(conf
 
 
 def test_reapplying_a_finished_job_never_retrains(config: OperatorConfig) -> None:
-    failed = observed(
-        config_map=config_map(),
+    failed = observed_children(
         trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "DeadlineExceeded")]),
     )
     body, _ = chain(make_job(), [CREATED, failed], config)
@@ -805,8 +806,7 @@ def test_unparseable_spec_names_the_field(config: OperatorConfig) -> None:
 
 def test_long_messages_keep_their_end(config: OperatorConfig) -> None:
     tail = "x" * 3000 + " the real error"
-    failed = observed(
-        config_map=config_map(),
+    failed = observed_children(
         trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
         pods=[make_pod(phase="Failed", terminated=terminated(2, tail))],
     )
@@ -827,7 +827,7 @@ def test_suspend_then_resume_emits_suspended_then_resumed(config: OperatorConfig
     assert suspended.set_suspend is True
     assert [e.reason for e in suspended.events] == ["Suspended"]
     body["spec"]["suspend"] = False
-    paused = observed(config_map=config_map(), trainer_job=make_trainer_job(suspend=True))
+    paused = observed_children(trainer_job=make_trainer_job(suspend=True))
     _, resumed = chain(body, [paused], config)
     assert resumed.set_suspend is False
     assert conds(resumed.status)["Suspended"] == (F, "Resumed")
@@ -853,7 +853,7 @@ def test_an_older_checkpoint_never_replaces_a_newer_one(config: OperatorConfig) 
         make_job(),
         [
             CREATED,
-            observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod()]),
+            observed_children(trainer_job=make_trainer_job(active=1), pods=[stopped_pod()]),
         ],
         config,
     )
@@ -865,26 +865,21 @@ def test_an_older_checkpoint_never_replaces_a_newer_one(config: OperatorConfig) 
     second = make_pod(phase="Failed", created=200, terminated=terminated(143, newer))
     body, outcome = chain(
         body,
-        [
-            observed(
-                config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod(), second]
-            )
-        ],
+        [observed_children(trainer_job=make_trainer_job(active=1), pods=[stopped_pod(), second])],
         config,
     )
     assert outcome.status.checkpoint is not None and outcome.status.checkpoint.step == 300
     # The first pod's summary (step 120) is read again on a later pass: the record stays at 300.
     _, again = chain(
         body,
-        [observed(config_map=config_map(), trainer_job=make_trainer_job(active=1), pods=[stopped_pod()])],
+        [observed_children(trainer_job=make_trainer_job(active=1), pods=[stopped_pod()])],
         config,
     )
     assert again.status.checkpoint is not None and again.status.checkpoint.step == 300
 
 
 def test_interruptions_do_not_count_as_restarts_or_failures(config: OperatorConfig) -> None:
-    seen = observed(
-        config_map=config_map(),
+    seen = observed_children(
         trainer_job=make_trainer_job(active=1),
         pods=[stopped_pod(), stopped_pod(created=100), make_pod(created=300)],
     )
