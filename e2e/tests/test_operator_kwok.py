@@ -202,6 +202,50 @@ def test_suspend_and_resume(kube: KubeClient, ns: str) -> None:
     )
 
 
+def events_of(kube: KubeClient, ns: str, name: str, reason: str) -> list[JSON]:
+    listed = kube.get(
+        f"/api/v1/namespaces/{ns}/events",
+        fieldSelector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob,reason={reason}",
+    )
+    items: list[JSON] = listed.get("items") or []
+    return items
+
+
+def test_spec_edits_on_a_running_job_reach_its_trainer_job_or_warn(kube: KubeClient, ns: str) -> None:
+    kube.create(ftj_path(ns), make_ftj("edited", placement=ON_KWOK))
+    wait_trainer_pod(kube, ns, "edited")
+    wait_phase(kube, ns, "edited", "Running")
+    job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/edited-trainer"
+    assert kube.get(job_path)["spec"]["backoffLimit"] == 3
+
+    kube.patch(ftj_path(ns, "edited"), {"spec": {"backoffLimit": 7, "activeDeadlineSeconds": 86400}})
+    job = kube.wait_for(
+        job_path,
+        lambda j: (j["spec"].get("backoffLimit"), j["spec"].get("activeDeadlineSeconds")) == (7, 86400),
+        timeout=30,
+        what="the trainer Job to take the edited backoffLimit and activeDeadlineSeconds",
+    )
+    assert job["spec"]["suspend"] is False
+    kube.wait_for(
+        f"/api/v1/namespaces/{ns}",
+        lambda _: bool(events_of(kube, ns, "edited", "TrainerJobUpdated")),
+        timeout=30,
+        what="a TrainerJobUpdated Event",
+    )
+
+    template = job["spec"]["template"]
+    kube.patch(ftj_path(ns, "edited"), {"spec": {"trainer": {"image": "registry.example/trainer:edited"}}})
+    kube.wait_for(
+        f"/api/v1/namespaces/{ns}",
+        lambda _: bool(events_of(kube, ns, "edited", "SpecChangeNotApplied")),
+        timeout=30,
+        what="a SpecChangeNotApplied Event",
+    )
+    (event,) = events_of(kube, ns, "edited", "SpecChangeNotApplied")
+    assert event["type"] == "Warning" and event["message"].startswith("spec.trainer.image changed")
+    assert kube.get(job_path)["spec"]["template"] == template
+
+
 def test_delete_cascades_to_children(kube: KubeClient, ns: str) -> None:
     kube.create(ftj_path(ns), make_ftj("doomed", placement=ON_KWOK))
     wait_trainer_pod(kube, ns, "doomed")

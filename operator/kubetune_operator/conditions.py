@@ -32,7 +32,8 @@ FALSE: Final = "False"
 
 
 class Reason:
-    """Every reason the operator writes on a condition (CamelCase, stable: users and alerts match on them)."""
+    """Every reason the operator writes on a condition or an Event (CamelCase, stable: users and alerts match
+    on them)."""
 
     # Validated
     SPEC_VALID = "SpecValid"
@@ -108,6 +109,15 @@ class Reason:
     """Reconciling=False: the job is suspended or queued and waits for a change from outside."""
     PROGRESSING = "Progressing"
     """Stalled=False: nothing blocks the job."""
+
+    # Events only: a spec edit made while the trainer Job exists
+    TRAINER_JOB_UPDATED = "TrainerJobUpdated"
+    """Normal Event: an edit of spec.backoffLimit, spec.activeDeadlineSeconds or spec.ttlSecondsAfterFinished
+    was copied onto the unfinished trainer Job; the message lists each field's old and new value."""
+    SPEC_CHANGE_NOT_APPLIED = "SpecChangeNotApplied"
+    """Warning Event, once per generation: spec fields that shape the trainer pod (spec.resources,
+    spec.trainer, spec.queueName) changed after the trainer Job was created, which cannot take them; the
+    message names them and says to delete and re-create the FineTuneJob to apply them."""
 
 
 TRAINER_REASONS: Final = frozenset(

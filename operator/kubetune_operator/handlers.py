@@ -5,9 +5,11 @@ pod events queue their FineTuneJob in the ``WorkQueue`` (deduplicated, worked by
 ``ScrapeLoop`` calls it with ``scrape=True`` for each running job, once per interval.
 
 ``sync()`` reads the FineTuneJob and its children through the injected ``ClusterIO``, calls the pure
-``reconcile()``, creates what is missing, patches the trainer Job's ``suspend``, writes the status once (only
-when it changed) and posts an Event per condition transition. Handlers never return values (kopf would store
-them under ``status``) and keep kopf's own bookkeeping in ``kubetune.io/`` annotations.
+``reconcile()``, creates what is missing, patches the trainer Job's spec fields that follow edits (suspend,
+backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished), writes the status once (only when it changed)
+and posts an Event per condition transition and per spec edit applied or not applicable. Handlers never
+return values (kopf would store them under ``status``) and keep kopf's own bookkeeping in ``kubetune.io/``
+annotations.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def sync(
         outcome = _apply_children(io, job, seen, outcome, runtime.config)
         if outcome.set_suspend is not None:
             io.patch_job_suspend(namespace, labels.trainer_job_name(name), outcome.set_suspend)
+        if outcome.job_spec_patch:
+            io.patch_job_spec(namespace, labels.trainer_job_name(name), outcome.job_spec_patch)
         if outcome.status_changed(job.status):
             io.patch_status(namespace, name, status_patch(job.status, outcome.status))
         _post_events(io, job, outcome, logger)

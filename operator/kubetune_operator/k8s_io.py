@@ -44,6 +44,10 @@ class ClusterIO(Protocol):
 
     def replace(self, obj: Obj) -> None: ...
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
+    def patch_job_spec(self, namespace: str, name: str, spec_patch: Obj) -> None:
+        """Apply a JSON merge patch to a Job's spec (null removes a field)."""
+        ...
+
     def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None: ...
     def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None: ...
     def scrape(self, pod_ip: str, port: int) -> str:
@@ -176,10 +180,13 @@ class KubeIO:
         )
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.patch_job_spec(namespace, name, {"suspend": suspend})
+
+    def patch_job_spec(self, namespace: str, name: str, spec_patch: Obj) -> None:
         self._request(
             "PATCH",
             _path("Job", namespace, name),
-            body={"spec": {"suspend": suspend}},
+            body={"spec": spec_patch},
             content_type="application/merge-patch+json",
         )
 

@@ -29,6 +29,9 @@ LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 ANNOTATION_PREFIX: Final = GROUP
 """kopf keeps its progress and diff-base annotations under this prefix."""
 FINALIZER: Final = f"{GROUP}/finalizer"
+ANNOTATION_BUILT_FROM: Final = f"{GROUP}/built-from"
+"""On the trainer Job: a hash of each FineTuneJob spec field its pod template and labels were built from, so
+a later pass can name the fields edited since (they cannot reach an existing Job)."""
 
 TRAINER_CONTAINER: Final = "trainer"
 METRICS_PORT_NAME: Final = "metrics"

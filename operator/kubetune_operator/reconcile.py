@@ -19,6 +19,12 @@ Lifecycle, each step with the condition reason a user reads:
 
 A finished FineTuneJob (Succeeded or Failed, except the fixable InvalidSpec/ChildRejected) never creates a
 child again: re-applying a manifest never retrains.
+
+Spec edits while the trainer Job exists and is unfinished: spec.suspend, spec.backoffLimit,
+spec.activeDeadlineSeconds and spec.ttlSecondsAfterFinished are patched onto the Job (Event
+TrainerJobUpdated); edits of the fields the Job's pod template and labels were built from cannot reach it and
+are reported once per generation (Warning SpecChangeNotApplied), judged against the hashes the builder wrote
+on the Job, so the check needs no memory of earlier passes.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from kubetune_operator.builders import (
     desired_suspend,
     render_trainer_config,
 )
-from kubetune_operator.builders.trainer_job import trainer_image
+from kubetune_operator.builders.trainer_job import built_from, trainer_image, updatable_job_fields
 from kubetune_operator.conditions import FALSE, TRUE, Reason
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.models import (
@@ -91,6 +97,9 @@ class Outcome:
     """Children to overwrite: only the ConfigMap, and only before the trainer Job exists."""
     set_suspend: bool | None
     """Patch the trainer Job's spec.suspend to this value; None: leave it."""
+    job_spec_patch: Obj
+    """A JSON merge patch for the trainer Job's spec (spec fields that follow edits; null removes one);
+    empty: leave it."""
     status: FineTuneJobStatus
     events: tuple[Event, ...]
 
@@ -141,7 +150,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     old = job.status
     st = _Status(old, job.metadata.generation, now)
     if is_finished(old):
-        return Outcome((), (), None, st.build(), ())
+        return Outcome((), (), None, {}, st.build(), ())
 
     started = bool(old.trainer_job) or seen.trainer_job is not None
     problems = validate(job)
@@ -176,6 +185,8 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         replace.append(desired_config)
 
     set_suspend: bool | None = None
+    job_spec_patch: Obj = {}
+    spec_events: tuple[Event, ...] = ()
     trainer_job = seen.trainer_job
     if trainer_job is None and old.trainer_job:
         _finish_failed(
@@ -205,7 +216,9 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     else:
         st.fields["trainer_job"] = str(trainer_job["metadata"]["name"])
         set_suspend = _follow_job(st, job, spec, trainer_job, seen)
-    return _outcome(st, old, tuple(create), tuple(replace), set_suspend)
+        if not is_finished(st.build()):
+            job_spec_patch, spec_events = _spec_edits(job, trainer_job)
+    return _outcome(st, old, tuple(create), tuple(replace), set_suspend, job_spec_patch, spec_events)
 
 
 # --- following the trainer Job ----------------------------------------------------------------------------
@@ -262,6 +275,56 @@ def _follow_job(
         st.set(cond.SUSPENDED, FALSE, Reason.NOT_SUSPENDED, "the job is not suspended")
     _trainer_progress(st, trainer_job, seen)
     return set_suspend
+
+
+def _spec_edits(job: FineTuneJob, trainer_job: Obj) -> tuple[Obj, tuple[Event, ...]]:
+    """The merge patch that brings the Job's updatable fields in line with the spec, and the Events that
+    say what was applied and what cannot be."""
+    job_name = str(trainer_job["metadata"]["name"])
+    current = trainer_job.get("spec") or {}
+    patch: Obj = {
+        name: value for name, value in updatable_job_fields(job).items() if current.get(name) != value
+    }
+    events: list[Event] = []
+    if patch:
+        changes = ", ".join(
+            f"spec.{name} {_shown(current.get(name))} -> {_shown(value)}" for name, value in patch.items()
+        )
+        events.append(
+            Event("Normal", Reason.TRAINER_JOB_UPDATED, f"trainer Job {job_name} updated: {changes}")
+        )
+    first_pass_of_generation = job.status.observed_generation != job.metadata.generation
+    stale = _fields_edited_since_built(job, trainer_job) if first_pass_of_generation else []
+    if stale:
+        events.append(
+            Event(
+                "Warning",
+                Reason.SPEC_CHANGE_NOT_APPLIED,
+                f"{', '.join(stale)} changed after trainer Job {job_name} was created; they apply only to a "
+                "trainer Job created from now on, so this run keeps the pod template it started with: "
+                "delete and re-create the FineTuneJob to apply them",
+            )
+        )
+    return patch, tuple(events)
+
+
+def _fields_edited_since_built(job: FineTuneJob, trainer_job: Obj) -> list[str]:
+    """Spec fields whose hash differs from the one the builder recorded on the Job. A Job without the record
+    (or with one this version cannot read) reports nothing: there is nothing to compare with."""
+    annotations = (trainer_job.get("metadata") or {}).get("annotations") or {}
+    try:
+        recorded = json.loads(annotations.get(labels.ANNOTATION_BUILT_FROM) or "{}")
+    except ValueError:
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [
+        field for field, digest in built_from(job).items() if field in recorded and recorded[field] != digest
+    ]
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
 
 
 def _suspended(st: _Status, spec: FineTuneJobSpec) -> None:
@@ -594,11 +657,12 @@ def _outcome(
     create: tuple[Obj, ...],
     replace: tuple[Obj, ...],
     set_suspend: bool | None,
+    job_spec_patch: Obj | None = None,
+    spec_events: tuple[Event, ...] = (),
 ) -> Outcome:
     status = st.build()
-    return Outcome(
-        create, replace, set_suspend, status, _transition_events(old.conditions, status.conditions)
-    )
+    events = _transition_events(old.conditions, status.conditions) + spec_events
+    return Outcome(create, replace, set_suspend, job_spec_patch or {}, status, events)
 
 
 EVENT_CONDITIONS = (cond.VALIDATED, cond.SUSPENDED, cond.RUNNING, cond.SUCCEEDED, cond.FAILED)

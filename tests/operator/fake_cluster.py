@@ -94,6 +94,12 @@ class FakeCluster:
         assert job is not None, "patching a Job that does not exist"
         job["spec"]["suspend"] = suspend
 
+    def patch_job_spec(self, namespace: str, name: str, spec_patch: Obj) -> None:
+        self._check("patch_job_spec")
+        job = self.get("Job", namespace, name)
+        assert job is not None, "patching a Job that does not exist"
+        _merge(job["spec"], spec_patch)
+
     def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None:
         self._check("patch_status")
         job = self.get("FineTuneJob", namespace, name)

@@ -29,6 +29,8 @@ def job_for(**kwargs: Any) -> Any:
 
 def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
     manifest = build_trainer_job(job_for(), config)
+    built_from = json.loads(manifest["metadata"].pop("annotations")["kubetune.io/built-from"])
+    assert set(built_from) == {"spec.resources", "spec.trainer.image", "spec.trainer.env", "spec.queueName"}
     assert manifest == {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -310,3 +312,40 @@ def test_lora_target_modules_and_dataset_options(config: OperatorConfig) -> None
         column_map={"instruction": "question"},
         max_seq_length=4096,
     )
+
+
+def built_from(config: OperatorConfig, **spec: Any) -> dict[str, str]:
+    manifest = build_trainer_job(job_for(**spec), config)
+    recorded: dict[str, str] = json.loads(manifest["metadata"]["annotations"]["kubetune.io/built-from"])
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("edit", "changed"),
+    [
+        ({"resources": {"gpus": 2}}, {"spec.resources"}),
+        ({"trainer": {"image": "registry.example/trainer:v2"}}, {"spec.trainer.image"}),
+        ({"trainer": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}, {"spec.trainer.env"}),
+        ({"queueName": "gpu-queue"}, {"spec.queueName"}),
+        ({"backoffLimit": 7, "activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 5}, set()),
+        ({"suspend": True}, set()),
+    ],
+)
+def test_trainer_job_records_a_hash_of_each_field_its_pod_was_built_from(
+    edit: dict[str, Any], changed: set[str], config: OperatorConfig
+) -> None:
+    before, after = built_from(config), built_from(config, **edit)
+    assert {field for field in before if before[field] != after[field]} == changed
+
+
+def test_trainer_job_carries_the_updatable_fields_only_when_set(config: OperatorConfig) -> None:
+    spec = build_trainer_job(
+        job_for(backoffLimit=0, activeDeadlineSeconds=3600, ttlSecondsAfterFinished=0), config
+    )["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (
+        0,
+        3600,
+        0,
+    )
+    unset = build_trainer_job(job_for(), config)["spec"]
+    assert "activeDeadlineSeconds" not in unset and "ttlSecondsAfterFinished" not in unset

@@ -247,6 +247,27 @@ def test_suspend_update_patches_the_trainer_job(cluster: FakeCluster, memo: kopf
     assert ("Normal", "Suspended", "a") in cluster.events
 
 
+def test_spec_edits_reach_the_trainer_job_or_warn_once(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    body = cluster.get("FineTuneJob", NAMESPACE, "a")
+    assert body is not None
+    body["spec"]["backoffLimit"] = 8
+    body["spec"]["ttlSecondsAfterFinished"] = 300
+    body["spec"]["resources"] = {"gpus": 2}
+    body["metadata"]["generation"] = 2
+    fire(memo)
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    assert (job["spec"]["backoffLimit"], job["spec"]["ttlSecondsAfterFinished"]) == (8, 300)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert ("Normal", "TrainerJobUpdated", "a") in cluster.events
+    assert ("Warning", "SpecChangeNotApplied", "a") in cluster.events
+    patches, events = cluster.calls["patch_job_spec"], len(cluster.events)
+    fire(memo)  # the same generation again: nothing left to patch, nothing new to say
+    assert cluster.calls["patch_job_spec"] == patches and len(cluster.events) == events
+
+
 def test_rejected_job_fails_with_child_rejected(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     cluster.reject_kinds["Job"] = 'spec.template.spec.priorityClassName: Invalid value: "Bad_Name"'

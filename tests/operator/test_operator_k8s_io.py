@@ -32,12 +32,19 @@ class ScriptedApiClient:
     def __init__(self, answers: dict[str, tuple[int, Obj]]) -> None:
         self.answers = answers
         self.requests: list[tuple[str, str]] = []
+        self.sent: list[tuple[str, Any]] = []
+        """(Content-Type, body) of each request."""
 
-    def param_serialize(self, *, method: str, resource_path: str, **_: Any) -> tuple[Any, ...]:
-        return method, resource_path, {}, None, None
+    def param_serialize(
+        self, *, method: str, resource_path: str, header_params: dict[str, str], body: Any = None, **_: Any
+    ) -> tuple[Any, ...]:
+        return method, resource_path, header_params, body, None
 
-    def call_api(self, method: str, url: str, **_: Any) -> _Response:
+    def call_api(
+        self, method: str, url: str, header_params: dict[str, str], body: Any, **_: Any
+    ) -> _Response:
         self.requests.append((method, url))
+        self.sent.append((header_params["Content-Type"], body))
         return _Response(*self.answers.get(method, (200, {})))
 
 
@@ -74,3 +81,12 @@ def test_a_missing_object_reads_as_none_and_other_failures_raise() -> None:
     with pytest.raises(ApiException) as raised:
         io.get_finetunejob("ml", "a")
     assert raised.value.status == 500
+
+
+def test_job_spec_edits_go_out_as_one_merge_patch_of_the_jobs_spec() -> None:
+    io, api = kube_io({})
+    io.patch_job_spec("ml", "a-trainer", {"backoffLimit": 5, "activeDeadlineSeconds": None})
+    assert api.requests == [("PATCH", "/apis/batch/v1/namespaces/ml/jobs/a-trainer")]
+    assert api.sent == [
+        ("application/merge-patch+json", {"spec": {"backoffLimit": 5, "activeDeadlineSeconds": None}})
+    ]

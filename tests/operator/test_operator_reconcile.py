@@ -20,6 +20,7 @@ from operator_factories import (
     with_status,
 )
 
+from kubetune_operator.builders import build_trainer_job
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.models import FineTuneJob
 from kubetune_operator.observed import Observed
@@ -72,6 +73,7 @@ class Case:
     creates: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     set_suspend: bool | None = None
+    job_spec_patch: Obj = field(default_factory=dict)
     message_has: str = ""
     checkpoint: tuple[str, int] | None = None
     """(uri, step) expected in status.checkpoint; None: no checkpoint recorded."""
@@ -156,6 +158,38 @@ CASES = [
         {"Suspended": (T, "Suspended"), "Running": (F, "Suspended"), "Reconciling": (F, "Waiting")},
         events=["SpecValid", "Suspended"],
         set_suspend=True,
+    ),
+    Case(
+        "backoffLimit edited on a running job -> Job patched, TrainerJobUpdated",
+        make_job(backoffLimit=5),
+        [RUNNING],
+        "Running",
+        {"Running": (T, "TrainerStarting")},
+        events=["SpecValid", "TrainerStarting", "TrainerJobUpdated"],
+        job_spec_patch={"backoffLimit": 5},
+    ),
+    Case(
+        "deadline and TTL set on a suspended job -> Job patched while it stays suspended",
+        make_job(suspend=True, activeDeadlineSeconds=7200, ttlSecondsAfterFinished=600),
+        [observed_children(trainer_job=make_trainer_job(suspend=True))],
+        "Suspended",
+        {"Suspended": (T, "Suspended")},
+        events=["SpecValid", "Suspended", "TrainerJobUpdated"],
+        job_spec_patch={"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 600},
+    ),
+    Case(
+        "backoffLimit edited after the trainer Job completed -> nothing patched",
+        make_job(backoffLimit=5),
+        [
+            observed_children(
+                trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+                pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+            )
+        ],
+        "Succeeded",
+        {"Succeeded": (T, "Completed")},
+        events=["SpecValid", "Completed"],
+        checkpoint=("s3://adapters/support-bot/checkpoints/step-420/", 420),
     ),
     Case(
         "suspended job resumed -> Job patched suspend=false, Resumed",
@@ -567,6 +601,7 @@ def test_transition(case: Case, config: OperatorConfig) -> None:
     assert [obj["kind"] for obj in outcome.create] == case.creates
     assert [e.reason for e in outcome.events] == case.events
     assert outcome.set_suspend == case.set_suspend
+    assert outcome.job_spec_patch == case.job_spec_patch
     assert case.message_has in (status.message or "")
     assert status.observed_generation == 1
     got_checkpoint = (status.checkpoint.uri, status.checkpoint.step) if status.checkpoint else None
@@ -886,3 +921,96 @@ def test_interruptions_do_not_count_as_restarts_or_failures(config: OperatorConf
     _, outcome = chain(make_job(), [CREATED, RUNNING, seen], config)
     assert outcome.status.restarts == 0
     assert "Failed" not in conds(outcome.status)
+
+
+# --- spec edits while the trainer Job exists ---------------------------------------------------------------
+
+
+def built_trainer_job(body: Obj, config: OperatorConfig, **state: Any) -> Obj:
+    """The trainer Job the operator built from ``body``, in the state ``make_trainer_job(**state)`` gives."""
+    built = build_trainer_job(parse(body), config)
+    job = make_trainer_job(**state)
+    job["metadata"]["annotations"] = built["metadata"]["annotations"]
+    job["spec"] = {**built["spec"], "suspend": job["spec"]["suspend"]}
+    return job
+
+
+def running_then_edited(config: OperatorConfig, **edits: Any) -> tuple[Obj, Observed]:
+    """A job whose trainer runs, with ``edits`` (camelCase spec keys) applied as generation 2."""
+    original = make_job()
+    trainer = built_trainer_job(original, config, active=1)
+    seen = observed_children(trainer_job=trainer, pods=[RUNNING_POD])
+    body, _ = chain(original, [CREATED, seen], config)
+    body["spec"].update(edits)
+    body["metadata"]["generation"] = 2
+    return body, seen
+
+
+def test_removing_a_deadline_removes_it_from_the_trainer_job(config: OperatorConfig) -> None:
+    original = make_job(activeDeadlineSeconds=3600)
+    seen = observed_children(trainer_job=built_trainer_job(original, config, active=1), pods=[RUNNING_POD])
+    body, _ = chain(original, [CREATED, seen], config)
+    del body["spec"]["activeDeadlineSeconds"]
+    _, outcome = chain(body, [seen], config)
+    assert outcome.job_spec_patch == {"activeDeadlineSeconds": None}
+    updated = next(e for e in outcome.events if e.reason == "TrainerJobUpdated")
+    assert updated.type == "Normal"
+    assert updated.message == "trainer Job a-trainer updated: spec.activeDeadlineSeconds 3600 -> unset"
+
+
+def test_an_applied_edit_is_not_patched_again(config: OperatorConfig) -> None:
+    body, seen = running_then_edited(config, backoffLimit=6)
+    body, first = chain(body, [seen], config)
+    assert first.job_spec_patch == {"backoffLimit": 6}
+    seen.trainer_job["spec"]["backoffLimit"] = 6  # type: ignore[index]
+    _, second = chain(body, [seen], config)
+    assert second.job_spec_patch == {} and second.events == ()
+
+
+@pytest.mark.parametrize(
+    ("edits", "fields"),
+    [
+        ({"resources": {"gpus": 2, "memory": "64Gi"}}, "spec.resources"),
+        ({"trainer": {"image": "registry.example/trainer:v2"}}, "spec.trainer.image"),
+        ({"trainer": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}, "spec.trainer.env"),
+        ({"queueName": "gpu-queue"}, "spec.queueName"),
+        (
+            {"resources": {"gpus": 4}, "trainer": {"image": "registry.example/trainer:v2"}},
+            "spec.resources, spec.trainer.image",
+        ),
+    ],
+)
+def test_edits_the_trainer_job_cannot_take_warn_once_per_generation(
+    config: OperatorConfig, edits: Obj, fields: str
+) -> None:
+    body, seen = running_then_edited(config, **edits)
+    body, first = chain(body, [seen], config)
+    warnings = [e for e in first.events if e.reason == "SpecChangeNotApplied"]
+    assert len(warnings) == 1 and warnings[0].type == "Warning"
+    assert warnings[0].message.startswith(f"{fields} changed after trainer Job a-trainer was created")
+    assert "delete and re-create the FineTuneJob to apply them" in warnings[0].message
+    assert first.job_spec_patch == {}
+    _, again = chain(body, [seen], config)
+    assert again.events == ()
+    # A later edit of another field is a new generation: the fields still not applied are named again.
+    body["spec"]["backoffLimit"] = 4
+    body["metadata"]["generation"] = 3
+    _, third = chain(body, [seen], config)
+    assert [e.reason for e in third.events] == ["TrainerJobUpdated", "SpecChangeNotApplied"]
+    assert third.job_spec_patch == {"backoffLimit": 4}
+
+
+def test_an_edit_reverted_before_the_next_pass_warns_of_nothing(config: OperatorConfig) -> None:
+    body, seen = running_then_edited(config, resources={"gpus": 1})
+    _, outcome = chain(body, [seen], config)
+    assert outcome.events == () and outcome.job_spec_patch == {}
+
+
+def test_the_warning_survives_a_restart_and_needs_the_builders_record(config: OperatorConfig) -> None:
+    body, seen = running_then_edited(config, resources={"gpus": 2})
+    body.pop("status")  # the operator restarted and its status was lost: judged from the Job alone
+    _, outcome = chain(body, [seen], config)
+    assert "SpecChangeNotApplied" in [e.reason for e in outcome.events]
+    unrecorded = make_trainer_job(active=1)  # built by a version that wrote no record: nothing to compare
+    _, quiet = chain(body, [observed_children(trainer_job=unrecorded, pods=[RUNNING_POD])], config)
+    assert "SpecChangeNotApplied" not in [e.reason for e in quiet.events]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from kubetune_operator import labels
@@ -27,6 +29,41 @@ def desired_suspend(job: FineTuneJob) -> bool:
 
 def trainer_image(job: FineTuneJob, config: OperatorConfig) -> str:
     return spec_of(job).trainer.image or config.trainer_image
+
+
+def updatable_job_fields(job: FineTuneJob) -> dict[str, int | None]:
+    """The trainer Job's spec fields that follow the FineTuneJob after the Job exists, by their shared name;
+    None: unset. Kubernetes' Job update validation accepts new values for these (it checks only that they
+    are non-negative, which the CRD already enforces) while the rest of the Job spec stays as created."""
+    spec = spec_of(job)
+    return {
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+    }
+
+
+def built_from(job: FineTuneJob) -> dict[str, str]:
+    """A short hash of each FineTuneJob spec field that shapes the trainer Job's pod template or labels and
+    that the CRD lets a user edit: an existing Job cannot take a new value of any of them (its template is
+    immutable; Kueue keeps the queue it admitted the Job from)."""
+    spec = spec_of(job)
+    parts: dict[str, Any] = {
+        "spec.resources": spec.resources.model_dump(by_alias=True, mode="json"),
+        "spec.trainer.image": spec.trainer.image,
+        "spec.trainer.env": [dict(item) for item in spec.trainer.env],
+        "spec.queueName": spec.queue_name,
+    }
+    return {field: _short_hash(value) for field, value in parts.items()}
+
+
+def built_from_annotation(job: FineTuneJob) -> str:
+    return json.dumps(built_from(job), sort_keys=True, separators=(",", ":"))
+
+
+def _short_hash(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def _secret_env(name: str, secret: str, *, optional: bool) -> dict[str, Any]:
@@ -184,20 +221,13 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
     job_spec: dict[str, Any] = {
         "suspend": desired_suspend(job),
-        "backoffLimit": spec.backoff_limit,
         "podFailurePolicy": _pod_failure_policy(),
         "template": {
             "metadata": {"labels": labels.trainer_pod_labels(job.name)},
             "spec": pod_spec,
         },
     }
-    if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": child_metadata(job, labels.trainer_job_name(job.name), job_labels),
-        "spec": job_spec,
-    }
+    job_spec.update({name: value for name, value in updatable_job_fields(job).items() if value is not None})
+    metadata = child_metadata(job, labels.trainer_job_name(job.name), job_labels)
+    metadata["annotations"] = {labels.ANNOTATION_BUILT_FROM: built_from_annotation(job)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
