@@ -29,7 +29,7 @@ from kubetune_operator import labels
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
-from kubetune_operator.observed import Obj, Observed, pod_to_scrape
+from kubetune_operator.observed import Obj, Observed, job_condition, pod_to_scrape
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
@@ -214,6 +214,14 @@ def is_finished_pod(pod: Obj) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
 
 
+def is_finished_job(job: Obj) -> bool:
+    """The Job has reached (or is about to reach) its outcome."""
+    return any(
+        job_condition(job, type_) is not None
+        for type_ in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+    )
+
+
 def _owned_by(pod: Obj, uid: str | None) -> bool:
     refs = (pod.get("metadata") or {}).get("ownerReferences") or []
     return not uid or any(ref.get("uid") == uid for ref in refs)
@@ -292,7 +300,8 @@ async def on_child_event(body: Any, namespace: str | None, memo: Any, **_: Any) 
     if not namespace or not owner:
         return
     finished_pod = dict(body) if body.get("kind") == "Pod" and is_finished_pod(body) else None
-    queue_of(runtime_of(memo)).add((namespace, owner), finished_pod)
+    finished_job = body.get("kind") == "Job" and is_finished_job(body)
+    queue_of(runtime_of(memo)).add((namespace, owner), finished_pod, urgent=finished_job)
 
 
 def queue_of(runtime: Runtime) -> WorkQueue:

@@ -29,6 +29,7 @@ from kubetune_operator import handlers
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import (
     Runtime,
+    is_finished_job,
     on_child_event,
     on_cleanup,
     on_finetunejob,
@@ -464,3 +465,21 @@ def test_startup_without_peering_runs_standalone(memo: kopf.Memo) -> None:
     on_startup(settings=settings, memo=memo, logger=LOG)
     on_cleanup(memo=memo)
     assert settings.peering.standalone is True
+
+
+@pytest.mark.parametrize(
+    ("conditions", "finished"),
+    [
+        ([], False),
+        ([{"type": "Suspended", "status": "True"}], False),
+        ([{"type": "Complete", "status": "False"}], False),
+        ([{"type": "SuccessCriteriaMet", "status": "True"}], True),
+        ([{"type": "Complete", "status": "True"}], True),
+        ([{"type": "FailureTarget", "status": "True"}], True),
+        ([{"type": "Failed", "status": "True"}], True),
+    ],
+)
+def test_a_finished_trainer_job_is_told_apart_for_the_urgent_lane(
+    conditions: list[dict[str, str]], finished: bool
+) -> None:
+    assert is_finished_job({"kind": "Job", "status": {"conditions": conditions}}) is finished

@@ -84,3 +84,26 @@ def test_a_bug_is_reported_and_not_retried(caplog: pytest.LogCaptureFixture) -> 
         assert record.exc_info is not None and record.exc_info[0] is KeyError
     finally:
         queue.close()
+
+
+def test_passes_that_may_end_a_job_go_before_the_backlog() -> None:
+    gate = threading.Event()
+    order: list[str] = []
+
+    def work(key: JobKey, _pods: list[Obj]) -> None:
+        if key == ("ml", "blocker"):
+            gate.wait(5)
+        order.append(key[1])
+
+    queue = WorkQueue(work, threads=1, retry_delay_seconds=60)
+    try:
+        queue.add(("ml", "blocker"))  # occupies the only thread
+        for name in ("a", "b", "c"):
+            queue.add(("ml", name))  # e.g. "trainer pod is running"
+        queue.add(("ml", "c"), urgent=True)  # its trainer Job completed: jumps the queue, one pass only
+        queue.add(("ml", "d"), pod("9"))  # a finished pod is urgent too
+        gate.set()
+        assert queue.drain()
+        assert order == ["blocker", "c", "d", "a", "b"]
+    finally:
+        queue.close()
