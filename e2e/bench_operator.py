@@ -408,13 +408,7 @@ def run(args: argparse.Namespace) -> int:
             done = names[: args.completions]
             seen.wait(lambda: all(n in seen.pod_running for n in done), 60, "the trainer pods to run")
             log(f"completing {len(done)} trainer Jobs one at a time")
-            completion = complete_one_at_a_time(kube, seen, done, timeout=60)
-            p_max = completion["job_done_to_succeeded_seconds"]["max"]
-            ok = p_max <= TARGET_DONE_TO_SUCCEEDED
-            failures += [] if ok else ["job_done_to_succeeded (idle)"]
-            emit(
-                {"metric": "completion_idle", **completion, "target_max": TARGET_DONE_TO_SUCCEEDED, "ok": ok}
-            )
+            failures += measure_completions(kube, seen, done, "idle", timeout=60)
 
             batch = [f"con-{i:04d}" for i in range(args.jobs)]
             cpu_before = operator.cpu_seconds()
@@ -459,18 +453,8 @@ def run(args: argparse.Namespace) -> int:
 
             loaded = batch[: args.completions]
             log(f"completing {len(loaded)} trainer Jobs while {len(batch)} jobs run")
-            completion = complete_one_at_a_time(kube, seen, loaded, timeout=120)
-            p_max = completion["job_done_to_succeeded_seconds"]["max"]
-            ok = p_max <= TARGET_DONE_TO_SUCCEEDED
-            failures += [] if ok else ["job_done_to_succeeded (loaded)"]
-            emit(
-                {
-                    "metric": "completion_loaded",
-                    "running_jobs": len(batch),
-                    **completion,
-                    "target_max": TARGET_DONE_TO_SUCCEEDED,
-                    "ok": ok,
-                }
+            failures += measure_completions(
+                kube, seen, loaded, "loaded", timeout=120, running_jobs=len(batch)
             )
             if args.settle > 0:
                 log(f"letting {len(batch)} running jobs be scraped for {args.settle:.0f}s")
@@ -495,6 +479,25 @@ def run(args: argparse.Namespace) -> int:
             cluster.down(log=log)
     emit({"metric": "result", "ok": not failures, "missed": failures})
     return 0 if not failures else 1
+
+
+def measure_completions(
+    kube: KubeClient, seen: Seen, names: list[str], load: str, *, timeout: float, **extra: int
+) -> list[str]:
+    """Complete the trainer Jobs of ``names`` one at a time, emit the completion_<load> line, and return the
+    missed target (if any) for the final result."""
+    completion = complete_one_at_a_time(kube, seen, names, timeout=timeout)
+    ok = completion["job_done_to_succeeded_seconds"]["max"] <= TARGET_DONE_TO_SUCCEEDED
+    emit(
+        {
+            "metric": f"completion_{load}",
+            **extra,
+            **completion,
+            "target_max": TARGET_DONE_TO_SUCCEEDED,
+            "ok": ok,
+        }
+    )
+    return [] if ok else [f"job_done_to_succeeded ({load})"]
 
 
 def main(argv: list[str] | None = None) -> int:
