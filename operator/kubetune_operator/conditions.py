@@ -96,8 +96,13 @@ class Reason:
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     """Failed=True: the run took longer than spec.activeDeadlineSeconds and was stopped."""
     TRAINER_FAILED = "TrainerFailed"
-    """Failed=True: the trainer Job failed without a kubetune summary (e.g. the container crashed); the
-    message carries the container's exit code and log tail."""
+    """Failed=True: the trainer Job failed without a valid kubetune summary (the container crashed, or its
+    termination message has the wrong shape or a reason outside the documented set); the message carries the
+    container's exit code and its log tail with credential-looking values redacted."""
+    NO_RESULT = "NoResult"
+    """Failed=True: the trainer Job completed (exit 0) but its pod left no valid result record (uri, files,
+    sizeBytes, sha256) in its termination message, so success cannot be proven; the message says what was
+    missing and where the trainer's log is. Nothing is recorded in status.adapter or status.model."""
     TRAINER_JOB_MISSING = "TrainerJobMissing"
     """Failed=True: the trainer Job disappeared before its outcome was recorded (deleted by hand). The
     operator never re-creates it: a FineTuneJob trains at most once."""

@@ -14,8 +14,10 @@ Lifecycle, each step with the condition reason a user reads:
        |-- attempt failed: Running=False/Restarting (status.restarts++); stopped from outside:
        |   /Preempted or /Interrupted (not counted); then back
        v
-    Succeeded/Completed (adapter record from the termination message)
+    Succeeded/Completed (only with the adapter record from the termination message; a Job that completes
+       without one ends Failed/NoResult)
     Failed/<trainer reason> | BackoffLimitExceeded | DeadlineExceeded | TrainerFailed | TrainerJobMissing
+       | NoResult
 
 A finished FineTuneJob (Succeeded or Failed, except the fixable InvalidSpec/ChildRejected) never creates a
 child again: re-applying a manifest never retrains.
@@ -31,12 +33,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from kubetune_operator import conditions as cond
-from kubetune_operator import labels, observed
+from kubetune_operator import labels, observed, termination
 from kubetune_operator.builders import (
     build_config_map,
     build_trainer_job,
@@ -75,7 +76,6 @@ WARNING_REASONS = frozenset(
         Reason.INTERRUPTED,
     }
 )
-_REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 MESSAGE_LIMIT = 1024
 """Longest message kept on a condition; longer texts (log tails) keep their end, where the error is."""
 
@@ -244,7 +244,7 @@ def _follow_job(
 
     st.fields["restarts"] = max(st.old.restarts or 0, failed_attempts)
     # A stopped attempt (suspension, preemption, drain) saved a checkpoint on its way out.
-    _record_checkpoint(st, _summary(observed.last_finished_pod(seen.pods, "Failed"))[0])
+    _record_checkpoint(st, termination.read_summary(observed.last_finished_pod(seen.pods, "Failed"))[0])
     set_suspend: bool | None = None
     suspended = observed.job_suspended(trainer_job)
     if spec.suspend and not suspended:
@@ -406,8 +406,8 @@ def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None)
                 f"trainer pod {observed.pod_name(last_failed)} was preempted or evicted; a new pod resumes "
                 "from the newest checkpoint",
             )
-        if _interrupted(last_failed):
-            summary, _ = _summary(last_failed)
+        if termination.interrupted(last_failed):
+            summary, _ = termination.read_summary(last_failed)
             checkpoint = (summary.checkpoint if summary is not None else None) or {}
             saved = (
                 f"its checkpoint at step {checkpoint.get('step')} ({checkpoint['uri']})"
@@ -422,7 +422,7 @@ def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None)
         attempts = observed.job_failed_count(trainer_job)
         return (
             Reason.RESTARTING,
-            f"attempt {attempts} failed ({_attempt_detail(last_failed)}); "
+            f"attempt {attempts} failed ({termination.attempt_detail(last_failed)}); "
             "restarting from the newest checkpoint",
         )
     if pod is not None:
@@ -465,29 +465,36 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
 
 
 def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed) -> None:
+    """The trainer Job completed. Success needs the trainer's result record: without one the job fails
+    with NoResult, so nothing downstream deploys an adapter that may not exist."""
     pod = observed.last_finished_pod(seen.pods, "Succeeded")
-    summary, problem = _summary(pod)
-    kind = "adapter" if spec.method == "LoRA" else "model"
-    if summary is not None and summary.adapter is not None:
-        record = summary.adapter
-        st.fields[kind] = ArtifactRecord(
-            uri=record.uri,
-            files=tuple(record.files),
-            size_bytes=record.size_bytes,
-            sha256=record.sha256,
-            base_model=record.base_model or spec.base_model.uri,
-        )
-        message = f"{kind} written to {record.uri}"
-    else:
-        message = (
-            f"the trainer Job completed but its result record could not be read ({problem}); "
-            f"look for the {kind} under {spec.output.uri}"
-        )
+    summary, problem = termination.read_summary(pod)
+    record, missing = termination.result_record(summary, problem)
     if summary is not None:
-        _apply_summary(st, summary, finished=True)
+        _apply_summary(st, summary, finished=record is not None)
     completed = str((trainer_job.get("status") or {}).get("completionTime") or st.now)
     _record_times(st, trainer_job, pod, completed)
     st.fields["restarts"] = max(st.old.restarts or 0, observed.job_failed_count(trainer_job))
+    kind = "adapter" if spec.method == "LoRA" else "model"
+    if record is None:
+        _finish_failed(
+            st,
+            Reason.NO_RESULT,
+            f"the trainer Job completed without a result record ({missing}); the {kind} under "
+            f"{spec.output.uri} is not known to be complete and was not recorded; "
+            f"{termination.log_hint(pod, job.namespace)}",
+        )
+        return
+    st.fields[kind] = ArtifactRecord(
+        uri=record.uri,
+        files=tuple(record.files),
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
+        base_model=record.base_model or spec.base_model.uri,
+    )
+    message = f"{kind} written to {record.uri}"
+    if record.files_omitted:
+        message += f" ({record.files_omitted} more files are listed in its manifest.json)"
     st.set(cond.SUCCEEDED, TRUE, Reason.COMPLETED, message)
     st.set(cond.RUNNING, FALSE, Reason.COMPLETED, "training finished")
     st.set(cond.RECONCILING, FALSE, Reason.FINISHED, "the job finished")
@@ -498,9 +505,9 @@ def _fail_from_job(
     st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, job_failed: Obj, seen: Observed
 ) -> None:
     pod = observed.last_finished_pod(seen.pods, "Failed")
-    summary, _ = _summary(pod)
+    summary, _ = termination.read_summary(pod)
     attempts = observed.job_failed_count(trainer_job)
-    detail = _attempt_detail(pod) if pod is not None else "no trainer pod is left to inspect"
+    detail = termination.attempt_detail(pod) if pod is not None else "no trainer pod is left to inspect"
     job_reason = str(job_failed.get("reason") or "")
     if job_reason == "DeadlineExceeded":
         reason = Reason.DEADLINE_EXCEEDED
@@ -512,13 +519,8 @@ def _fail_from_job(
         message = (
             f"the trainer failed {attempts} times (backoffLimit {spec.backoff_limit}); last attempt: {detail}"
         )
-    elif (
-        summary is not None
-        and summary.reason
-        and summary.reason != contract.TrainerReason.INTERRUPTED
-        and _REASON_PATTERN.match(summary.reason)
-    ):
-        reason, message = summary.reason, summary.message or summary.reason
+    elif termination.documented_failure(summary) is not None and summary is not None:
+        reason, message = summary.reason, termination.redact(summary.message or summary.reason)
     else:
         reason = Reason.TRAINER_FAILED
         job_message = str(job_failed.get("message") or job_reason or "failed")
@@ -554,32 +556,6 @@ def _record_times(st: _Status, trainer_job: Obj, pod: Obj | None, completed: str
         st.fields["start_time"] = str(started or completed)
 
 
-def _summary(pod: Obj | None) -> tuple[TerminationSummary | None, str]:
-    """The trainer's termination summary from this pod, or why there is none."""
-    if pod is None:
-        return None, "no trainer pod is left to read"
-    terminated = observed.terminated_state(pod)
-    text = (terminated or {}).get("message")
-    if not text:
-        return None, f"pod {observed.pod_name(pod)} has no termination message"
-    try:
-        return TerminationSummary.from_json(str(text)), ""
-    except (ValueError, TypeError) as exc:
-        return (
-            None,
-            f"the termination message of pod {observed.pod_name(pod)} is not a kubetune summary: {exc}",
-        )
-
-
-def _interrupted(pod: Obj) -> bool:
-    """The trainer was stopped from outside and said so (or exited as SIGTERM makes it exit)."""
-    summary, _ = _summary(pod)
-    if summary is not None:
-        return summary.reason == contract.TrainerReason.INTERRUPTED
-    terminated = observed.terminated_state(pod) or {}
-    return terminated.get("exitCode") == contract.EXIT_CODE_INTERRUPTED
-
-
 def _record_checkpoint(st: _Status, summary: TerminationSummary | None) -> None:
     """The checkpoint an attempt reported on its way out, unless the status already has a newer one."""
     checkpoint = (summary.checkpoint if summary is not None else None) or {}
@@ -589,25 +565,6 @@ def _record_checkpoint(st: _Status, summary: TerminationSummary | None) -> None:
     old = st.old.checkpoint
     if old is None or step >= (old.step or 0):
         st.fields["checkpoint"] = CheckpointRecord(uri=str(checkpoint["uri"]), step=step)
-
-
-def _attempt_detail(pod: Obj) -> str:
-    """One line about how a trainer pod ended: the trainer's own reason if it wrote one, else the exit."""
-    summary, _ = _summary(pod)
-    if summary is not None and summary.reason:
-        return f"{summary.reason}: {summary.message}" if summary.message else summary.reason
-    terminated = observed.terminated_state(pod)
-    if observed.was_disrupted(pod):
-        return f"pod {observed.pod_name(pod)} was preempted or evicted"
-    if terminated is None:
-        reason = ((pod.get("status") or {}).get("reason")) or "unknown"
-        return f"pod {observed.pod_name(pod)} failed ({reason})"
-    parts = [f"exit code {terminated.get('exitCode')}"]
-    if terminated.get("reason"):
-        parts.append(str(terminated["reason"]))
-    text = f"container trainer ended with {', '.join(parts)}"
-    tail = str(terminated.get("message") or "").strip()
-    return f"{text}: {tail[-400:]}" if tail else text
 
 
 def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) -> None:

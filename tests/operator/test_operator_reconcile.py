@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -707,15 +708,151 @@ def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
     assert outcome.status.message == "model written to s3://models/out/"
 
 
-def test_success_without_readable_summary_still_succeeds_and_says_why(config: OperatorConfig) -> None:
-    done = observed_children(
-        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+def _complete(*pods: Obj) -> Observed:
+    return observed_children(
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]), pods=list(pods)
     )
-    _, outcome = chain(make_job(), [CREATED, done], config)
-    assert conds(outcome.status)["Succeeded"] == (T, "Completed")
-    assert outcome.status.adapter is None
-    assert "could not be read" in (outcome.status.message or "")
-    assert "s3://adapters/support-bot/" in (outcome.status.message or "")
+
+
+def _summary_with(**changes: Any) -> str:
+    """A success summary as JSON with some fields replaced (values of any type, as a foreign image could)."""
+    data = json.loads(success_summary())
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        target = data
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return json.dumps(data)
+
+
+NO_RESULT_CASES = [
+    pytest.param(_complete(), "no trainer pod is left", id="pod gone"),
+    pytest.param(
+        _complete(make_pod(phase="Succeeded", terminated=terminated(0))),
+        "has no termination message",
+        id="exit 0 silently",
+    ),
+    pytest.param(
+        _complete(make_pod(phase="Succeeded", terminated=terminated(0, "all good, bye"))),
+        "not a valid kubetune summary: termination message is not JSON",
+        id="plain text",
+    ),
+    pytest.param(
+        _complete(make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(adapter=None)))),
+        "has no result record",
+        id="no adapter",
+    ),
+    pytest.param(
+        _complete(
+            make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(**{"adapter.sha256": "a"})))
+        ),
+        "sha256 'a' is not 64 hex digits",
+        id="no digest",
+    ),
+    pytest.param(
+        _complete(
+            make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(**{"adapter.sizeBytes": "4"})))
+        ),
+        "summary.adapter.sizeBytes: expected an integer, got a string",
+        id="wrong type",
+    ),
+    pytest.param(
+        _complete(make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(outcome="Failed")))),
+        "the trainer's summary says Failed",
+        id="summary says failed",
+    ),
+    pytest.param(
+        _complete(make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(outcome="Maybe")))),
+        "summary.outcome: expected one of Succeeded, Failed, got 'Maybe'",
+        id="unknown outcome",
+    ),
+]
+
+
+@pytest.mark.parametrize(("done", "missing"), NO_RESULT_CASES)
+def test_completed_job_without_a_result_record_fails_with_no_result(
+    done: Observed, missing: str, config: OperatorConfig
+) -> None:
+    _, outcome = chain(make_job(), [CREATED, RUNNING, done], config)
+    status = outcome.status
+    assert conds(status)["Failed"] == (T, "NoResult")
+    assert conds(status)["Stalled"] == (T, "NoResult")
+    assert "Succeeded" not in conds(status)
+    assert status.phase == "Failed"
+    assert status.adapter is None and status.model is None
+    message = status.message or ""
+    assert "without a result record" in message and missing in message, message
+    assert "s3://adapters/support-bot/" in message
+    pods = done.pods
+    if pods:
+        assert f"kubectl logs -n ml {pods[0]['metadata']['name']} -c trainer" in message
+    assert [e.reason for e in outcome.events if e.type == "Warning"] == ["NoResult"]
+
+
+def test_a_result_record_with_a_trimmed_file_list_still_succeeds(config: OperatorConfig) -> None:
+    summary = contract.TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        message="m" * 5000,
+        adapter=contract.AdapterRecord(
+            uri="s3://models/out/",
+            files=[f"model-{i:05d}-of-00400.safetensors" for i in range(400)],
+            size_bytes=16_000_000_000,
+            sha256="ef" * 32,
+        ),
+        provenance={"rows": 1},
+    ).to_json()
+    done = _complete(make_pod(phase="Succeeded", terminated=terminated(0, summary)))
+    _, outcome = chain(make_job(method="Full"), [CREATED, done], config)
+    record = outcome.status.model
+    assert record is not None and (record.sha256, record.size_bytes) == ("ef" * 32, 16_000_000_000)
+    assert 0 < len(record.files) < 400
+    omitted = f"{400 - len(record.files)} more files are listed in its manifest.json"
+    assert omitted in (outcome.status.message or "")
+
+
+def test_a_reason_outside_the_documented_set_is_not_copied(config: OperatorConfig) -> None:
+    failed = observed_children(
+        trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(2, failure_summary("AllFine", "no problem")))],
+    )
+    _, outcome = chain(make_job(), [CREATED, failed], config)
+    assert conds(outcome.status)["Failed"] == (T, "TrainerFailed")
+    assert "AllFine" not in (outcome.status.message or "")
+    assert "unknown reason: no problem" in (outcome.status.message or "")
+
+
+def test_a_failed_summary_of_the_wrong_shape_ends_trainer_failed_and_names_the_field(
+    config: OperatorConfig,
+) -> None:
+    bad = json.dumps({"version": 1, "outcome": "Failed", "reason": ["InvalidDataset"], "message": 7})
+    failed = observed_children(
+        trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "PodFailurePolicy")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(2, bad))],
+    )
+    _, outcome = chain(make_job(), [CREATED, failed], config)
+    assert conds(outcome.status)["Failed"] == (T, "TrainerFailed")
+    message = outcome.status.message or ""
+    assert "not a valid kubetune summary: summary.reason: expected a string, got a list" in message, message
+
+
+def test_credentials_in_a_crash_log_tail_stay_out_of_status_and_events(config: OperatorConfig) -> None:
+    tail = (
+        "Traceback ...\nbotocore error with AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY and "
+        "key id AKIAIOSFODNN7EXAMPLE, url https://bob:hunter2@store.example/x, header Bearer abcdefghijklmn"
+    )
+    failed = observed_children(
+        trainer_job=make_trainer_job(failed=1, conditions=[job_condition("Failed", "BackoffLimitExceeded")]),
+        pods=[make_pod(phase="Failed", terminated=terminated(1, tail))],
+    )
+    _, outcome = chain(make_job(), [CREATED, failed], config)
+    texts = [outcome.status.message or "", *(c.message for c in outcome.status.conditions)]
+    texts += [e.message for e in outcome.events]
+    secrets = ("wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "AKIAIOSFODNN7EXAMPLE", "hunter2", "abcdefghijklmn")
+    for secret in secrets:
+        assert all(secret not in text for text in texts), secret
+    assert "AWS_SECRET_ACCESS_KEY=<redacted>" in (outcome.status.message or "")
 
 
 def test_backoff_failure_counts_restarts(config: OperatorConfig) -> None:

@@ -10,7 +10,10 @@ JSON keys are camelCase, as in the FineTuneJob spec they come from.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 CONTRACT_VERSION = 1
@@ -30,6 +33,9 @@ PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 # Kubernetes truncates a termination message at 4096 bytes; we stay below it so the JSON always parses.
 TERMINATION_MESSAGE_LIMIT = 4000
+# A reader refuses a termination message longer than this before parsing it (it comes from a pod, which any
+# image can fill with anything).
+TERMINATION_MESSAGE_READ_LIMIT = 16384
 
 # Prometheus metric names the trainer serves and the operator scrapes (all gauges).
 METRIC_STEP = "kubetune_trainer_step"
@@ -123,21 +129,78 @@ def _to_json_dict(obj: Any) -> Any:
     return obj
 
 
-def _from_json_dict(cls: type[Any], data: dict[str, Any] | None) -> Any:
-    """Build dataclass ``cls`` from a camelCase dict; unknown keys are rejected so a typo cannot hide."""
-    if data is None:
-        return cls()
+class ContractError(ValueError):
+    """A config or a termination summary that does not have the contract's shape; the message names the
+    field (camelCase path), what it should be and what it was."""
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` of a contract field; ContractError names ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where)
+    if hint is Any:
+        return value
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ContractError(f"{where}: expected an object, got {_json_kind(value)}")
+        return _from_json_dict(typing.cast(type[Any], hint), value, where)
+    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if expected is not None:
+        raise ContractError(f"{where}: expected {expected}, got {_json_kind(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ContractError(f"{where}: expected a list, got {_json_kind(value)}")
+        (item,) = typing.get_args(hint)
+        return [_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ContractError(f"{where}: expected an object, got {_json_kind(value)}")
+        _, item = typing.get_args(hint)
+        return {str(k): _typed(v, item, f"{where}.{k}") for k, v in value.items()}
+    raise TypeError(f"{where}: the contract has no rule for type {hint!r}")
+
+
+def _from_json_dict(cls: type[Any], data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a camelCase dict, checking every value's type; unknown keys are rejected
+    so a typo cannot hide."""
+    hints = typing.get_type_hints(cls)
     known = {_camel(f.name): f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
+    prefix = f"{where}." if where else ""
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for key, f in known.items():
-        if key not in data:
-            continue
-        value = data[key]
-        nested = _NESTED.get((cls.__name__, f.name))
-        kwargs[f.name] = _from_json_dict(nested, value) if nested and value is not None else value
+        raise ContractError(f"{where or cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {
+        f.name: _typed(data[key], hints[f.name], prefix + key) for key, f in known.items() if key in data
+    }
     return cls(**kwargs)
 
 
@@ -235,7 +298,7 @@ class TrainerConfig:
                 f"trainer config version {version!r} is not {CONTRACT_VERSION}: "
                 "the operator and the trainer image are from different releases"
             )
-        config: TrainerConfig = _from_json_dict(cls, data)
+        config: TrainerConfig = _from_json_dict(cls, data, "config")
         return config
 
 
@@ -246,6 +309,24 @@ class AdapterRecord:
     size_bytes: int = 0
     sha256: str = ""  # of adapter_model.safetensors (LoRA) or model.safetensors (Full, first shard)
     base_model: str = ""
+    files_omitted: int | None = None  # files under uri left out of `files` to fit the termination message
+
+    def missing(self) -> list[str]:
+        """What this record lacks to prove a result exists: empty when it names the object and its digest."""
+        problems = []
+        if not self.uri.startswith("s3://"):
+            problems.append(f"uri {self.uri!r} is not an s3:// URI")
+        if not self.files:
+            problems.append("files is empty")
+        if not _SHA256.match(self.sha256):
+            problems.append(f"sha256 {self.sha256!r} is not 64 hex digits")
+        if self.size_bytes <= 0:
+            problems.append(f"sizeBytes is {self.size_bytes}")
+        return problems
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+OUTCOMES = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -263,37 +344,85 @@ class TerminationSummary:
     provenance: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes: provenance is dropped first, then the
-        message is shortened, so the outcome and the adapter record always arrive."""
+        """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes. The outcome, the reason and the result record
+        (uri, sha256, sizeBytes, baseModel) always arrive; optional parts give way first, in the order of
+        _SHRINK_STEPS: provenance, the long message, progress, metrics, the file list, the checkpoint."""
         data = _to_json_dict(self)
         text = json.dumps(data, separators=(",", ":"))
-        if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-            data.pop("provenance", None)
-            text = json.dumps(data, separators=(",", ":"))
-        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and len(data.get("message", "")) > 40:
-            data["message"] = data["message"][: len(data["message"]) // 2] + " ...(truncated)"
+        for shrink in _SHRINK_STEPS:
+            if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+                break
+            shrink(data)
             text = json.dumps(data, separators=(",", ":"))
         return text
 
     @classmethod
     def from_json(cls, text: str) -> TerminationSummary:
-        data = json.loads(text)
+        """Parse a termination message; ContractError names the first field that breaks the contract."""
+        if len(text) > TERMINATION_MESSAGE_READ_LIMIT:
+            raise ContractError(
+                f"termination message is {len(text)} bytes, over {TERMINATION_MESSAGE_READ_LIMIT}"
+            )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ContractError(f"termination message is not JSON ({err})") from err
         if not isinstance(data, dict) or "outcome" not in data:
-            raise ValueError("termination message is not a kubetune summary")
-        summary: TerminationSummary = _from_json_dict(cls, data)
+            raise ContractError("termination message is not a kubetune summary (no outcome field)")
+        summary: TerminationSummary = _from_json_dict(cls, data, "summary")
+        if summary.version != CONTRACT_VERSION:
+            raise ContractError(f"summary.version: {summary.version} is not {CONTRACT_VERSION}")
+        if summary.outcome not in OUTCOMES:
+            raise ContractError(
+                f"summary.outcome: expected one of {', '.join(OUTCOMES)}, got {summary.outcome!r}"
+            )
         return summary
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_NESTED: dict[tuple[str, str], type[Any]] = {
-    ("TrainerConfig", "job"): JobRef,
-    ("TrainerConfig", "lora"): LoraConfig,
-    ("TrainerConfig", "dataset"): DatasetConfig,
-    ("TrainerConfig", "hyperparameters"): Hyperparameters,
-    ("TrainerConfig", "output"): OutputConfig,
-    ("TrainerConfig", "s3"): S3Config,
-    ("TrainerConfig", "checkpointing"): CheckpointConfig,
-    ("TerminationSummary", "adapter"): AdapterRecord,
-}
+def _drop(key: str) -> typing.Callable[[dict[str, Any]], None]:
+    def shrink(data: dict[str, Any]) -> None:
+        data.pop(key, None)
+
+    return shrink
+
+
+def _shorten_message(limit: int) -> typing.Callable[[dict[str, Any]], None]:
+    def shrink(data: dict[str, Any]) -> None:
+        message = str(data.get("message", ""))
+        if len(message) > limit:
+            data["message"] = message[:limit] + " ...(truncated)"
+
+    return shrink
+
+
+def _trim_files(data: dict[str, Any]) -> None:
+    """Keep the head of the file list within the room left and count the rest (manifest.json under the
+    result's URI lists every file with its digest)."""
+    adapter = data.get("adapter")
+    if not adapter or not adapter.get("files"):
+        return
+    files = list(adapter["files"])
+    room = TERMINATION_MESSAGE_LIMIT - len(json.dumps({**data, "adapter": {**adapter, "files": []}}).encode())
+    room -= 32  # the filesOmitted field
+    kept: list[str] = []
+    for name in files:
+        room -= len(json.dumps(name).encode()) + 1
+        if room < 0:
+            break
+        kept.append(name)
+    adapter["files"] = kept or files[:1]
+    adapter["filesOmitted"] = len(files) - len(adapter["files"]) + int(adapter.get("filesOmitted") or 0)
+
+
+_SHRINK_STEPS: tuple[typing.Callable[[dict[str, Any]], None], ...] = (
+    _drop("provenance"),
+    _shorten_message(400),
+    _drop("progress"),
+    _drop("metrics"),
+    _trim_files,
+    _shorten_message(40),
+    _drop("checkpoint"),
+)
