@@ -13,7 +13,7 @@ demo:
 
 ## test: unit and integration tests (operator, trainer on CPU with a real local S3 server)
 test:
-	$(BUILD) versitygw helm
+	$(BUILD) versitygw helm kstatus
 	$(PY) -m pytest tests -q
 
 ## e2e: tests against a real API server booted from locally built binaries

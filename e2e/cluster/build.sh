@@ -104,6 +104,17 @@ build_one() { # build_one <name> <module dir> <module path> <version> <package> 
   mark "$name" "$dir" "$4"
 }
 
+# build_own <name>: a small program of ours in e2e/tools/<name> (its main.go and go.mod are committed); the
+# stamp covers its source too, so an edit rebuilds it.
+build_own() {
+  local name="$1" dir="$tools/$1" version
+  version="src-$(cat "$tools/$1"/*.go | sha256sum | cut -c1-12)"
+  if fresh "$name" "$dir" "$version"; then say "$name: cached"; return; fi
+  say "building $name"
+  (cd "$dir" && go build -v -trimpath -ldflags "-s -w" -o "$bin/$name" . 2>&1 | progress)
+  mark "$name" "$dir" "$version"
+}
+
 # go build -v prints one package per line; show a running count instead of thousands of lines.
 progress() {
   local n=0 line
@@ -118,8 +129,8 @@ progress() {
   say "  $n packages compiled"
 }
 
-# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl), or everything.
-targets=("${@:-etcd kwok helm versitygw k8s kubectl}")
+# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl kstatus), or everything.
+targets=("${@:-etcd kwok helm versitygw k8s kubectl kstatus}")
 targets=(${targets[*]})
 start=$(date +%s)
 for t in "${targets[@]}"; do
@@ -132,7 +143,8 @@ for t in "${targets[@]}"; do
             github.com/versity/versitygw/cmd/versitygw ;;
     k8s) build_k8s ;;
     kubectl) build_kubectl ;;
-    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl)" >&2; exit 2 ;;
+    kstatus) build_own kstatus ;;
+    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl kstatus)" >&2; exit 2 ;;
   esac
 done
 say "ready in $bin: ${targets[*]} ($(( $(date +%s) - start )) s)"

@@ -5,11 +5,15 @@ operator's real reconcile(), so a change there that breaks GitOps health fails h
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from test_argocd_health import argo_health
+
+from e2e.cluster.cluster import bin_dir
 
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.models import FineTuneJob
@@ -22,17 +26,14 @@ CONFIG = OperatorConfig()
 
 
 def kstatus(obj: dict[str, Any]) -> str:
-    """The generic kstatus verdict for a custom resource (sigs.k8s.io/cli-utils kstatus): InProgress while
-    the status lags the spec or Reconciling=True, Failed when Stalled=True, otherwise Current."""
-    status = obj.get("status") or {}
-    if status.get("observedGeneration", 0) < obj["metadata"].get("generation", 1):
-        return "InProgress"
-    conditions = {c["type"]: c for c in status.get("conditions", [])}
-    if conditions.get("Reconciling", {}).get("status") == "True":
-        return "InProgress"
-    if conditions.get("Stalled", {}).get("status") == "True":
-        return "Failed"
-    return "Current"
+    """The verdict of the kstatus library itself (sigs.k8s.io/cli-utils, as Flux and kpt use it), through
+    the small program e2e/tools/kstatus built from it."""
+    tool = bin_dir() / "kstatus"
+    if not tool.exists():
+        pytest.skip(f"kstatus is not built yet ({tool}); run `bash e2e/cluster/build.sh kstatus`")
+    result = subprocess.run([str(tool)], input=json.dumps(obj), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["status"])
 
 
 def make_ftj(name: str = "chat-lora", **spec_overrides: Any) -> dict[str, Any]:
@@ -185,6 +186,14 @@ def test_failed_job_is_failed_and_degraded() -> None:
         pods=(make_pod("Failed", exit_code=1, message="Traceback ..."),),
     )
     assert ftj["status"]["phase"] == "Failed"
+    assert verdicts(ftj) == ("Failed", "Degraded")
+
+
+def test_completed_job_without_a_result_is_failed_and_degraded() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    ftj = step(ftj, trainer_job=make_trainer_job(ftj, condition="Complete"), pods=(make_pod("Succeeded"),))
+    failed = next(c for c in ftj["status"]["conditions"] if c["type"] == "Failed")
+    assert (ftj["status"]["phase"], failed["reason"]) == ("Failed", "NoResult")
     assert verdicts(ftj) == ("Failed", "Degraded")
 
 
