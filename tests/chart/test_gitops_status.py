@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from test_argocd_health import argo_health
-
 from e2e.cluster.cluster import bin_dir
+from test_argocd_health import argo_health
 
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.models import FineTuneJob
