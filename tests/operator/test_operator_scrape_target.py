@@ -133,7 +133,7 @@ def server() -> Iterator[TrainerPageServer]:
     [
         pytest.param(page(f'kubetune_trainer_step{{token="{SECRET}" 1\n'.encode()), id="not-prometheus-text"),
         pytest.param(page(SECRET.encode(), status=f"500 {SECRET}"), id="server-error"),
-        pytest.param(redirect(f"http://{SECRET}.example/metrics"), id="redirect"),
+        pytest.param(redirect(f"/{SECRET}"), id="redirect"),
         pytest.param(raw(f"{SECRET} 200\r\n\r\n".encode()), id="not-http"),
         pytest.param(
             raw(f"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{SECRET}\r\n".encode()),
