@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON)
     host = bind_host()
-    metrics = OperatorMetrics()
+    metrics = OperatorMetrics(retention_seconds=config.finished_series_retention_seconds)
     serve_metrics(metrics.registry, host, args.metrics_port)
     registry = kopf.OperatorRegistry()
     register_handlers(registry)

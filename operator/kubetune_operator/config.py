@@ -9,11 +9,17 @@ from dataclasses import dataclass
 DEFAULT_TRAINER_IMAGE = "kubetune/trainer:0.1.0"
 DEFAULT_GPU_RESOURCE_NAME = "nvidia.com/gpu"
 DEFAULT_SCRAPE_INTERVAL_SECONDS = 10.0
+DEFAULT_SCRAPE_TIMEOUT_SECONDS = 2.0
+DEFAULT_SCRAPE_CONCURRENCY = 8
+DEFAULT_FINISHED_SERIES_RETENTION_SECONDS = 3600.0
 
 ENV_TRAINER_IMAGE = "KUBETUNE_TRAINER_IMAGE"
 ENV_DEFAULT_S3_ENDPOINT = "KUBETUNE_DEFAULT_S3_ENDPOINT"
 ENV_GPU_RESOURCE_NAME = "KUBETUNE_GPU_RESOURCE_NAME"
 ENV_SCRAPE_INTERVAL = "KUBETUNE_SCRAPE_INTERVAL_SECONDS"
+ENV_SCRAPE_TIMEOUT = "KUBETUNE_SCRAPE_TIMEOUT_SECONDS"
+ENV_SCRAPE_CONCURRENCY = "KUBETUNE_SCRAPE_CONCURRENCY"
+ENV_FINISHED_SERIES_RETENTION = "KUBETUNE_FINISHED_SERIES_RETENTION_SECONDS"
 
 
 class ConfigError(ValueError):
@@ -30,29 +36,52 @@ class OperatorConfig:
     """Extended resource requested per GPU when a FineTuneJob sets no spec.resources.gpuResourceName."""
     scrape_interval_seconds: float = DEFAULT_SCRAPE_INTERVAL_SECONDS
     """How often the trainer pod's Prometheus endpoint is read while a job runs."""
-    scrape_timeout_seconds: float = 2.0
-    """How long one read of a trainer's /metrics may take; the scrape loop reads every running trainer from
-    one thread, so a hung pod must not hold up the others for long."""
+    scrape_timeout_seconds: float = DEFAULT_SCRAPE_TIMEOUT_SECONDS
+    """The deadline of one whole read of a trainer's /metrics (connect, request, every byte of the answer):
+    a pod that answers slowly or never stops holds a scrape slot this long at most."""
+    scrape_concurrency: int = DEFAULT_SCRAPE_CONCURRENCY
+    """How many trainers are scraped at the same time, at most."""
+    finished_series_retention_seconds: float = DEFAULT_FINISHED_SERIES_RETENTION_SECONDS
+    """How long a finished FineTuneJob's per-job series (step, loss, tokens/s) stay on the operator's
+    /metrics after it finished, so Prometheus records the final values before they go."""
     request_timeout_seconds: float = 15.0
     """Timeout of every API call the operator makes itself."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if environ is None else environ
-        raw_interval = env.get(ENV_SCRAPE_INTERVAL, "").strip()
-        interval = DEFAULT_SCRAPE_INTERVAL_SECONDS
-        if raw_interval:
-            try:
-                interval = float(raw_interval)
-            except ValueError:
-                raise ConfigError(
-                    f"{ENV_SCRAPE_INTERVAL}={raw_interval!r} is not a number of seconds; set it to e.g. 10"
-                ) from None
-            if interval <= 0:
-                raise ConfigError(f"{ENV_SCRAPE_INTERVAL}={raw_interval!r} must be greater than 0")
+        interval = _positive_number(env, ENV_SCRAPE_INTERVAL, DEFAULT_SCRAPE_INTERVAL_SECONDS, "10")
+        timeout = _positive_number(env, ENV_SCRAPE_TIMEOUT, DEFAULT_SCRAPE_TIMEOUT_SECONDS, "2")
+        concurrency = _positive_number(
+            env, ENV_SCRAPE_CONCURRENCY, DEFAULT_SCRAPE_CONCURRENCY, "8", what="a number of scrapes"
+        )
+        if concurrency != int(concurrency):
+            raw = env.get(ENV_SCRAPE_CONCURRENCY, "").strip()
+            raise ConfigError(f"{ENV_SCRAPE_CONCURRENCY}={raw!r} must be a whole number of scrapes, e.g. 8")
+        retention = _positive_number(
+            env, ENV_FINISHED_SERIES_RETENTION, DEFAULT_FINISHED_SERIES_RETENTION_SECONDS, "3600"
+        )
         return cls(
             trainer_image=env.get(ENV_TRAINER_IMAGE, "").strip() or DEFAULT_TRAINER_IMAGE,
             default_s3_endpoint=env.get(ENV_DEFAULT_S3_ENDPOINT, "").strip() or None,
             gpu_resource_name=env.get(ENV_GPU_RESOURCE_NAME, "").strip() or DEFAULT_GPU_RESOURCE_NAME,
             scrape_interval_seconds=interval,
+            scrape_timeout_seconds=timeout,
+            scrape_concurrency=int(concurrency),
+            finished_series_retention_seconds=retention,
         )
+
+
+def _positive_number(
+    env: Mapping[str, str], key: str, default: float, example: str, what: str = "a number of seconds"
+) -> float:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not {what}; set it to e.g. {example}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{key}={raw!r} must be a finite number greater than 0, e.g. {example}")
+    return value

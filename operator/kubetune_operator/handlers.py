@@ -29,7 +29,7 @@ from kubetune_operator import labels
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
-from kubetune_operator.observed import Obj, Observed, job_condition, pod_to_scrape
+from kubetune_operator.observed import Obj, Observed, job_condition, scrape_target
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
@@ -186,7 +186,7 @@ def observe(
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
         pods = tuple(pod for pod in with_finished_event_pods(listed, event_pods) if _owned_by(pod, uid))
     sample = None
-    target = pod_to_scrape(pods) if scrape else None
+    target = scrape_target(job.name, job.metadata.uid, trainer_job, pods) if scrape else None
     if target is not None:
         pod, ip = target
         try:
@@ -319,6 +319,7 @@ def start_queue(runtime: Runtime, threads: int = RECONCILE_THREADS) -> WorkQueue
     runtime.queue = WorkQueue(
         work, threads=threads, retry_delay_seconds=RETRY_DELAY_SECONDS, logger=RECONCILE_LOGGER
     )
+    runtime.metrics.watch_queue_depth(runtime.queue.depth)
     return runtime.queue
 
 
@@ -367,13 +368,19 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
         start_queue(runtime)
     if runtime.scraper is None:
         runtime.scraper = ScrapeLoop(
-            runtime.config.scrape_interval_seconds, lambda ns, name: scrape_job(runtime, ns, name)
+            runtime.config.scrape_interval_seconds,
+            lambda ns, name: scrape_job(runtime, ns, name),
+            concurrency=runtime.config.scrape_concurrency,
+            on_round=runtime.metrics.scrape_round_duration.observe,
         )
     runtime.scraper.start()
     logger.info(
-        "kubetune operator configured: trainer image %s, scrape interval %ss, peering %s",
+        "kubetune operator configured: trainer image %s, scrape interval %ss (%s at a time, %ss each at "
+        "most), peering %s",
         runtime.config.trainer_image,
         runtime.config.scrape_interval_seconds,
+        runtime.config.scrape_concurrency,
+        runtime.config.scrape_timeout_seconds,
         runtime.peering or "standalone",
     )
 

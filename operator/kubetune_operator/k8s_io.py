@@ -1,4 +1,5 @@
-"""The one module that talks to the outside: the Kubernetes API server and the trainer pods' /metrics.
+"""The one module that talks to the outside: the Kubernetes API server and (through ``scrape_http``, which
+holds the limits) the trainer pods' /metrics.
 
 Everything else in the operator is pure. Handlers receive an object with the ``ClusterIO`` shape, so unit
 tests swap in an in-memory fake and the operator uses ``KubeIO`` (a thin JSON-over-HTTP layer on the
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -25,6 +25,7 @@ from kubetune_operator import labels
 from kubetune_operator.conditions import now_rfc3339
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.observed import Obj
+from kubetune_operator.scrape_http import fetch_metrics
 
 REPORTING_COMPONENT = "kubetune-operator"
 
@@ -51,7 +52,8 @@ class ClusterIO(Protocol):
     def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None: ...
     def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None: ...
     def scrape(self, pod_ip: str, port: int) -> str:
-        """GET http://<pod_ip>:<port>/metrics; raises OSError when unreachable."""
+        """GET http://<pod_ip>:<port>/metrics within the scrape limits; raises OSError (ScrapeError) when the
+        page cannot be read within them."""
         ...
 
 
@@ -219,12 +221,7 @@ class KubeIO:
         self._request("POST", _path("Event", namespace), body=event)
 
     def scrape(self, pod_ip: str, port: int) -> str:
-        host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
-        with urllib.request.urlopen(
-            f"http://{host}:{port}/metrics", timeout=self._scrape_timeout
-        ) as response:
-            body: bytes = response.read()
-        return body.decode("utf-8", errors="replace")
+        return fetch_metrics(pod_ip, port, deadline_seconds=self._scrape_timeout)
 
 
 def _api_message(exc: ApiException) -> str:

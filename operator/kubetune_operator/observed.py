@@ -81,9 +81,45 @@ def last_finished_pod(pods: tuple[Obj, ...], phase: str) -> Obj | None:
     return max(done, key=_created) if done else None
 
 
-def pod_to_scrape(pods: tuple[Obj, ...]) -> tuple[str, str] | None:
-    """(pod name, pod IP) of the pod whose trainer container is running, if any."""
-    pod = current_pod(pods)
+JOB_CONTROLLER_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")
+"""Labels the Job controller puts on its pods; when present they must name the trainer Job too."""
+
+
+def controller_uid(obj: Obj | None) -> str | None:
+    """The uid in the object's controller ownerReference (the one with ``controller: true``), if any."""
+    for ref in _get(obj, "metadata", "ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller") is True:
+            return str(ref.get("uid") or "") or None
+    return None
+
+
+def is_trainer_pod_of(pod: Obj, job_name: str, trainer_job: Obj) -> bool:
+    """The pod is controlled by this trainer Job (controller ownerReference of kind Job with the Job's uid)
+    and carries this FineTuneJob's label. A pod that merely names the Job, or copies its labels, is not."""
+    job_uid = str(_get(trainer_job, "metadata", "uid") or "")
+    if not job_uid or controller_uid(pod) != job_uid:
+        return False
+    if not any(
+        isinstance(ref, dict) and ref.get("controller") is True and ref.get("kind") == "Job"
+        for ref in _get(pod, "metadata", "ownerReferences") or []
+    ):
+        return False
+    pod_labels = _get(pod, "metadata", "labels") or {}
+    if pod_labels.get(labels.LABEL_JOB_NAME) != job_name:
+        return False
+    return all(pod_labels.get(key, job_uid) == job_uid for key in JOB_CONTROLLER_UID_LABELS)
+
+
+def scrape_target(
+    job_name: str, job_uid: str | None, trainer_job: Obj | None, pods: tuple[Obj, ...]
+) -> tuple[str, str] | None:
+    """(pod name, pod IP) of the trainer pod to scrape, if any: the current pod of this FineTuneJob's own
+    trainer Job (the Job's controller is the FineTuneJob ``job_uid``, the pod's controller is the Job), with
+    its trainer container running. The operator connects to whatever IP this returns, so nothing that a
+    foreign pod or Job could claim is enough."""
+    if trainer_job is None or not job_uid or controller_uid(trainer_job) != job_uid:
+        return None
+    pod = current_pod(tuple(p for p in pods if is_trainer_pod_of(p, job_name, trainer_job)))
     if pod is None or _get(pod, "status", "phase") != "Running":
         return None
     container = trainer_container_status(pod)

@@ -1,27 +1,35 @@
 """The operator's own Prometheus metrics, served on their own port (default 8000).
 
 Jobs by phase and the per-job training gauges are computed from what the operator last wrote to each
-FineTuneJob's status, so a deleted job's series disappear with ``forget()``.
+FineTuneJob's status, so a deleted job's series disappear with ``forget()``, and a finished job's per-job
+series disappear ``retention_seconds`` after it finished (a cluster that keeps finished FineTuneJobs for
+months would otherwise expose three series per job forever).
+
+Names follow the Prometheus conventions: counters end in ``_total``, durations are in ``_seconds``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubetune_operator.conditions import parse_rfc3339
+from kubetune_operator.config import DEFAULT_FINISHED_SERIES_RETENTION_SECONDS
 from kubetune_operator.models import FineTuneJobStatus
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 START_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 DURATION_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 604800)
+SCRAPE_ROUND_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600)
+FINISHED_PHASES = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,21 @@ class _Training:
 
 
 class OperatorMetrics(Collector):
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        retention_seconds: float = DEFAULT_FINISHED_SERIES_RETENTION_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.retention_seconds = retention_seconds
+        self._clock = clock
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
         self._training: dict[tuple[str, str], _Training] = {}
+        self._finished_at: dict[tuple[str, str], float] = {}
+        """Finished jobs: when they finished (seconds since the epoch), for the retention of their series."""
         self.time_to_start = Histogram(
             "kubetune_operator_time_to_trainer_start_seconds",
             "Seconds from a FineTuneJob's creation to its trainer container starting.",
@@ -51,12 +69,28 @@ class OperatorMetrics(Collector):
             registry=self.registry,
         )
         self.reconcile_errors = Counter(
-            "kubetune_operator_reconcile_errors",
+            "kubetune_operator_reconcile_errors_total",
             "Reconcile passes that raised, by the kind of error.",
             ["error"],
             registry=self.registry,
         )
+        self.scrape_round_duration = Histogram(
+            "kubetune_operator_scrape_round_duration_seconds",
+            "Seconds one round of the scrape loop took to read every running trainer once. The loop spreads "
+            "a round over the scrape interval, so rounds longer than the interval mean it cannot keep up.",
+            buckets=SCRAPE_ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        self.workqueue_depth = Gauge(
+            "kubetune_operator_workqueue_depth",
+            "FineTuneJobs waiting in the work queue for a reconcile pass requested by a child event.",
+            registry=self.registry,
+        )
         self.registry.register(self)
+
+    def watch_queue_depth(self, depth: Callable[[], int]) -> None:
+        """Read the work queue's depth at every collection."""
+        self.workqueue_depth.set_function(lambda: float(depth()))
 
     def record(
         self, namespace: str, name: str, created: str | None, old: FineTuneJobStatus, new: FineTuneJobStatus
@@ -77,6 +111,9 @@ class OperatorMetrics(Collector):
         with self._lock:
             if new.phase:
                 self._phases[key] = new.phase
+            if new.phase in FINISHED_PHASES and key not in self._finished_at:
+                finished_at = parse_rfc3339(new.completion_time)
+                self._finished_at[key] = finished_at.timestamp() if finished_at else self._clock()
             progress, metrics = new.progress, new.metrics
             if progress is not None or metrics is not None:
                 self._training[key] = _Training(
@@ -98,9 +135,14 @@ class OperatorMetrics(Collector):
         with self._lock:
             self._phases.pop((namespace, name), None)
             self._training.pop((namespace, name), None)
+            self._finished_at.pop((namespace, name), None)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
+            expired = self._clock() - self.retention_seconds
+            for key, finished_at in self._finished_at.items():
+                if finished_at <= expired:
+                    self._training.pop(key, None)
             phases = dict(self._phases)
             training = dict(self._training)
         by_phase = GaugeMetricFamily(

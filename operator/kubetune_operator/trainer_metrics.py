@@ -46,7 +46,8 @@ assert set(_METRIC_FIELDS.values()) == {f.name for f in fields(TrainerSample)}
 
 
 class MetricsParseError(ValueError):
-    """The trainer's /metrics answer is not Prometheus text."""
+    """The trainer's /metrics answer is not Prometheus text. The message never quotes the answer: it comes
+    from a tenant's pod and ends up in the operator's log."""
 
 
 def parse_trainer_metrics(text: str) -> TrainerSample:
@@ -59,6 +60,10 @@ def parse_trainer_metrics(text: str) -> TrainerSample:
                 field_name = _METRIC_FIELDS.get(sample.name)
                 if field_name is not None and math.isfinite(sample.value):
                     values[field_name] = float(sample.value)
-    except ValueError as exc:
-        raise MetricsParseError(f"trainer metrics are not Prometheus text: {exc}") from exc
+    except (ValueError, IndexError, KeyError, TypeError):
+        # The parser's own messages quote the offending line; say where instead.
+        raise MetricsParseError(
+            f"the trainer's /metrics answer ({len(text)} characters) is not Prometheus text exposition "
+            "format; the pod must serve the metrics kubetune's trainer defines"
+        ) from None
     return TrainerSample(**values)

@@ -74,6 +74,11 @@ class WorkQueue:
             self._busy += 1
         self._executor.submit(self._run)
 
+    def depth(self) -> int:
+        """FineTuneJobs waiting for a pass (not counting the passes running now)."""
+        with self._idle:
+            return len(self._waiting)
+
     def _take(self) -> tuple[JobKey, list[Obj]]:
         """The most urgent waiting key and its pods; there is one waiting key per submitted task."""
         with self._idle:

@@ -156,7 +156,15 @@ def make_pod(
             "namespace": NAMESPACE,
             "creationTimestamp": ts(created),
             "labels": {"kubetune.io/job-name": job},
-            "ownerReferences": [{"kind": "Job", "name": f"{job}-trainer", "uid": f"job-uid-{job}"}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": f"{job}-trainer",
+                    "uid": f"job-uid-{job}",
+                    "controller": True,
+                }
+            ],
         },
         "status": status,
     }

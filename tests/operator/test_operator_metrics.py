@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from operator_factories import metrics_text, ts
+from operator_factories import at, metrics_text, ts
 from prometheus_client import generate_latest
 
 from kubetune_operator.models import FineTuneJobStatus, Progress, TrainingMetrics
@@ -95,3 +95,58 @@ def test_start_and_duration_are_observed_once_at_their_transition() -> None:
     metrics.record("ml", "a", ts(0), done, done)
     assert _value(metrics, "kubetune_operator_job_duration_seconds_count", {"outcome": "Succeeded"}) == 1
     assert _value(metrics, "kubetune_operator_job_duration_seconds_sum", {"outcome": "Succeeded"}) == 600
+
+
+def test_the_parse_error_never_quotes_the_answer() -> None:
+    with pytest.raises(MetricsParseError) as caught:
+        parse_trainer_metrics('kubetune_trainer_step{token="s3cr3t-value" 1\n')
+    assert "s3cr3t" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_finished_jobs_series_go_after_the_retention_period() -> None:
+    """Retention counts from the completion time in status, so an operator restart (which records every
+    finished job again) does not bring back the series of jobs that finished long ago."""
+    clock = [at(600).timestamp()]
+    metrics = OperatorMetrics(retention_seconds=300, clock=lambda: clock[0])
+    job = {"namespace": "ml", "name": "a"}
+    running = status("Running", ts(30), step=10)
+    metrics.record("ml", "a", ts(0), FineTuneJobStatus(), running)
+    metrics.record("ml", "a", ts(0), running, status("Succeeded", ts(30), ts(600), step=20))
+    metrics.record("ml", "b", ts(0), FineTuneJobStatus(), status("Running", ts(30), step=5))
+    clock[0] = at(899).timestamp()
+    assert _value(metrics, "kubetune_finetunejob_step", job) == 20
+    clock[0] = at(900).timestamp()
+    assert _value(metrics, "kubetune_finetunejob_step", job) is None
+    assert _value(metrics, "kubetune_finetunejob_train_loss", job) is None
+    assert _value(metrics, "kubetune_finetunejob_step", {"namespace": "ml", "name": "b"}) == 5  # running
+    assert _value(metrics, "kubetune_operator_finetunejobs", {"phase": "Succeeded"}) == 1  # still counted
+    restarted = OperatorMetrics(retention_seconds=300, clock=lambda: clock[0])
+    done = status("Succeeded", ts(30), ts(600), step=20)
+    restarted.record("ml", "a", ts(0), done, done)
+    assert _value(restarted, "kubetune_finetunejob_step", job) is None
+
+
+def test_queue_depth_and_scrape_rounds_are_exposed() -> None:
+    metrics = OperatorMetrics()
+    waiting = [3]
+    metrics.watch_queue_depth(lambda: waiting[0])
+    assert _value(metrics, "kubetune_operator_workqueue_depth") == 3
+    waiting[0] = 0
+    assert _value(metrics, "kubetune_operator_workqueue_depth") == 0
+    metrics.scrape_round_duration.observe(12.5)
+    assert _value(metrics, "kubetune_operator_scrape_round_duration_seconds_count") == 1
+    assert _value(metrics, "kubetune_operator_scrape_round_duration_seconds_bucket", {"le": "15.0"}) == 1
+    assert _value(metrics, "kubetune_operator_scrape_round_duration_seconds_bucket", {"le": "10.0"}) == 0
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    """Counters end in _total; every metric of time is in seconds."""
+    metrics = OperatorMetrics()
+    metrics.reconcile_errors.labels(error="ApiException").inc()
+    for family in metrics.registry.collect():
+        exposed = {sample.name for sample in family.samples}
+        if family.type == "counter":
+            assert all(name.endswith(("_total", "_created")) for name in exposed), exposed
+        if any(word in family.name for word in ("duration", "time", "latency", "age")):
+            assert family.name.endswith("_seconds"), family.name

@@ -119,3 +119,30 @@ def test_config_defaults_and_env_overrides() -> None:
 def test_bad_scrape_interval_says_what_to_set(value: str) -> None:
     with pytest.raises(ConfigError, match="KUBETUNE_SCRAPE_INTERVAL_SECONDS"):
         OperatorConfig.from_env({"KUBETUNE_SCRAPE_INTERVAL_SECONDS": value})
+
+
+def test_scrape_limits_and_series_retention_come_from_the_environment() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "KUBETUNE_SCRAPE_TIMEOUT_SECONDS": "0.5",
+            "KUBETUNE_SCRAPE_CONCURRENCY": "4",
+            "KUBETUNE_FINISHED_SERIES_RETENTION_SECONDS": "60",
+        }
+    )
+    assert (config.scrape_timeout_seconds, config.scrape_concurrency) == (0.5, 4)
+    assert config.finished_series_retention_seconds == 60
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("KUBETUNE_SCRAPE_TIMEOUT_SECONDS", "0"),
+        ("KUBETUNE_SCRAPE_TIMEOUT_SECONDS", "inf"),
+        ("KUBETUNE_SCRAPE_CONCURRENCY", "2.5"),
+        ("KUBETUNE_SCRAPE_CONCURRENCY", "many"),
+        ("KUBETUNE_FINISHED_SERIES_RETENTION_SECONDS", "-1"),
+    ],
+)
+def test_bad_scrape_limits_say_what_to_set(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}='{value}'.*e\\.g\\. "):
+        OperatorConfig.from_env({key: value})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from kubernetes.client.exceptions import ApiException
@@ -105,5 +106,24 @@ def test_passes_that_may_end_a_job_go_before_the_backlog() -> None:
         gate.set()
         assert queue.drain()
         assert order == ["blocker", "c", "d", "a", "b"]
+    finally:
+        queue.close()
+
+
+def test_depth_counts_the_jobs_waiting_for_a_pass() -> None:
+    gate = threading.Event()
+    queue = WorkQueue(lambda _key, _pods: gate.wait(5), threads=1, retry_delay_seconds=60)
+    try:
+        assert queue.depth() == 0
+        queue.add(("ml", "running"))  # taken by the one thread, which then blocks
+        deadline = time.monotonic() + 5
+        while queue.depth() and time.monotonic() < deadline:  # until the thread has taken it
+            time.sleep(0.01)
+        for name in ("a", "b", "a"):
+            queue.add(("ml", name))
+        assert queue.depth() == 2
+        gate.set()
+        assert queue.drain()
+        assert queue.depth() == 0
     finally:
         queue.close()

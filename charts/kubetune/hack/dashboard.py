@@ -7,6 +7,8 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[1] / "files" / "dashboard.json"
 JOBS_BY_PHASE = "kubetune_operator_finetunejobs"
 TIME_TO_START = "kubetune_operator_time_to_trainer_start_seconds"
+QUEUE_DEPTH = "kubetune_operator_workqueue_depth"
+SCRAPE_ROUND = "kubetune_operator_scrape_round_duration_seconds"
 # Per-job gauges the operator serves from the status it writes (need only the ServiceMonitor) ...
 JOB_TRAIN_LOSS = "kubetune_finetunejob_train_loss"
 JOB_TOKENS_PER_SECOND = "kubetune_finetunejob_tokens_per_second"
@@ -49,6 +51,13 @@ panels = [
     panel(6, "Tokens per second", "timeseries", (0, 17, 24, 8),
           [(f'{JOB_TOKENS_PER_SECOND}{{namespace=~"$namespace", name=~"$finetunejob"}}', JOB)],
           description="Non-padding tokens trained per second, per FineTuneJob."),
+    panel(7, "Work-queue depth", "timeseries", (0, 25, 12, 8),
+          [(f"max({QUEUE_DEPTH})", "waiting")],
+          description="FineTuneJobs waiting for a reconcile pass requested by a trainer Job or pod event."),
+    panel(8, "Scrape round duration", "timeseries", (12, 25, 12, 8),
+          [(f'histogram_quantile(0.95, sum by (le) (rate({SCRAPE_ROUND}_bucket[$__rate_interval])))', "p95")],
+          unit="s", description="Time to scrape every running trainer once. Above the scrape interval, the "
+          "operator cannot keep up: raise scrapeConcurrency."),
 ]
 
 
