@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster.cluster import ClusterInfo
+from e2e.cluster.kstatus import kstatus_verdict
 from e2e.cluster.kube import KubeClient
 from e2e.cluster.s3 import S3Server, upload_directory
 from e2e.demo import instruction_dataset, to_jsonl
@@ -79,3 +80,35 @@ def test_lora_job_trains_on_the_node_agent_and_uploads_the_adapter(
     }
     assert {"tiny-lora/adapter_config.json", "tiny-lora/adapter_model.safetensors"} <= keys
     assert status["progress"]["step"] == 4
+
+
+def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(
+    cluster: ClusterInfo, kube: KubeClient, operator: Any, buckets: S3Server
+) -> None:
+    """A trainer image whose process exits 0 and writes nothing: the Job completes, but success is never
+    assumed. The FineTuneJob ends Failed/NoResult with no adapter record, and Flux's kstatus reads Failed."""
+    ns = operator.namespace
+    manifest = make_ftj(
+        "silent-exit",
+        placement=ON_AGENT,
+        s3_endpoint=buckets.endpoint,
+        extra_spec={"trainer": {"image": "kubetune/silent-trainer:test"}},
+    )
+    kube.create(ftj_path(ns), manifest)
+    done = kube.wait_for(
+        ftj_path(ns, "silent-exit"),
+        lambda obj: obj.get("status", {}).get("phase") in ("Succeeded", "Failed"),
+        timeout=120,
+        what="the job with a silent trainer to finish",
+    )
+    status = done["status"]
+    failed = condition(done, "Failed")
+    assert status["phase"] == "Failed" and failed is not None, status
+    assert failed["reason"] == "NoResult", failed
+    for words in ("without a result record", "has no termination message", f"kubectl logs -n {ns} "):
+        assert words in failed["message"], failed["message"]
+    assert "adapter" not in status and "model" not in status
+    assert condition(done, "Succeeded") is None
+    trainer_job = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/silent-exit-trainer")
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in trainer_job["status"]["conditions"])
+    assert kstatus_verdict(done)["status"] == "Failed"

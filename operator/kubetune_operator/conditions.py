@@ -52,10 +52,16 @@ class Reason:
     """Running=False: the trainer pod exists but its container has not started (scheduling, image pull)."""
     UNSCHEDULABLE = "Unschedulable"
     """Running=False: the scheduler cannot place the trainer pod; the message carries the scheduler's words
-    (e.g. insufficient nvidia.com/gpu). The job waits; it is not failed."""
+    (e.g. insufficient nvidia.com/gpu). The job waits; it is not failed. Past spec.schedulingTimeoutSeconds
+    it also reports Stalled=True (GitOps tools read it as failed) until the pod is scheduled."""
     CONTAINER_NOT_STARTING = "ContainerNotStarting"
     """Running=False: the trainer container is stuck waiting (ImagePullBackOff, CreateContainerConfigError
-    for a missing credentials Secret, ...); the message says which and why."""
+    for a missing credentials Secret, ...); the message says which and why. Causes that need a person (an
+    image that cannot be pulled, a missing Secret or key) also set Stalled=True until they go away."""
+    POD_CREATION_REFUSED = "PodCreationRefused"
+    """Running=False and Stalled=True: the Job controller cannot create the trainer pod (a ResourceQuota, Pod
+    Security admission or a webhook refused it); the message quotes the Job's FailedCreate Event. The Job
+    keeps retrying, and Stalled clears once its pod exists."""
     TRAINER_STARTING = "TrainerStarting"
     """Running=True: the trainer container runs but has reported no training step yet (reading the data,
     loading the model)."""
@@ -76,7 +82,8 @@ class Reason:
     SUSPENDED = "Suspended"
     """Suspended=True: spec.suspend is true; the trainer pod is stopped and no GPU is held."""
     QUEUED = "Queued"
-    """Suspended=True: spec.queueName is set and Kueue has not admitted the trainer Job yet."""
+    """Suspended=True: spec.queueName is set and Kueue has not admitted the trainer Job yet (Reconciling=True:
+    the job is on its way, so kstatus reads it as InProgress, not Current)."""
     ADMITTED = "Admitted"
     """Suspended=False: Kueue admitted the trainer Job (it unsuspended it)."""
     RESUMED = "Resumed"

@@ -29,7 +29,7 @@ from kubetune_operator import labels
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
-from kubetune_operator.observed import Obj, Observed, job_condition, scrape_target
+from kubetune_operator.observed import Obj, Observed, job_condition, job_suspended, scrape_target
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
@@ -161,6 +161,8 @@ def sync(
         _post_events(io, job, outcome, logger)
         runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
         _track(runtime, namespace, name, running=outcome.status.phase == "Running")
+        if outcome.recheck_after_seconds is not None and runtime.queue is not None:
+            runtime.queue.add_after((namespace, name), outcome.recheck_after_seconds)
 
 
 def _track(runtime: Runtime, namespace: str, name: str, *, running: bool) -> None:
@@ -185,6 +187,9 @@ def observe(
         uid = (trainer_job.get("metadata") or {}).get("uid")
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
         pods = tuple(pod for pod in with_finished_event_pods(listed, event_pods) if _owned_by(pod, uid))
+    job_events: tuple[Obj, ...] = ()
+    if trainer_job is not None and _may_be_refused_pods(trainer_job, pods):
+        job_events = tuple(io.list_failed_create_events(job.namespace, str(trainer_job["metadata"]["uid"])))
     sample = None
     target = scrape_target(job.name, job.metadata.uid, trainer_job, pods) if scrape else None
     if target is not None:
@@ -193,7 +198,15 @@ def observe(
             sample = parse_trainer_metrics(io.scrape(ip, contract.METRICS_PORT))
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
-    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample)
+    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events)
+
+
+def _may_be_refused_pods(trainer_job: Obj, pods: tuple[Obj, ...]) -> bool:
+    """A running, unsuspended trainer Job with no pod that has not ended: the one moment a FailedCreate
+    Event (quota, Pod Security) explains the wait, so the only moment Events are read."""
+    if is_finished_job(trainer_job) or job_suspended(trainer_job):
+        return False
+    return bool((trainer_job.get("metadata") or {}).get("uid")) and all(is_finished_pod(p) for p in pods)
 
 
 def with_finished_event_pods(listed: list[Obj], event_pods: list[Obj] | None) -> list[Obj]:

@@ -39,6 +39,10 @@ class ClusterIO(Protocol):
     def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
     def get_job(self, namespace: str, name: str) -> Obj | None: ...
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]: ...
+    def list_failed_create_events(self, namespace: str, job_uid: str) -> list[Obj]:
+        """The FailedCreate Events the Job controller recorded on the Job with this uid."""
+        ...
+
     def create(self, obj: Obj) -> None:
         """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422."""
         ...
@@ -163,6 +167,12 @@ class KubeIO:
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
         items = self._request("GET", _path("Pod", namespace), query=query).get("items") or []
+        return [dict(item) for item in items]
+
+    def list_failed_create_events(self, namespace: str, job_uid: str) -> list[Obj]:
+        selector = f"involvedObject.kind=Job,involvedObject.uid={job_uid},reason=FailedCreate"
+        query = [("fieldSelector", selector), ("limit", "20")]
+        items = self._request("GET", _path("Event", namespace), query=query).get("items") or []
         return [dict(item) for item in items]
 
     def create(self, obj: Obj) -> None:

@@ -114,6 +114,7 @@ class FineTuneJobSpec(_Model):
     suspend: bool = False
     active_deadline_seconds: int | None = None
     backoff_limit: int = 3
+    scheduling_timeout_seconds: int = 600
     ttl_seconds_after_finished: int | None = None
     queue_name: str | None = None
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)

@@ -26,6 +26,9 @@ class Observed:
     """The trainer's metrics scraped in this pass; None when not scraped or unreachable."""
     rejected: str | None = None
     """Set when the API server refused to create a child built from this spec (HTTP 422): its message."""
+    job_events: tuple[Obj, ...] = ()
+    """The trainer Job's FailedCreate Events (pod creation refused by a quota, Pod Security admission, a
+    webhook); read only while the Job runs and has no pod."""
 
 
 def _get(obj: Obj | None, *path: str) -> Any:
@@ -142,6 +145,23 @@ def running_since(pod: Obj) -> str | None:
     return str(running.get("startedAt") or "") or None
 
 
+def unschedulable_since(pod: Obj) -> str | None:
+    """When the scheduler first found no node for the pod (its PodScheduled=False transition time)."""
+    for cond in _get(pod, "status", "conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return str(cond.get("lastTransitionTime") or "") or None
+    return None
+
+
+def pod_creation_refused(events: tuple[Obj, ...]) -> str | None:
+    """The newest FailedCreate message the Job controller recorded on the trainer Job, if any."""
+    refused = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not refused:
+        return None
+    newest = max(refused, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return str(newest.get("message") or "the Job controller could not create the trainer pod")
+
+
 def unschedulable_message(pod: Obj) -> str | None:
     for cond in _get(pod, "status", "conditions") or []:
         if (
@@ -154,6 +174,18 @@ def unschedulable_message(pod: Obj) -> str | None:
 
 
 BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+NEEDS_A_PERSON_WAITING = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+"""Waiting reasons that retrying alone will not fix: a wrong image or registry credentials, a missing Secret
+or ConfigMap key. The job reports Stalled until the cause goes away."""
 
 
 def stuck_waiting(pod: Obj) -> tuple[str, str] | None:

@@ -102,6 +102,9 @@ class Outcome:
     empty: leave it."""
     status: FineTuneJobStatus
     events: tuple[Event, ...]
+    recheck_after_seconds: float | None = None
+    """Reconcile again after this long even if no child changes: a wait that ends by the clock (a scheduling
+    timeout) or a cause that leaves the watched objects alone (a FailedCreate Event on the Job)."""
 
     def status_changed(self, old: FineTuneJobStatus) -> bool:
         return self.status.to_dict() != old.to_dict()
@@ -124,6 +127,7 @@ class _Status:
         self.conditions = old.conditions
         self.generation = generation
         self.now = now
+        self.recheck_after_seconds: float | None = None
 
     def set(self, type_: str, status: str, reason: str, message: str) -> None:
         self.conditions = cond.set_condition(
@@ -213,6 +217,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
                 _created_message(labels.trainer_job_name(job.name)),
             )
             _reconciling(st)
+            st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
     else:
         st.fields["trainer_job"] = str(trainer_job["metadata"]["name"])
         set_suspend = _follow_job(st, job, spec, trainer_job, seen)
@@ -273,7 +278,7 @@ def _follow_job(
             )
     elif was is None:
         st.set(cond.SUSPENDED, FALSE, Reason.NOT_SUSPENDED, "the job is not suspended")
-    _trainer_progress(st, trainer_job, seen)
+    _trainer_progress(st, spec, trainer_job, seen)
     return set_suspend
 
 
@@ -335,7 +340,11 @@ def _suspended(st: _Status, spec: FineTuneJobSpec) -> None:
         message = f"waiting for Kueue to admit the trainer Job (queue {spec.queue_name})"
     st.set(cond.SUSPENDED, TRUE, reason, message)
     st.set(cond.RUNNING, FALSE, reason, message)
-    st.set(cond.RECONCILING, FALSE, Reason.WAITING, message)
+    # Suspended by the user is a steady state (kstatus Current); queued is on its way (InProgress).
+    if reason == Reason.QUEUED:
+        st.set(cond.RECONCILING, TRUE, reason, message)
+    else:
+        st.set(cond.RECONCILING, FALSE, Reason.WAITING, message)
     st.set(cond.STALLED, FALSE, Reason.PROGRESSING, "")
 
 
@@ -346,7 +355,7 @@ def _reconciling(st: _Status) -> None:
     st.set(cond.STALLED, FALSE, Reason.PROGRESSING, "")
 
 
-def _trainer_progress(st: _Status, trainer_job: Obj, seen: Observed) -> None:
+def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed) -> None:
     pods = seen.pods
     pod = observed.current_pod(pods)
     last_failed = observed.last_finished_pod(pods, "Failed")
@@ -378,9 +387,46 @@ def _trainer_progress(st: _Status, trainer_job: Obj, seen: Observed) -> None:
         reason = previous.reason if previous is not None and previous.status == TRUE else Reason.TRAINING
         st.set(cond.RUNNING, TRUE, reason, "the trainer finished; waiting for the trainer Job to complete")
     else:
-        reason, message = _why_not_running(trainer_job, pod, last_failed)
+        reason, message = _why_not_running(trainer_job, pod, last_failed, seen)
         st.set(cond.RUNNING, FALSE, reason, message)
+        if _needs_a_person(st, spec, reason, pod, seen):
+            _stalled(st, reason, message)
+            return
     _reconciling(st)
+
+
+FAILED_CREATE_RECHECK_SECONDS = 15.0
+"""How often a running trainer Job without a pod is looked at for FailedCreate Events, which change nothing
+the operator watches."""
+
+
+def _needs_a_person(
+    st: _Status, spec: FineTuneJobSpec, reason: str, pod: Obj | None, seen: Observed
+) -> bool:
+    """Whether the job waits on something that retrying alone will not fix. The operator keeps following
+    the job either way; Stalled clears on the first pass after the cause goes away."""
+    if reason == Reason.POD_CREATION_REFUSED:
+        st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
+        return True
+    if reason == Reason.CREATED:
+        st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
+        return False
+    if reason == Reason.CONTAINER_NOT_STARTING and pod is not None:
+        stuck = observed.stuck_waiting(pod)
+        return stuck is not None and stuck[0] in observed.NEEDS_A_PERSON_WAITING
+    if reason == Reason.UNSCHEDULABLE and pod is not None:
+        since = cond.parse_rfc3339(observed.unschedulable_since(pod)) or seen.now
+        left = spec.scheduling_timeout_seconds - (seen.now - since).total_seconds()
+        if left > 0:
+            st.recheck_after_seconds = left + 1
+            return False
+        return True
+    return False
+
+
+def _stalled(st: _Status, reason: str, message: str) -> None:
+    st.set(cond.RECONCILING, FALSE, reason, message)
+    st.set(cond.STALLED, TRUE, reason, message)
 
 
 def _about_to_fail(last_failed: Obj, old: FineTuneJobStatus) -> bool:
@@ -389,7 +435,9 @@ def _about_to_fail(last_failed: Obj, old: FineTuneJobStatus) -> bool:
     return permanent and cond.find(old.conditions, cond.RUNNING) is not None
 
 
-def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None) -> tuple[str, str]:
+def _why_not_running(
+    trainer_job: Obj, pod: Obj | None, last_failed: Obj | None, seen: Observed
+) -> tuple[str, str]:
     if pod is not None:
         name = observed.pod_name(pod)
         unschedulable = observed.unschedulable_message(pod)
@@ -427,7 +475,15 @@ def _why_not_running(trainer_job: Obj, pod: Obj | None, last_failed: Obj | None)
         )
     if pod is not None:
         return Reason.TRAINER_PENDING, f"trainer pod {observed.pod_name(pod)} is starting"
-    return Reason.CREATED, _created_message(str(trainer_job["metadata"]["name"]))
+    refused = observed.pod_creation_refused(seen.job_events)
+    job_name = str(trainer_job["metadata"]["name"])
+    if refused is not None:
+        return (
+            Reason.POD_CREATION_REFUSED,
+            f"the trainer Job {job_name} cannot create its pod: {termination.redact(refused)}; fix the "
+            "namespace's quota or Pod Security level (or the webhook that refused it); the Job retries",
+        )
+    return Reason.CREATED, _created_message(job_name)
 
 
 def _created_message(job_name: str) -> str:
@@ -619,7 +675,9 @@ def _outcome(
 ) -> Outcome:
     status = st.build()
     events = _transition_events(old.conditions, status.conditions) + spec_events
-    return Outcome(create, replace, set_suspend, job_spec_patch or {}, status, events)
+    return Outcome(
+        create, replace, set_suspend, job_spec_patch or {}, status, events, st.recheck_after_seconds
+    )
 
 
 EVENT_CONDITIONS = (cond.VALIDATED, cond.SUSPENDED, cond.RUNNING, cond.SUCCEEDED, cond.FAILED)

@@ -11,12 +11,18 @@ Passes that may end a job (a trainer pod or Job that finished) go first: when a 
 at once, the backlog of "pod is running" passes would otherwise hold a completed job's Succeeded for
 seconds. Every submitted task takes the most urgent waiting key, not the key it was submitted for, so the
 executor's FIFO order does not decide it.
+
+Delayed passes (a failed pass's retry, with exponential backoff per key; a pass the reconcile asked for at a
+later time) wait in one heap served by one timer thread, however many are pending.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +34,61 @@ from kubetune_operator.observed import Obj
 
 Work = Callable[[JobKey, list[Obj]], None]
 """Reconcile one FineTuneJob, given the finished pods that arrived with its events."""
+
+MAX_RETRY_DELAY_SECONDS = 300.0
+"""The longest wait between retries of a key whose passes keep failing."""
+
+
+class _Timers:
+    """Calls ``fire(key, pods)`` for each entry once its time has come: one thread for all of them."""
+
+    def __init__(self, fire: Callable[[JobKey, list[Obj]], None]) -> None:
+        self._fire = fire
+        self._heap: list[tuple[float, int, JobKey, list[Obj]]] = []
+        self._due: dict[JobKey, float] = {}
+        """The earliest pending plain pass (no pods) per key: a later one for the same key adds nothing."""
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._heap)
+
+    def after(self, delay: float, key: JobKey, pods: list[Obj]) -> None:
+        due = time.monotonic() + max(0.0, delay)
+        with self._wake:
+            if self._closed:
+                return
+            if not pods:
+                if self._due.get(key, float("inf")) <= due:
+                    return
+                self._due[key] = due
+            heapq.heappush(self._heap, (due, next(self._seq), key, pods))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kubetune-requeue", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                due, _, key, pods = heapq.heappop(self._heap)
+                if not pods and self._due.get(key) == due:
+                    del self._due[key]
+            self._fire(key, pods)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._heap.clear()
+            self._due.clear()
+            self._wake.notify()
 
 
 class WorkQueue:
@@ -51,6 +112,8 @@ class WorkQueue:
         self._normal: deque[JobKey] = deque()
         self._busy = 0
         self._closed = False
+        self._failures: dict[JobKey, int] = {}
+        self._timers = _Timers(self._add_with_pods)
 
     def add(self, key: JobKey, finished_pod: Obj | None = None, *, urgent: bool = False) -> None:
         """Ask for a pass over ``key``; ``finished_pod`` is an ended pod the pass must see even if it is gone
@@ -73,6 +136,19 @@ class WorkQueue:
                 return
             self._busy += 1
         self._executor.submit(self._run)
+
+    def add_after(self, key: JobKey, delay_seconds: float) -> None:
+        """Ask for a pass over ``key`` once ``delay_seconds`` have passed."""
+        self._timers.after(delay_seconds, key, [])
+
+    def delayed(self) -> int:
+        """Passes waiting for their time (retries and requested rechecks)."""
+        return self._timers.pending()
+
+    def _add_with_pods(self, key: JobKey, pods: list[Obj]) -> None:
+        self.add(key)
+        for pod in pods:
+            self.add(key, pod)
 
     def depth(self) -> int:
         """FineTuneJobs waiting for a pass (not counting the passes running now)."""
@@ -100,27 +176,20 @@ class WorkQueue:
             return
         try:
             self._work(key, pods)
+            with self._idle:
+                self._failures.pop(key, None)
         except (ApiException, OSError) as exc:
-            self._logger.warning(
-                "reconciling %s/%s failed: %s; again in %ss", key[0], key[1], exc, self._retry_delay
-            )
-            self._retry(key, pods)
+            with self._idle:
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(MAX_RETRY_DELAY_SECONDS, self._retry_delay * 2 ** (failures - 1))
+            self._logger.warning("reconciling %s/%s failed: %s; again in %ss", key[0], key[1], exc, delay)
+            self._timers.after(delay, key, pods)
         except Exception:  # a bug: retrying would fail the same way
             self._logger.exception("reconciling %s/%s failed", key[0], key[1])
         finally:
             with self._idle:
                 self._busy -= 1
                 self._idle.notify_all()
-
-    def _retry(self, key: JobKey, pods: list[Obj]) -> None:
-        def again() -> None:
-            self.add(key)
-            for pod in pods:
-                self.add(key, pod)
-
-        timer = threading.Timer(self._retry_delay, again)
-        timer.daemon = True
-        timer.start()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until no pass is waiting or running; False on timeout."""
@@ -130,4 +199,5 @@ class WorkQueue:
     def close(self) -> None:
         with self._idle:
             self._closed = True
+        self._timers.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -92,6 +92,7 @@ def operator_api_grants() -> Grants:
     io.get_config_map(NAMESPACE, "a-config")
     io.get_job(NAMESPACE, "a-trainer")
     io.list_pods(NAMESPACE, {labels.LABEL_JOB_NAME: "a"})
+    io.list_failed_create_events(NAMESPACE, "job-uid")
     io.create(config_map)
     io.create(trainer_job)
     io.replace(config_map)
@@ -109,7 +110,7 @@ def operator_api_grants() -> Grants:
         "Created",
         "created",
     )
-    assert len(api.requests) == 10
+    assert len(api.requests) == 11
     return grants_of_requests(api.requests)
 
 

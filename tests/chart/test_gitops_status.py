@@ -5,13 +5,11 @@ operator's real reconcile(), so a change there that breaks GitOps health fails h
 from __future__ import annotations
 
 import copy
-import json
-import subprocess
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from e2e.cluster.cluster import bin_dir
+from e2e.cluster.kstatus import kstatus_tool, kstatus_verdict
 from test_argocd_health import argo_health
 
 from kubetune_operator.config import OperatorConfig
@@ -25,14 +23,10 @@ CONFIG = OperatorConfig()
 
 
 def kstatus(obj: dict[str, Any]) -> str:
-    """The verdict of the kstatus library itself (sigs.k8s.io/cli-utils, as Flux and kpt use it), through
-    the small program e2e/tools/kstatus built from it."""
-    tool = bin_dir() / "kstatus"
-    if not tool.exists():
-        pytest.skip(f"kstatus is not built yet ({tool}); run `bash e2e/cluster/build.sh kstatus`")
-    result = subprocess.run([str(tool)], input=json.dumps(obj), capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return str(json.loads(result.stdout)["status"])
+    """The verdict of the kstatus library itself (sigs.k8s.io/cli-utils, as Flux and kpt use it)."""
+    if not kstatus_tool().exists():
+        pytest.skip(f"kstatus is not built yet ({kstatus_tool()}); run `bash e2e/cluster/build.sh kstatus`")
+    return kstatus_verdict(obj)["status"]
 
 
 def make_ftj(name: str = "chat-lora", **spec_overrides: Any) -> dict[str, Any]:
@@ -122,12 +116,17 @@ def step(
     config_map: bool = True,
     trainer_job: dict[str, Any] | None = None,
     pods: tuple[dict[str, Any], ...] = (),
+    job_events: tuple[dict[str, Any], ...] = (),
 ) -> dict[str, Any]:
     """One reconcile pass; returns the FineTuneJob as the API would hold it afterwards."""
     outcome = reconcile(
         FineTuneJob.from_body(ftj),
         Observed(
-            config_map={"data": {}} if config_map else None, trainer_job=trainer_job, pods=pods, now=NOW
+            config_map={"data": {}} if config_map else None,
+            trainer_job=trainer_job,
+            pods=pods,
+            now=NOW,
+            job_events=job_events,
         ),
         CONFIG,
     )
@@ -202,14 +201,95 @@ def test_invalid_spec_is_failed_and_degraded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "reason"), [({"suspend": True}, "Suspended"), ({"queueName": "team-a"}, "Queued")]
+    ("overrides", "reason", "kstatus_verdict"),
+    [({"suspend": True}, "Suspended", "Current"), ({"queueName": "team-a"}, "Queued", "InProgress")],
 )
-def test_suspended_or_queued_job_is_current_and_suspended(overrides: dict[str, Any], reason: str) -> None:
+def test_suspended_job_is_current_and_a_queued_one_in_progress(
+    overrides: dict[str, Any], reason: str, kstatus_verdict: str
+) -> None:
     ftj = step(make_ftj(**overrides), config_map=False)
     ftj = step(ftj, trainer_job=make_trainer_job(ftj, suspend=True))
     suspended = next(c for c in ftj["status"]["conditions"] if c["type"] == "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("True", reason)
-    assert verdicts(ftj) == ("Current", "Suspended")
+    assert verdicts(ftj) == (kstatus_verdict, "Suspended")
+
+
+def waiting_pod(reason: str, message: str) -> dict[str, Any]:
+    pod = make_pod("Pending")
+    pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": reason, "message": message}}
+    return pod
+
+
+def unschedulable_pod(since: str) -> dict[str, Any]:
+    pod = make_pod("Pending")
+    del pod["status"]["containerStatuses"]
+    pod["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            "lastTransitionTime": since,
+        }
+    ]
+    return pod
+
+
+FAILED_CREATE = {
+    "reason": "FailedCreate",
+    "type": "Warning",
+    "lastTimestamp": "2025-06-01T11:59:50Z",
+    "message": 'pods "chat-lora-trainer-x" is forbidden: exceeded quota: gpu, requested: pods=1, '
+    "used: pods=0, limited: pods=0",
+}
+
+
+@pytest.mark.parametrize(
+    ("pods", "events", "reason", "words"),
+    [
+        pytest.param(
+            (waiting_pod("ImagePullBackOff", 'Back-off pulling image "kubetune/trainer:typo"'),),
+            (),
+            "ContainerNotStarting",
+            "ImagePullBackOff",
+            id="image cannot be pulled",
+        ),
+        pytest.param(
+            (waiting_pod("CreateContainerConfigError", 'secret "s3-creds" not found'),),
+            (),
+            "ContainerNotStarting",
+            'secret "s3-creds" not found',
+            id="secret missing",
+        ),
+        pytest.param((), (FAILED_CREATE,), "PodCreationRefused", "exceeded quota", id="quota refuses"),
+        pytest.param(
+            (unschedulable_pod("2025-06-01T11:49:00Z"),),
+            (),
+            "Unschedulable",
+            "Insufficient nvidia.com/gpu",
+            id="unschedulable past the timeout",
+        ),
+    ],
+)
+def test_states_that_need_a_person_are_failed_until_the_cause_goes_away(
+    pods: tuple[dict[str, Any], ...], events: tuple[dict[str, Any], ...], reason: str, words: str
+) -> None:
+    ftj = step(make_ftj(), config_map=False)
+    stuck = step(ftj, trainer_job=make_trainer_job(ftj), pods=pods, job_events=events)
+    stalled = next(c for c in stuck["status"]["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", reason)
+    assert words in stalled["message"]
+    assert stuck["status"]["phase"] == "Pending"
+    assert verdicts(stuck) == ("Failed", "Degraded")
+
+    fixed = step(stuck, trainer_job=make_trainer_job(ftj), pods=(make_pod("Running", running=True),))
+    assert verdicts(fixed) == ("InProgress", "Progressing")
+
+
+def test_unschedulable_within_the_timeout_is_still_in_progress() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    pending = step(ftj, trainer_job=make_trainer_job(ftj), pods=(unschedulable_pod("2025-06-01T11:59:00Z"),))
+    assert verdicts(pending) == ("InProgress", "Progressing")
 
 
 def test_spec_change_not_yet_observed_is_in_progress() -> None:

@@ -76,6 +76,17 @@ class FakeCluster:
             and all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
         ]
 
+    def list_failed_create_events(self, namespace: str, job_uid: str) -> list[Obj]:
+        self._check("list_failed_create_events")
+        return [
+            copy.deepcopy(obj)
+            for (kind, ns, _), obj in self.objects.items()
+            if kind == "Event"
+            and ns == namespace
+            and obj.get("reason") == "FailedCreate"
+            and (obj.get("involvedObject") or {}).get("uid") == job_uid
+        ]
+
     def create(self, obj: Obj) -> None:
         self._check(f"create:{obj['kind']}")
         if obj["kind"] in self.reject_kinds:

@@ -212,7 +212,8 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     spec, status = props["spec"]["properties"], props["status"]["properties"]
     assert set(spec) == {
         "baseModel", "dataset", "method", "lora", "hyperparameters", "output", "s3", "resources",
-        "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished",
+        "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "schedulingTimeoutSeconds",
+            "ttlSecondsAfterFinished",
         "queueName", "trainer",
     }  # fmt: skip
     assert set(spec["hyperparameters"]["properties"]) == {

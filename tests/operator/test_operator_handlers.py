@@ -483,3 +483,39 @@ def test_a_finished_trainer_job_is_told_apart_for_the_urgent_lane(
     conditions: list[dict[str, str]], finished: bool
 ) -> None:
     assert is_finished_job({"kind": "Job", "status": {"conditions": conditions}}) is finished
+
+
+def test_a_refused_pod_is_found_in_the_jobs_events_stalls_and_clears(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None
+    assert conditions(cluster)["Running"] == ("False", "Created")
+    # Another Job's event, and a FailedCreate on ours: only ours counts.
+    for uid, name in (("someone-else", "x1"), (job["metadata"]["uid"], "x2")):
+        cluster.put(
+            {
+                "kind": "Event",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "involvedObject": {"kind": "Job", "name": "a-trainer", "uid": uid},
+                "reason": "FailedCreate",
+                "type": "Warning",
+                "message": f'pods "a-trainer-1" is forbidden: exceeded quota: gpu ({uid})',
+            }
+        )
+    # The Event changes nothing the operator watches: the recheck the Created pass asked for finds it.
+    assert handlers.queue_of(runtime(memo)).delayed() == 1
+    fire(memo)
+    assert cluster.calls["list_failed_create_events"] == 1  # a Job without a pod: its Events are read
+    assert conditions(cluster)["Stalled"] == ("True", "PodCreationRefused")
+    assert conditions(cluster)["Reconciling"][0] == "False"
+    message = status(cluster)["message"]
+    assert "exceeded quota: gpu (" + job["metadata"]["uid"] in message and "someone-else" not in message
+
+    calls = cluster.calls["list_failed_create_events"]
+    child_event(memo, job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9"))
+    assert conditions(cluster)["Stalled"] == ("False", "Progressing")
+    assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
+    assert cluster.calls["list_failed_create_events"] == calls  # a pod exists: no Event reads

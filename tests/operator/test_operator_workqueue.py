@@ -127,3 +127,51 @@ def test_depth_counts_the_jobs_waiting_for_a_pass() -> None:
         assert queue.depth() == 0
     finally:
         queue.close()
+
+
+def test_a_pass_asked_for_later_comes_once_at_its_time() -> None:
+    passes: list[tuple[JobKey, float]] = []
+    start = time.monotonic()
+    queue = WorkQueue(lambda key, _pods: passes.append((key, time.monotonic() - start)), threads=1,
+                      retry_delay_seconds=60)  # fmt: skip
+    try:
+        for _ in range(50):  # every pass of a waiting job asks again: one recheck, not fifty
+            queue.add_after(("ml", "a"), 0.3)
+        queue.add_after(("ml", "b"), 0.1)
+        assert queue.delayed() == 2
+        deadline = time.monotonic() + 5
+        while len(passes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert [key for key, _ in passes] == [("ml", "b"), ("ml", "a")]
+        assert passes[1][1] >= 0.3
+        assert queue.delayed() == 0
+    finally:
+        queue.close()
+
+
+def test_failing_keys_back_off_exponentially_on_one_timer_thread(caplog: pytest.LogCaptureFixture) -> None:
+    attempts: dict[JobKey, list[float]] = {}
+    start = time.monotonic()
+
+    def work(key: JobKey, _pods: list[Obj]) -> None:
+        attempts.setdefault(key, []).append(time.monotonic() - start)
+        raise ApiException(status=503, reason="unavailable")
+
+    queue = WorkQueue(work, threads=2, retry_delay_seconds=0.05)
+    threads_before = threading.active_count()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kubetune_operator.workqueue"):
+            for i in range(40):
+                queue.add(("ml", f"j{i}"))
+            time.sleep(0.2)
+            # 40 keys wait for a retry; one timer thread holds them all (plus the executor's 2 workers).
+            assert threading.active_count() <= threads_before + 3
+            time.sleep(1.0)
+        times = attempts[("ml", "j0")]
+        # 0.05 s, 0.1 s, 0.2 s, 0.4 s ...: at most 6 attempts in 1.2 s; a fixed delay would make about 24.
+        assert 3 <= len(times) <= 6, times
+        delays = [r.getMessage().rsplit(" ", 1)[-1] for r in caplog.records if "ml/j0 " in r.getMessage()]
+        assert delays[:3] == ["0.05s", "0.1s", "0.2s"], delays
+    finally:
+        queue.close()

@@ -91,10 +91,11 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# Events on FineTuneJobs: phase transitions, and kopf's own warnings.
+# Events on FineTuneJobs: phase transitions, and kopf's own warnings. Listed (by field selector) only for a
+# trainer Job that has no pod: its FailedCreate Events say why (a quota, Pod Security).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- if and .peering (not .clusterwide) }}
 # kopf peering between operator replicas, per watched namespace.
 - apiGroups: [kopf.dev]
