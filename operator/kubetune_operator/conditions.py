@@ -41,6 +41,10 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"
     """Validated=False and Failed=True: the spec cannot run; the message lists every problem and its field.
     Fixing the spec before a trainer Job was created lets the job continue."""
+    CHILD_CONFLICT = "ChildConflict"
+    """Failed=True: an object already holds a child's name (<name>-config, <name>-trainer) but is not
+    controlled by this FineTuneJob (another tenant's, or a deleted FineTuneJob's of the same name); the
+    message names it. It is never patched or adopted. Once it is gone the job continues."""
     CHILD_REJECTED = "ChildRejected"
     """Failed=True: the API server rejected the trainer ConfigMap or Job built from this spec (the message
     carries the server's reason), so the run cannot start."""

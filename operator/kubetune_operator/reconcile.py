@@ -63,8 +63,9 @@ from kubetune_operator.validation import validate
 from kubetune_trainer import contract
 from kubetune_trainer.contract import TerminationSummary
 
-FIXABLE_FAILURES = frozenset({Reason.INVALID_SPEC, Reason.CHILD_REJECTED})
-"""Failed reasons that a spec edit can clear, because no trainer Job was ever created."""
+FIXABLE_FAILURES = frozenset({Reason.INVALID_SPEC, Reason.CHILD_REJECTED, Reason.CHILD_CONFLICT})
+"""Failed reasons that a spec edit (or removing the object in the way) can clear, because no trainer Job of
+this FineTuneJob was ever created."""
 WARNING_REASONS = frozenset(
     {
         Reason.INVALID_SPEC,
@@ -156,6 +157,10 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     if is_finished(old):
         return Outcome((), (), None, {}, st.build(), ())
 
+    conflict = _conflicting_child(job, seen)
+    if conflict is not None:
+        _fail_before_start(st, Reason.CHILD_CONFLICT, conflict)
+        return _outcome(st, old, (), (), None)
     started = bool(old.trainer_job) or seen.trainer_job is not None
     problems = validate(job)
     if problems and not started:
@@ -224,6 +229,36 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         if not is_finished(st.build()):
             job_spec_patch, spec_events = _spec_edits(job, trainer_job)
     return _outcome(st, old, tuple(create), tuple(replace), set_suspend, job_spec_patch, spec_events)
+
+
+def _conflicting_child(job: FineTuneJob, seen: Observed) -> str | None:
+    """Why an object under a child's name is not this FineTuneJob's (its controller ownerReference has
+    another uid, or none); None when every existing child is ours. Such an object is never used, patched or
+    adopted: it may be another tenant's, or the previous run's of a FineTuneJob deleted and re-applied under
+    the same name, whose result must not be taken for this one's."""
+    for kind, child in (("ConfigMap", seen.config_map), ("Job", seen.trainer_job)):
+        if child is None:
+            continue
+        owner = observed.controller_uid(child)
+        if owner == job.metadata.uid:
+            continue
+        meta = child.get("metadata") or {}
+        where = f"{kind} {job.namespace}/{meta.get('name')}"
+        refs = [r for r in meta.get("ownerReferences") or [] if isinstance(r, dict) and r.get("controller")]
+        if refs and refs[0].get("kind") == labels.KIND and refs[0].get("name") == job.name:
+            return (
+                f"{where} belongs to an earlier FineTuneJob of the same name (uid {owner}), still being "
+                "deleted or orphaned; its result is not this run's. This job starts once that object is "
+                f"gone: wait for the garbage collector, or delete it (kubectl delete {kind.lower()} -n "
+                f"{job.namespace} {meta.get('name')})"
+            )
+        controller = f"{refs[0].get('kind')} {refs[0].get('name')}" if refs else "nothing"
+        return (
+            f"{where} already exists and is not controlled by this FineTuneJob (its controller is "
+            f"{controller}); kubetune never adopts or changes an object it did not create: delete or rename "
+            "that object, or give this FineTuneJob another name"
+        )
+    return None
 
 
 # --- following the trainer Job ----------------------------------------------------------------------------

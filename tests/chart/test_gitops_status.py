@@ -75,10 +75,19 @@ def make_trainer_job(
         if condition == "Complete":
             status["completionTime"] = "2025-06-01T12:00:00Z"
     return {
-        "metadata": {"name": f"{ftj['metadata']['name']}-trainer", "namespace": "ml"},
+        "metadata": {
+            "name": f"{ftj['metadata']['name']}-trainer",
+            "namespace": "ml",
+            "ownerReferences": [{"kind": "FineTuneJob", "uid": ftj["metadata"]["uid"], "controller": True}],
+        },
         "spec": {"suspend": suspend},
         "status": status,
     }
+
+
+def owned_config_map(ftj: dict[str, Any]) -> dict[str, Any]:
+    owner = {"kind": "FineTuneJob", "uid": ftj["metadata"]["uid"], "controller": True}
+    return {"metadata": {"name": f"{ftj['metadata']['name']}-config", "ownerReferences": [owner]}, "data": {}}
 
 
 def make_pod(phase: str, *, running: bool = False, message: str = "", exit_code: int = 0) -> dict[str, Any]:
@@ -122,7 +131,7 @@ def step(
     outcome = reconcile(
         FineTuneJob.from_body(ftj),
         Observed(
-            config_map={"data": {}} if config_map else None,
+            config_map=owned_config_map(ftj) if config_map else None,
             trainer_job=trainer_job,
             pods=pods,
             now=NOW,

@@ -82,6 +82,18 @@ def parse(body: Obj) -> FineTuneJob:
     return FineTuneJob.from_body(body)
 
 
+def owner_reference(job: str = "a", uid: str | None = None) -> Obj:
+    """The controller ownerReference the operator puts on a FineTuneJob's children (``uid``: make_job's)."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": job,
+        "uid": uid or f"uid-{job}",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
 def make_trainer_job(
     job: str = "a",
     *,
@@ -100,7 +112,12 @@ def make_trainer_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": f"{job}-trainer", "namespace": NAMESPACE, "uid": f"job-uid-{job}"},
+        "metadata": {
+            "name": f"{job}-trainer",
+            "namespace": NAMESPACE,
+            "uid": f"job-uid-{job}",
+            "ownerReferences": [owner_reference(job)],
+        },
         "spec": {"suspend": suspend, "backoffLimit": 3},
         "status": status,
     }

@@ -14,6 +14,7 @@ from operator_factories import (
     make_pod,
     make_trainer_job,
     observed,
+    owner_reference,
     parse,
     success_summary,
     terminated,
@@ -48,7 +49,8 @@ def conds(job_status: Any) -> dict[str, tuple[str, str]]:
 
 
 def config_map() -> Obj:
-    return {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {}}
+    metadata = {"name": "a-config", "ownerReferences": [owner_reference()]}
+    return {"kind": "ConfigMap", "metadata": metadata, "data": {}}
 
 
 def observed_children(**kwargs: Any) -> Observed:
@@ -939,10 +941,52 @@ def test_missing_config_map_is_recreated_but_not_the_job(config: OperatorConfig)
 
 
 def test_config_map_is_rewritten_when_the_spec_changes_before_the_job_exists(config: OperatorConfig) -> None:
-    stale = {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {"config.json": "{}"}}
+    stale = {**config_map(), "data": {"config.json": "{}"}}
     _, outcome = chain(make_job(), [observed(config_map=stale)], config)
     assert [o["kind"] for o in outcome.replace] == ["ConfigMap"]
     assert [o["kind"] for o in outcome.create] == ["Job"]
+
+
+FOREIGN = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "d-1", "controller": True}
+
+
+@pytest.mark.parametrize(
+    ("kind", "owners", "words"),
+    [
+        ("ConfigMap", [], "its controller is nothing"),
+        ("ConfigMap", [FOREIGN], "its controller is Deployment web"),
+        ("Job", [], "its controller is nothing"),
+        ("Job", [owner_reference(uid="uid-of-the-deleted-a")], "an earlier FineTuneJob of the same name"),
+    ],
+)
+def test_a_child_name_held_by_an_object_not_ours_is_never_used(
+    kind: str, owners: list[Obj], words: str, config: OperatorConfig
+) -> None:
+    """Another tenant's object, or the previous run's Job of a FineTuneJob deleted and re-applied under the
+    same name (orphaned or still being deleted): never patched, replaced or adopted, and its result is not
+    this run's."""
+    done = make_trainer_job(succeeded=1, conditions=[job_condition("Complete")])
+    cm = config_map()
+    foreign = cm if kind == "ConfigMap" else done
+    foreign["metadata"]["ownerReferences"] = owners
+    seen = observed(
+        config_map={**cm, "data": {"config.json": "{}"}},
+        trainer_job=done,
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+    )
+    body, outcome = chain(make_job(), [seen], config)
+    status = outcome.status
+    assert conds(status)["Failed"] == conds(status)["Stalled"] == (T, "ChildConflict")
+    assert "Succeeded" not in conds(status) and status.adapter is None
+    assert (outcome.create, outcome.replace, outcome.set_suspend) == ((), (), None)
+    assert outcome.job_spec_patch == {}
+    name = "a-config" if kind == "ConfigMap" else "a-trainer"
+    assert f"{kind} ml/{name}" in (status.message or "") and words in (status.message or "")
+
+    # Once the object in the way is gone, the job starts as if it had never been there.
+    _, after = chain(body, [observed()], config)
+    assert "Failed" not in conds(after.status)
+    assert [o["kind"] for o in after.create] == ["ConfigMap", "Job"]
 
 
 def test_rejected_child_fails_with_the_servers_reason(config: OperatorConfig) -> None:
