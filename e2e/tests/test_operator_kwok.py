@@ -259,3 +259,49 @@ def test_delete_cascades_to_children(kube: KubeClient, ns: str) -> None:
         timeout=60,
         what="the deleted job's pods to be gone",
     )
+
+
+def test_reapplying_under_the_same_name_never_inherits_the_orphaned_run(kube: KubeClient, ns: str) -> None:
+    """Delete with --cascade=orphan, then apply the same name again: the old Job finished Succeeded, but its
+    result is not the new run's. The new FineTuneJob fails with ChildConflict naming the Job, never touches
+    it, and starts its own run once the old Job is deleted."""
+    kube.create(ftj_path(ns), make_ftj("reborn", placement=ON_KWOK))
+    pod = wait_trainer_pod(kube, ns, "reborn")
+    summary = contract.TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        adapter=contract.AdapterRecord(
+            uri="s3://adapters/reborn/",
+            files=["adapter_model.safetensors"],
+            size_bytes=10,
+            sha256=SUCCESS_SHA,
+        ),
+    )
+    end_pod(kube, ns, pod, "Succeeded", summary.to_json(), exit_code=0)
+    wait_phase(kube, ns, "reborn", "Succeeded")
+    job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/reborn-trainer"
+    kube.delete(ftj_path(ns, "reborn"), {"propagationPolicy": "Orphan"})
+    kube.wait_gone(ftj_path(ns, "reborn"), timeout=60)
+    old_job = kube.get(job_path)
+
+    kube.create(ftj_path(ns), make_ftj("reborn", placement=ON_KWOK))
+    failed = wait_phase(kube, ns, "reborn", "Failed")
+    reason = condition(failed, "Failed")
+    assert reason is not None and reason["reason"] == "ChildConflict", reason
+    assert "reborn-trainer" in reason["message"] or "reborn-config" in reason["message"]
+    assert "adapter" not in failed["status"]
+    job = kube.get(job_path)
+    assert job["metadata"]["uid"] == old_job["metadata"]["uid"]
+    assert job["metadata"].get("ownerReferences") == old_job["metadata"].get("ownerReferences")
+
+    kube.delete_if_exists(f"/api/v1/namespaces/{ns}/configmaps/reborn-config")
+    kube.delete(job_path, {"propagationPolicy": "Background"})
+    new = kube.wait_for(
+        ftj_path(ns, "reborn"),
+        lambda o: (condition(o, "Running") or {}).get("status") == "True",
+        timeout=90,
+        what="the re-applied job to run its own trainer",
+    )
+    assert condition(new, "Failed") is None
+    assert owned_by(kube.get(job_path), new)
+    kube.delete(ftj_path(ns, "reborn"))

@@ -160,6 +160,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     conflict = _conflicting_child(job, seen)
     if conflict is not None:
         _fail_before_start(st, Reason.CHILD_CONFLICT, conflict)
+        st.recheck_after_seconds = RECHECK_SECONDS  # a ConfigMap in the way is not watched
         return _outcome(st, old, (), (), None)
     started = bool(old.trainer_job) or seen.trainer_job is not None
     problems = validate(job)
@@ -222,7 +223,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
                 _created_message(labels.trainer_job_name(job.name)),
             )
             _reconciling(st)
-            st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
+            st.recheck_after_seconds = RECHECK_SECONDS
     else:
         st.fields["trainer_job"] = str(trainer_job["metadata"]["name"])
         set_suspend = _follow_job(st, job, spec, trainer_job, seen)
@@ -430,9 +431,9 @@ def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen
     _reconciling(st)
 
 
-FAILED_CREATE_RECHECK_SECONDS = 15.0
-"""How often a running trainer Job without a pod is looked at for FailedCreate Events, which change nothing
-the operator watches."""
+RECHECK_SECONDS = 15.0
+"""How often a job is looked at again while it waits on something the operator does not watch: a trainer Job
+without a pod (FailedCreate Events), an object in the way of a child (ChildConflict)."""
 
 
 def _needs_a_person(
@@ -441,10 +442,10 @@ def _needs_a_person(
     """Whether the job waits on something that retrying alone will not fix. The operator keeps following
     the job either way; Stalled clears on the first pass after the cause goes away."""
     if reason == Reason.POD_CREATION_REFUSED:
-        st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
+        st.recheck_after_seconds = RECHECK_SECONDS
         return True
     if reason == Reason.CREATED:
-        st.recheck_after_seconds = FAILED_CREATE_RECHECK_SECONDS
+        st.recheck_after_seconds = RECHECK_SECONDS
         return False
     if reason == Reason.CONTAINER_NOT_STARTING and pod is not None:
         stuck = observed.stuck_waiting(pod)
