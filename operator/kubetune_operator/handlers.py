@@ -29,7 +29,14 @@ from kubetune_operator import labels
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
-from kubetune_operator.observed import Obj, Observed, job_condition, job_suspended, scrape_target
+from kubetune_operator.observed import (
+    Obj,
+    Observed,
+    controller_uid,
+    job_condition,
+    job_suspended,
+    scrape_target,
+)
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
@@ -144,6 +151,7 @@ def sync(
         if body is None:
             runtime.metrics.forget(namespace, name)
             _track(runtime, namespace, name, running=False)
+            release_results(io, namespace, name, running_uid=None)
             return
         job = FineTuneJob.from_body(body)
         if job.metadata.deletion_timestamp:
@@ -158,11 +166,32 @@ def sync(
             io.patch_job_spec(namespace, labels.trainer_job_name(name), outcome.job_spec_patch)
         if outcome.status_changed(job.status):
             io.patch_status(namespace, name, status_patch(job.status, outcome.status))
+        if is_finished(outcome.status):
+            if labels.ANNOTATION_RESULT_RECORDED not in job.metadata.annotations:
+                release_results(io, namespace, name, running_uid=None)
+                io.annotate_finetunejob(namespace, name, {labels.ANNOTATION_RESULT_RECORDED: "true"})
+        elif seen.trainer_job is not None and controller_uid(seen.trainer_job) != job.metadata.uid:
+            release_results(io, namespace, name, running_uid=job.metadata.uid)  # an earlier run's, in the way
         _post_events(io, job, outcome, logger)
         runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
         _track(runtime, namespace, name, running=outcome.status.phase == "Running")
         if outcome.recheck_after_seconds is not None and runtime.queue is not None:
             runtime.queue.add_after((namespace, name), outcome.recheck_after_seconds)
+
+
+def release_results(io: ClusterIO, namespace: str, name: str, *, running_uid: str | None) -> None:
+    """Remove RESULT_FINALIZER from the trainer Job and pods of FineTuneJob ``name`` once nothing needs
+    their result: the FineTuneJob is gone or its outcome is in status. ``running_uid``: the FineTuneJob of
+    that name whose run is under way; its own Job and pods keep holding (only an earlier run's are let go)."""
+    trainer_job = io.get_job(namespace, labels.trainer_job_name(name))
+    held_job_uid = None
+    if trainer_job is not None and running_uid and controller_uid(trainer_job) == running_uid:
+        held_job_uid = (trainer_job.get("metadata") or {}).get("uid")
+    for pod in io.list_pods(namespace, {labels.LABEL_JOB_NAME: name}):
+        if held_job_uid is None or controller_uid(pod) != held_job_uid:
+            io.remove_finalizer("Pod", pod, labels.RESULT_FINALIZER)
+    if trainer_job is not None and held_job_uid is None:
+        io.remove_finalizer("Job", trainer_job, labels.RESULT_FINALIZER)
 
 
 def _track(runtime: Runtime, namespace: str, name: str, *, running: bool) -> None:
@@ -340,7 +369,8 @@ async def on_finetunejob_deleted(
     name: str | None, namespace: str | None, memo: Any, type: str | None = None, **_: Any
 ) -> None:
     """A FineTuneJob is gone (watch event DELETED; there is no finalizer to wait for): its children go with
-    the owner reference, and here its metric series, scrape entry and lock are dropped.
+    the owner reference once a queued pass has removed their RESULT_FINALIZER, and here its metric series,
+    scrape entry and lock are dropped.
 
     Async on purpose: it sees every FineTuneJob event and does no I/O, so it should not take a turn on the
     thread pool that the reconcile passes wait for."""
@@ -349,6 +379,7 @@ async def on_finetunejob_deleted(
         runtime.metrics.forget(namespace, name)
         _track(runtime, namespace, name, running=False)
         runtime.locks.drop((namespace, name))
+        queue_of(runtime).add((namespace, name))  # its children's results are no longer needed: let go
 
 
 def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:

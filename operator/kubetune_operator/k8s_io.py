@@ -54,6 +54,11 @@ class ClusterIO(Protocol):
         ...
 
     def patch_status(self, namespace: str, name: str, status_patch: Obj) -> None: ...
+    def remove_finalizer(self, kind: str, obj: Obj, finalizer: str) -> None:
+        """Remove ``finalizer`` from a Pod or Job (``kind``) as it was last read; a gone one is fine."""
+        ...
+
+    def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None: ...
     def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None: ...
     def scrape(self, pod_ip: str, port: int) -> str:
         """GET http://<pod_ip>:<port>/metrics within the scrape limits; raises OSError (ScrapeError) when the
@@ -207,6 +212,37 @@ class KubeIO:
             "PATCH",
             _path(labels.KIND, namespace, name) + "/status",
             body={"status": status_patch},
+            content_type="application/merge-patch+json",
+        )
+
+    def remove_finalizer(self, kind: str, obj: Obj, finalizer: str) -> None:
+        meta = obj.get("metadata") or {}
+        finalizers = list(meta.get("finalizers") or [])
+        if finalizer not in finalizers:
+            return
+        index = finalizers.index(finalizer)
+        # Test, then remove by index: a list changed meanwhile fails the test (422) instead of losing
+        # another controller's entry; the next pass reads it again.
+        patch = [
+            {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+            {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+        ]
+        try:
+            self._request(
+                "PATCH",
+                _path(kind, str(meta["namespace"]), str(meta["name"])),
+                body=patch,
+                content_type="application/json-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self._request(
+            "PATCH",
+            _path(labels.KIND, namespace, name),
+            body={"metadata": {"annotations": annotations}},
             content_type="application/merge-patch+json",
         )
 

@@ -29,6 +29,14 @@ LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 ANNOTATION_PREFIX: Final = GROUP
 """kopf keeps its progress and diff-base annotations under this prefix."""
 FINALIZER: Final = f"{GROUP}/finalizer"
+RESULT_FINALIZER: Final = f"{GROUP}/result"
+"""On the trainer Job and on every trainer pod (through the pod template): holds them, and with the pod its
+termination message (the trainer's result record), until the operator has written the outcome into the
+FineTuneJob's status. A Job removed before that (ttlSecondsAfterFinished: 0, a kubectl delete, the FineTuneJob
+deleted) therefore cannot turn a success into TrainerJobMissing. The operator removes it once the outcome is
+recorded, or once the FineTuneJob is gone."""
+ANNOTATION_RESULT_RECORDED: Final = f"{GROUP}/result-recorded"
+"""On a finished FineTuneJob: its children no longer carry RESULT_FINALIZER, so later passes read nothing."""
 ANNOTATION_BUILT_FROM: Final = f"{GROUP}/built-from"
 """On the trainer Job: a hash of each FineTuneJob spec field its pod template and labels were built from, so
 a later pass can name the fields edited since (they cannot reach an existing Job)."""

@@ -202,6 +202,7 @@ class ObjectMeta(_Model):
     generation: int = 1
     creation_timestamp: str | None = None
     deletion_timestamp: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class FineTuneJob(_Model):

@@ -98,6 +98,10 @@ def operator_api_grants() -> Grants:
     io.replace(config_map)
     io.patch_job_suspend(NAMESPACE, "a-trainer", False)
     io.patch_status(NAMESPACE, "a", {"phase": "Running"})
+    held = {"metadata": {"name": "p", "namespace": NAMESPACE, "finalizers": [labels.RESULT_FINALIZER]}}
+    io.remove_finalizer("Pod", held, labels.RESULT_FINALIZER)
+    io.remove_finalizer("Job", held, labels.RESULT_FINALIZER)
+    io.annotate_finetunejob(NAMESPACE, "a", {labels.ANNOTATION_RESULT_RECORDED: "true"})
     io.post_event(
         {
             "apiVersion": labels.API_VERSION,
@@ -110,7 +114,7 @@ def operator_api_grants() -> Grants:
         "Created",
         "created",
     )
-    assert len(api.requests) == 11
+    assert len(api.requests) == 14
     return grants_of_requests(api.requests)
 
 

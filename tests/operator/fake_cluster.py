@@ -118,6 +118,18 @@ class FakeCluster:
         status = job.setdefault("status", {})
         _merge(status, status_patch)
 
+    def remove_finalizer(self, kind: str, obj: Obj, finalizer: str) -> None:
+        self._check(f"remove_finalizer:{kind}")
+        stored = self.get(kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+        if stored is not None and finalizer in (stored["metadata"].get("finalizers") or []):
+            stored["metadata"]["finalizers"].remove(finalizer)
+
+    def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self._check("annotate_finetunejob")
+        job = self.get("FineTuneJob", namespace, name)
+        assert job is not None
+        job["metadata"].setdefault("annotations", {}).update(annotations)
+
     def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
         self._check("post_event")
         self.events.append((type_, reason, involved["name"]))

@@ -39,6 +39,7 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
             "namespace": "ml",
             "labels": CHILD_LABELS,
             "ownerReferences": [OWNER],
+            "finalizers": ["kubetune.io/result"],
         },
         "spec": {
             "suspend": False,
@@ -62,7 +63,8 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
                         **CHILD_LABELS,
                         "app.kubernetes.io/name": "kubetune-trainer",
                         "app.kubernetes.io/component": "trainer",
-                    }
+                    },
+                    "finalizers": ["kubetune.io/result"],
                 },
                 "spec": {
                     "restartPolicy": "Never",

@@ -317,8 +317,51 @@ def test_deleted_watch_event_drops_the_jobs_series(cluster: FakeCluster, memo: k
     registry = runtime(memo).metrics.registry
     asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="MODIFIED"))
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 1
+    cluster.delete("FineTuneJob", NAMESPACE, "a")
     asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED"))
+    assert handlers.queue_of(runtime(memo)).drain()
     assert registry.get_sample_value("kubetune_operator_finetunejobs", {"phase": "Pending"}) == 0
+
+
+def test_results_are_held_until_recorded_then_let_go(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    """The trainer Job and its pods carry the result finalizer until the outcome is in status; an earlier
+    run's children in the way of a re-applied job, and a deleted job's children, are let go too."""
+    cluster.put(make_job())
+    fire(memo)
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None and job["metadata"]["finalizers"] == ["kubetune.io/result"]
+    assert job["spec"]["template"]["metadata"]["finalizers"] == ["kubetune.io/result"]
+    job["metadata"]["finalizers"].append("other.io/keep")
+    running = job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9")
+    running["metadata"]["finalizers"] = ["kubetune.io/result", "batch.kubernetes.io/job-tracking"]
+    child_event(memo, running)
+    assert cluster.calls["remove_finalizer:Pod"] == cluster.calls["remove_finalizer:Job"] == 0
+
+    cluster.delete("Pod", NAMESPACE, running["metadata"]["name"])
+    done = job_pod(cluster, phase="Succeeded", terminated=terminated(0, success_summary()), created=5)
+    done["metadata"]["finalizers"] = ["kubetune.io/result"]
+    job["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")], "completionTime": ts(400)}
+    child_event(memo, job)
+    assert conditions(cluster)["Succeeded"][0] == "True"
+    assert done["metadata"]["finalizers"] == []
+    assert job["metadata"]["finalizers"] == ["other.io/keep"]  # only ours is removed
+    ftj = cluster.get("FineTuneJob", NAMESPACE, "a")
+    assert ftj is not None and ftj["metadata"]["annotations"]["kubetune.io/result-recorded"] == "true"
+    reads = cluster.calls["get_job"]
+    fire(memo)  # a finished, recorded job: no child is read again
+    assert cluster.calls["get_job"] == reads
+
+
+def test_a_deleted_jobs_held_children_are_let_go(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    cluster.put(make_job())
+    fire(memo)
+    pod = job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9")
+    pod["metadata"]["finalizers"] = ["kubetune.io/result"]
+    cluster.delete("FineTuneJob", NAMESPACE, "a")
+    asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED"))
+    assert handlers.queue_of(runtime(memo)).drain()
+    job = cluster.get("Job", NAMESPACE, "a-trainer")
+    assert job is not None and job["metadata"]["finalizers"] == [] and pod["metadata"]["finalizers"] == []
 
 
 def test_child_events_without_the_label_do_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:

@@ -79,7 +79,8 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [patch]
-# The trainer Job: created once, watched, and patched only to (un)suspend it.
+# The trainer Job: created once, watched, and patched to (un)suspend it, to follow lifecycle edits and to
+# remove the operator's own kubetune.io/result finalizer.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
@@ -87,10 +88,11 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
-# Trainer pods: their IP (for the metrics scrape), their state and termination message (the result).
+# Trainer pods: their IP (for the metrics scrape), their state and termination message (the result), and
+# patch only to remove the operator's own kubetune.io/result finalizer once the result is recorded.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
 # Events on FineTuneJobs: phase transitions, and kopf's own warnings. Listed (by field selector) only for a
 # trainer Job that has no pod: its FailedCreate Events say why (a quota, Pod Security).
 - apiGroups: [""]

@@ -223,11 +223,15 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         "suspend": desired_suspend(job),
         "podFailurePolicy": _pod_failure_policy(),
         "template": {
-            "metadata": {"labels": labels.trainer_pod_labels(job.name)},
+            "metadata": {
+                "labels": labels.trainer_pod_labels(job.name),
+                "finalizers": [labels.RESULT_FINALIZER],
+            },
             "spec": pod_spec,
         },
     }
     job_spec.update({name: value for name, value in updatable_job_fields(job).items() if value is not None})
     metadata = child_metadata(job, labels.trainer_job_name(job.name), job_labels)
     metadata["annotations"] = {labels.ANNOTATION_BUILT_FROM: built_from_annotation(job)}
+    metadata["finalizers"] = [labels.RESULT_FINALIZER]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
