@@ -53,7 +53,9 @@ def test_device_index_beyond_the_visible_gpus_is_refused_with_the_count(
         process_device(want_gpu=True)
 
 
-def test_device_is_the_cpu_without_gpus_or_when_the_job_asks_for_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_is_the_cpu_without_gpus_or_when_the_job_asks_for_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert select_device(cuda_available=False, device_count=0, local_rank=None) == torch.device("cpu")
     assert select_device(cuda_available=True, device_count=0, local_rank=0) == torch.device("cpu")
     gpus_present(monkeypatch, 2)
