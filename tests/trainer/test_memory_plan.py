@@ -5,13 +5,16 @@ memory of a real training step of the tiny model on the CPU."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from conftest import Workspace, chat_records, jsonl, log_events
+from kubetune_trainer import parallel
 from kubetune_trainer.contract import LoraConfig, TrainerReason
-from kubetune_trainer.errors import TrainerError
+from kubetune_trainer.errors import EXIT_PERMANENT, TrainerError
 from kubetune_trainer.memory_plan import GIB, Request, choose, estimate, model_shape
 from kubetune_trainer.parallel import FSDP, SINGLE
 
@@ -226,3 +229,48 @@ def test_memory_plan_predicts_the_measured_peak_of_a_tiny_model_step(
     assert abs(error) <= 0.15
     # The activations are most of it: a plan without them would be far off.
     assert plan.activations > 0.5 * measured
+
+
+# ----------------------------------------------------------------------------------------------------
+# In the trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_memory_plan_is_logged_and_reported_in_the_termination_summary(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = ws.put("data/train.jsonl", jsonl(chat_records(8)))
+    result = ws.run(ws.config(train), monkeypatch)
+    assert result.code == 0, result.summary.message
+    plan = result.summary.plan
+    assert plan is not None
+    assert (plan["strategy"], plan["worldSize"], plan["activationCheckpointing"]) == (SINGLE, 1, False)
+    assert plan["microStepTokens"] == 512  # hyperparameters.batchTokens, the whole step in one micro-step
+    assert set(plan["perGpuGiB"]) == {
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "workspace",
+        "total",
+    }
+    logged = [e for e in log_events(capsys.readouterr().out.splitlines()) if e.get("event") == "memory_plan"]
+    assert len(logged) == 1 and logged[0]["strategy"] == SINGLE
+
+
+def test_memory_plan_refuses_a_job_that_cannot_fit_before_fetching_weights(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import json
+
+    # Only config.json is there: a trainer that went on would fail for the missing weights instead.
+    ws.put("model/config.json", json.dumps(LLAMA_3_1_70B).encode())
+    train = ws.put("data/train.jsonl", jsonl(chat_records(4)))
+    monkeypatch.setattr(parallel, "device_capacity", lambda device: 80 * GIB)
+    result = ws.run(
+        ws.config(train, base_model=f"s3://{ws.bucket}/model/", method="Full", lora=None), monkeypatch
+    )
+    assert result.summary.reason == TrainerReason.INSUFFICIENT_GPU_MEMORY, result.summary.message
+    assert result.code == EXIT_PERMANENT
+    assert f"s3://{ws.bucket}/model/" in result.summary.message
+    assert "GPUs" in result.summary.message
