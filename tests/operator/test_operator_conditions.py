@@ -144,4 +144,5 @@ def test_lifecycle_reasons_named_by_the_api_exist() -> None:
 def test_trainer_reasons_come_from_the_contract() -> None:
     assert TrainerReason.INVALID_DATASET in conditions.TRAINER_REASONS
     assert TrainerReason.ACCESS_DENIED in conditions.TRAINER_REASONS
-    assert len(conditions.TRAINER_REASONS) == 12
+    assert TrainerReason.INSUFFICIENT_GPU_MEMORY in conditions.TRAINER_REASONS
+    assert len(conditions.TRAINER_REASONS) == 13

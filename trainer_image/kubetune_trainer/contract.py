@@ -81,6 +81,10 @@ class TrainerReason:
     """The base model was found but could not be loaded (missing config, tokenizer or weights)."""
     OUT_OF_MEMORY = "OutOfMemory"
     """The accelerator ran out of memory even at the smallest token budget."""
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    """The memory plan, made from the model's config.json before any weights are fetched, found no way to
+    run the job on its GPUs (one process, DDP or FSDP, activation checkpointing on or off); the message gives
+    the bytes per GPU and what would fit (QLoRA, more GPUs, a shorter dataset.maxSeqLength)."""
     TRAINING_DIVERGED = "TrainingDiverged"
     """The loss became NaN or infinite."""
     UPLOAD_FAILED = "UploadFailed"
@@ -106,6 +110,7 @@ PERMANENT_REASONS = frozenset(
         TrainerReason.MODEL_NOT_FOUND,
         TrainerReason.INVALID_MODEL,
         TrainerReason.OUT_OF_MEMORY,
+        TrainerReason.INSUFFICIENT_GPU_MEMORY,
     }
 )
 
@@ -342,6 +347,8 @@ class TerminationSummary:
     progress: dict[str, float] | None = None  # step, totalSteps, epoch, trainedTokens
     checkpoint: dict[str, Any] | None = None  # {uri, step}
     provenance: dict[str, Any] | None = None
+    # The memory plan: strategy, worldSize, activationCheckpointing, microStepTokens, perGpuGiB, gpuGiB.
+    plan: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes. The outcome, the reason and the result record

@@ -254,7 +254,8 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _chunk_rows(vocab_size: int, device: torch.device) -> int:
+def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Label positions per chunk of logits: the chunk's float32 logits and their gradient stay in budget."""
     budget = _CE_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     return max(64, budget // (6 * vocab_size))
 
@@ -335,7 +336,7 @@ def chunked_cross_entropy_sum(
         return hidden.sum() * 0.0
     if chunk_rows is None:
         vocab = getattr(config, "vocab_size", None) or getattr(head, "out_features", 32768)
-        chunk_rows = _chunk_rows(int(vocab), hidden.device)
+        chunk_rows = loss_chunk_rows(int(vocab), hidden.device)
     if isinstance(head, nn.Linear) and _head_is_plain_linear(head, config):
         needs_grad = torch.is_grad_enabled() and (
             hidden.requires_grad

@@ -4,6 +4,7 @@ how LoRA or full fine-tuning is set up on it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,55 @@ def fetch_base_model(uri: str, storage: Storage | None, work_dir: Path) -> tuple
         return _fetch_s3_model(uri, storage, work_dir / "base-model")
     if uri.startswith("hf://"):
         return _fetch_hub_model(uri, work_dir)
-    if uri.startswith("pvc://"):
-        claim_path = uri[len("pvc://") :]
-        local = Path(os.environ.get(contract.PVC_ROOT_ENV, contract.DEFAULT_PVC_ROOT)) / claim_path
-    else:
-        local = Path(uri)
+    local = _local_path(uri)
     if not (local / "config.json").is_file():
         raise TrainerError(
             TrainerReason.MODEL_NOT_FOUND,
             f"baseModel {uri}: no config.json in {local}; point it at a Hugging Face model directory",
         )
     return local, {"uri": uri, "path": str(local)}
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("pvc://"):
+        return Path(os.environ.get(contract.PVC_ROOT_ENV, contract.DEFAULT_PVC_ROOT)) / uri[len("pvc://") :]
+    return Path(uri)
+
+
+def read_model_config(uri: str, storage: Storage | None, work_dir: Path) -> dict[str, Any] | None:
+    """The base model's config.json, read without fetching any weights; None where it is not there
+    (``fetch_base_model`` then says what is missing)."""
+    if uri.startswith("s3://"):
+        if storage is None:
+            return None
+        location = S3Uri.parse((uri if uri.endswith("/") else uri + "/") + "config.json")
+        if storage.exists(location, not_found=TrainerReason.MODEL_NOT_FOUND) is None:
+            return None
+        text = storage.read(location, not_found=TrainerReason.MODEL_NOT_FOUND).data
+    elif uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://") :].partition("@")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cache_dir = os.environ.get("HF_HOME", str(work_dir / "hf"))
+            path = hf_hub_download(repo, "config.json", revision=revision or None, cache_dir=cache_dir)
+            text = Path(path).read_bytes()
+        except Exception:  # the download of the whole model reports the cause
+            return None
+    else:
+        path = _local_path(uri) / "config.json"
+        if not path.is_file():
+            return None
+        text = path.read_bytes()
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL, f"baseModel {uri}: config.json is not JSON ({err})"
+        ) from err
+    if not isinstance(config, dict):
+        raise TrainerError(TrainerReason.INVALID_MODEL, f"baseModel {uri}: config.json is not a JSON object")
+    return config
 
 
 def _fetch_s3_model(uri: str, storage: Storage, dest: Path) -> tuple[Path, dict[str, Any]]:

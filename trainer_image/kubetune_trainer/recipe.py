@@ -28,6 +28,7 @@ from kubetune_trainer.contract import (
     WORK_DIR_ENV,
     AdapterRecord,
     Hyperparameters,
+    LoraConfig,
     TerminationSummary,
     TrainerConfig,
     TrainerReason,
@@ -56,6 +57,7 @@ class Progress:
     trainer: Any = None
     checkpoint: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # the memory plan's summary
 
 
 def main() -> int:
@@ -134,7 +136,13 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if already is not None:
         record, manifest = already
         log_event("already_published", uri=record.uri, completed_at=manifest.get("completedAt"))
-        return _success(record, manifest.get("metrics") or {}, manifest.get("progress") or {}, {})
+        return _success(record, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
+
+    # Memory plan, from config.json alone: a job that cannot fit fails here, before any weights are fetched.
+    model_config = model.read_model_config(config.base_model, storage, work_dir)
+    if model_config is not None:
+        progress.plan = plan_memory(config, runtime, model_config).summary()
+        log_event("memory_plan", **progress.plan)
 
     # 2. Data: fetched and validated (every record, one pass) before any heavy work.
     fmt, column_map = config.dataset.format, config.dataset.column_map
@@ -296,7 +304,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         shutil.rmtree(local, ignore_errors=True)
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
     # 8. Report.
-    return _success(record, final_metrics, final_progress, progress.provenance)
+    return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
 
 
 def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_length: int) -> Any:
@@ -313,12 +321,59 @@ def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_leng
     if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
         return Batching(None, hp.micro_batch_size or 1, (hp.gradient_accumulation or 1) * processes)
     step_tokens = hp.batch_tokens or DEFAULT_BATCH_TOKENS
-    requested = os.environ.get(MICRO_BATCH_TOKENS_ENV)
-    budget = choose_token_budget(model, runtime.device, int(requested) if requested else None, max_seq_length)
+    budget = choose_token_budget(model, runtime.device, requested_micro_tokens(), max_seq_length)
     # Every process must plan the same steps: the smallest device decides.
     budget = int(runtime.all_reduce(torch.tensor([budget], device=runtime.device), op="min").item())
     budget = min(budget, math.ceil(step_tokens / processes))
     return Batching(budget, None, processes * max(1, math.ceil(step_tokens / (budget * processes))))
+
+
+def requested_micro_tokens() -> int | None:
+    """Tokens per micro-step set in the trainer's env, if any."""
+    requested = os.environ.get(MICRO_BATCH_TOKENS_ENV)
+    return int(requested) if requested else None
+
+
+def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any]) -> Any:
+    """The memory plan for this job on this pod's devices (``memory_plan.choose``), at the tokens per
+    micro-step ``resolve_batching`` will use. Where that budget is sized later from the GPU's free memory,
+    the plan takes one example of maxSeqLength: the least a micro-step must hold."""
+    from kubetune_trainer import memory_plan
+    from kubetune_trainer.fastpath import choose_token_budget
+    from kubetune_trainer.parallel import device_capacity
+
+    hp, lora = config.hyperparameters, config.lora or LoraConfig()
+    max_seq_length = config.dataset.max_seq_length
+    if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
+        tokens = (hp.micro_batch_size or 1) * max_seq_length
+    else:
+        requested = requested_micro_tokens()
+        if runtime.device.type == "cuda" and requested is None:
+            budget = max_seq_length
+        else:
+            budget = choose_token_budget(None, runtime.device, requested, max_seq_length)
+        step_share = math.ceil((hp.batch_tokens or DEFAULT_BATCH_TOKENS) / runtime.world_size)
+        # A longer example still gets a micro-step of its own.
+        tokens = max(min(budget, step_share), max_seq_length)
+    try:
+        shape = memory_plan.model_shape(model_config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL,
+            f"baseModel {config.base_model}: config.json does not describe a causal LM transformers builds "
+            f"({type(err).__name__}: {err})",
+        ) from err
+    request = memory_plan.Request(
+        method=config.method,
+        processes=runtime.world_size,
+        micro_tokens=tokens,
+        device_type=runtime.device.type,
+        capacity=device_capacity(runtime.device),
+        lora_r=lora.r,
+        lora_dropout=lora.dropout,
+        lora_targets=tuple(lora.target_modules) if lora.target_modules else None,
+    )
+    return memory_plan.choose(shape, request, model=config.base_model)
 
 
 def work_directory() -> Path:
@@ -364,7 +419,11 @@ def _progress(trainer: Any) -> dict[str, float]:
 
 
 def _success(
-    record: AdapterRecord, metrics: dict[str, float], progress: dict[str, float], provenance: dict[str, Any]
+    record: AdapterRecord,
+    metrics: dict[str, float],
+    progress: dict[str, float],
+    provenance: dict[str, Any],
+    plan: dict[str, Any] | None,
 ) -> TerminationSummary:
     return TerminationSummary(
         outcome="Succeeded",
@@ -374,6 +433,7 @@ def _success(
         metrics=metrics,
         progress=progress,
         provenance=_compact(provenance),
+        plan=plan,
     )
 
 
@@ -404,4 +464,5 @@ def _failure(progress: Progress, reason: str, message: str) -> TerminationSummar
         progress=steps,
         checkpoint=checkpoint,
         provenance=_compact(progress.provenance),
+        plan=progress.plan,
     )

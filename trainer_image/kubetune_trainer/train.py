@@ -23,6 +23,7 @@ from kubetune_trainer.fastpath import loss_sum
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
 from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
+from kubetune_trainer.parallel import process_device
 from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
 
 MAX_GRAD_NORM = 1.0
@@ -89,19 +90,26 @@ def setup_runtime(gpus: int, seed: int) -> Runtime:
     launcher (``WORLD_SIZE`` > 1: one process per GPU, or several on CPU) it joins the process group: NCCL on
     GPUs, gloo on CPU."""
     torch.manual_seed(seed)
-    on_gpu = gpus > 0 and torch.cuda.is_available()
-    if not on_gpu:
+    device = process_device(gpus > 0)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    else:
         torch.use_deterministic_algorithms(True)
-    if on_gpu or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
 
-        # The timeout covers ranks waiting while rank 0 uploads a checkpoint of a large model.
-        state = PartialState(cpu=not on_gpu, timeout=COLLECTIVE_TIMEOUT)
-        if not on_gpu:
-            return Runtime(torch.device("cpu"), state.process_index, state.num_processes, None)
-        torch.cuda.set_device(state.device)
-        return Runtime(state.device, state.process_index, state.num_processes, torch.bfloat16)
-    return Runtime(torch.device("cpu"), 0, 1, None)
+        # The launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT say where to meet. The timeout
+        # covers ranks waiting while rank 0 uploads a checkpoint of a large model.
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            timeout=COLLECTIVE_TIMEOUT,
+            device_id=device if on_gpu else None,
+        )
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = 0, 1
+    return Runtime(device, rank, world_size, torch.bfloat16 if on_gpu else None)
 
 
 class StopFlag:
