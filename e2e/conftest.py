@@ -1,12 +1,14 @@
 """Session fixtures for the e2e suite: one local cluster (control plane, KWOK GPU nodes, a node agent), the
 FineTuneJob CRD, a real S3 server and the operator running as a local process.
 
-The cluster is booted once per session (``Cluster("e2e")``) and stopped at the end by PID; the teardown
-fails the session if any of its processes or ports outlive ``down``.
+The cluster is booted once per session (``Cluster("e2e-<checkout>")``: one per checkout, so two checkouts on
+one machine never stop each other's) and stopped at the end by PID; the teardown fails the session if any of
+its processes or ports outlive ``down``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -34,7 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterInfo]:
-    c = Cluster("e2e")
+    c = Cluster(f"e2e-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:8]}")
     info = c.up(kwok_nodes=2, agent_nodes=1, log=lambda m: print(f"[e2e cluster] {m}", file=sys.stderr))
     records = c.pidfile.read()
     try:
@@ -99,17 +101,20 @@ class OperatorProcess:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 15 s (it is our own child: stopped by PID)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
 
-@pytest.fixture(scope="session")
-def operator(
-    cluster: ClusterInfo, crd: dict, make_namespace: Callable[..., str]
-) -> Iterator[OperatorProcess]:
-    """`python -m kubetune_operator --standalone --namespace <ns>` with the cluster's admin kubeconfig.
 
-    Its namespace enforces the restricted Pod Security profile, so every trainer pod the operator creates
-    must pass that admission.
-    """
-    namespace = make_namespace("e2e-op", pod_security="restricted")
+def launch_operator(cluster: ClusterInfo, namespace: str) -> OperatorProcess:
+    """`python -m kubetune_operator --standalone --namespace <ns>` with the cluster's admin kubeconfig, once
+    its /healthz answers."""
     health_port, metrics_port = procs.free_port(), procs.free_port()
     log = Path(cluster.dir) / "logs" / f"operator-{namespace}.log"
     env = {
@@ -142,20 +147,23 @@ def operator(
             pytest.fail(f"operator exited with {proc.returncode}:\n{op.log_tail()}")
         try:
             if requests.get(f"http://127.0.0.1:{health_port}/healthz", timeout=1).status_code == 200:
-                break
+                return op
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
+            op.stop()
             pytest.fail(f"operator not healthy after 60s:\n{op.log_tail()}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: ClusterInfo, crd: dict, make_namespace: Callable[..., str]
+) -> Iterator[OperatorProcess]:
+    """The operator for the suite's namespace, which enforces the restricted Pod Security profile, so every
+    trainer pod the operator creates must pass that admission."""
+    op = launch_operator(cluster, make_namespace("e2e-op", pod_security="restricted"))
     try:
         yield op
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        op.stop()

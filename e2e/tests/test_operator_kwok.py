@@ -305,3 +305,52 @@ def test_reapplying_under_the_same_name_never_inherits_the_orphaned_run(kube: Ku
     assert condition(new, "Failed") is None
     assert owned_by(kube.get(job_path), new)
     kube.delete(ftj_path(ns, "reborn"))
+
+
+def test_a_result_survives_its_job_being_deleted_while_the_operator_is_down(
+    cluster: Any, kube: KubeClient, crd: JSON, make_namespace: Any
+) -> None:
+    """ttlSecondsAfterFinished: 0 and the operator stopped as the trainer finishes: the TTL controller deletes
+    the completed Job before anyone read its pod's summary. The result finalizer holds the Job and the pod;
+    the operator, started again, records Succeeded with the adapter record and then lets them go."""
+    from e2e.conftest import launch_operator
+
+    ns = make_namespace("e2e-held")
+    op = launch_operator(cluster, ns)
+    try:
+        manifest = make_ftj("held", placement=ON_KWOK, extra_spec={"ttlSecondsAfterFinished": 0})
+        kube.create(ftj_path(ns), manifest)
+        pod = wait_trainer_pod(kube, ns, "held")
+        op.stop()
+        summary = contract.TerminationSummary(
+            outcome="Succeeded",
+            reason="Completed",
+            adapter=contract.AdapterRecord(
+                uri="s3://adapters/held/",
+                files=["adapter_model.safetensors"],
+                size_bytes=10,
+                sha256=SUCCESS_SHA,
+            ),
+        )
+        end_pod(kube, ns, pod, "Succeeded", summary.to_json(), exit_code=0)
+        job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/held-trainer"
+        job = kube.wait_for(
+            job_path,
+            lambda j: bool(j["metadata"].get("deletionTimestamp")),
+            timeout=60,
+            what="the TTL controller to delete the completed Job",
+        )
+        assert any(c["type"] == "Complete" for c in job["status"].get("conditions", []))
+        assert "kubetune.io/result" in job["metadata"]["finalizers"]
+        held = kube.get(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}")
+        assert "kubetune.io/result" in held["metadata"]["finalizers"]
+        assert kube.get(ftj_path(ns, "held"))["status"]["phase"] != "Succeeded"  # nobody has read it yet
+
+        op = launch_operator(cluster, ns)
+        done = wait_phase(kube, ns, "held", "Succeeded", timeout=60)
+        assert done["status"]["adapter"]["sha256"] == SUCCESS_SHA
+        kube.wait_gone(job_path, timeout=60)
+        kube.wait_gone(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}", timeout=60)
+        assert kube.get(ftj_path(ns, "held"))["status"]["phase"] == "Succeeded"
+    finally:
+        op.stop()

@@ -25,7 +25,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator import labels
+from kubetune_operator import labels, termination
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
@@ -172,6 +172,9 @@ def sync(
                 io.annotate_finetunejob(namespace, name, {labels.ANNOTATION_RESULT_RECORDED: "true"})
         elif seen.trainer_job is not None and controller_uid(seen.trainer_job) != job.metadata.uid:
             release_results(io, namespace, name, running_uid=job.metadata.uid)  # an earlier run's, in the way
+        else:
+            for pod in termination.releasable_pods(seen.pods, finished=False):
+                io.remove_finalizer("Pod", pod, labels.RESULT_FINALIZER)
         _post_events(io, job, outcome, logger)
         runtime.metrics.record(namespace, name, job.metadata.creation_timestamp, job.status, outcome.status)
         _track(runtime, namespace, name, running=outcome.status.phase == "Running")

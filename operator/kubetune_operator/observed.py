@@ -78,6 +78,11 @@ def current_pod(pods: tuple[Obj, ...]) -> Obj | None:
     return max(live, key=_created) if live else None
 
 
+def newest_pod(pods: tuple[Obj, ...]) -> Obj | None:
+    """The most recently created pod, whatever its phase."""
+    return max(pods, key=_created) if pods else None
+
+
 def last_finished_pod(pods: tuple[Obj, ...], phase: str) -> Obj | None:
     """The newest pod in ``phase`` (Failed or Succeeded)."""
     done = [p for p in pods if _get(p, "status", "phase") == phase]

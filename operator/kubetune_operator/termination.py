@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from kubetune_operator import observed
+from kubetune_operator import labels, observed
 from kubetune_operator.conditions import TRAINER_REASONS
 from kubetune_operator.observed import Obj
 from kubetune_trainer import contract
@@ -21,8 +21,10 @@ LOG_TAIL_LIMIT = 400
 """Characters of a crashed container's log tail kept in a message (the end, where the error is)."""
 
 _CREDENTIAL_ASSIGNMENT = re.compile(
-    r"(?i)\b([A-Z0-9_.-]*(?:secret|token|passw(?:or)?d|credential|api[_-]?key|access[_-]?key|private[_-]?key|"
-    r"session[_-]?key|auth)[A-Z0-9_.-]*)(\s*[=:]\s*|\"\s*:\s*\")([^\s\"',;]+)"
+    # A key whose last segment names a credential (AWS_SECRET_ACCESS_KEY, api_key, session-token, password),
+    # then = or : (or a JSON "key": "value"), then the value. tokens_per_second or key_count are left alone.
+    r"(?i)\b((?:[a-z0-9]+[_.-])*(?:secret|token|password|passwd|pwd|credentials?|key|apikey|auth|"
+    r"authorization))(\s*[=:]\s*|\"\s*:\s*\")([^\s\"',;]+)"
 )
 _AWS_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -33,9 +35,9 @@ REDACTED = "<redacted>"
 def redact(text: str) -> str:
     """``text`` with credential-looking values replaced: ``key=value`` / ``key: value`` pairs whose key
     names a secret, token, password or key; AWS access key ids; bearer/basic tokens; user:pass@ in URLs."""
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _CREDENTIAL_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _AWS_ACCESS_KEY_ID.sub(REDACTED, text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     return _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
 
 
@@ -109,6 +111,28 @@ def attempt_detail(pod: Obj) -> str:
     if tail.startswith("{") and "valid kubetune summary" in problem:
         return f"{text}; {problem}"
     return f"{text}: {redact(tail[-LOG_TAIL_LIMIT:])}" if tail else text
+
+
+def releasable_pods(pods: tuple[Obj, ...], *, finished: bool) -> list[Obj]:
+    """Pods still holding labels.RESULT_FINALIZER whose termination message nothing needs any more, once a
+    pass has written what it saw into status: all of them when the job is finished; otherwise an ended pod
+    that a newer attempt has replaced, one stopped from outside (its checkpoint is recorded, and the Job's
+    failure policy ignores it), and a pod deleted before its container ran. The newest ended attempt keeps
+    its result until the job's outcome is recorded, because it may be the one that decides it."""
+    held = [p for p in pods if labels.RESULT_FINALIZER in ((p.get("metadata") or {}).get("finalizers") or [])]
+    if finished:
+        return held
+    newest = observed.newest_pod(pods)
+    releasable = []
+    for pod in held:
+        phase = (pod.get("status") or {}).get("phase")
+        deleted = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+        if phase in ("Succeeded", "Failed"):
+            if pod is not newest or interrupted(pod) or observed.was_disrupted(pod):
+                releasable.append(pod)
+        elif deleted and observed.running_since(pod) is None and observed.terminated_state(pod) is None:
+            releasable.append(pod)
+    return releasable
 
 
 def log_hint(pod: Obj | None, namespace: str) -> str:
