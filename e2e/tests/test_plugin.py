@@ -239,18 +239,18 @@ def test_plot_writes_a_png_with_both_curves(plugin: Plugin, trained: Trained, tm
     # Lines are 2.5 px wide over hundreds of pixels: each curve leaves far more than a legend swatch.
     assert colour_pixels(png, plot.TRAIN_COLOR) > 400
     assert colour_pixels(png, plot.EVAL_COLOR) > 300
-    assert colour_pixels(png, plot.LEARNING_RATE_COLOR) > 100
+    assert colour_pixels(png, plot.LEARNING_RATE_COLOR) > 50
 
 
 def test_logs_read_the_node_agents_file_and_filter_by_rank(plugin: Plugin, trained: Trained) -> None:
     out = plugin.ok("logs", "plugin-lora", "-n", plugin.namespace)
     assert f"sha256 {trained.job['status']['adapter']['sha256']}" in out
-    assert '"event": "step"' in out or '"event":"step"' in out
+    assert '"event": "progress"' in out and '"event": "eval"' in out
     followed = plugin.ok("logs", "plugin-lora", "-n", plugin.namespace, "-f")  # ends: the pod has ended
     assert followed == out
     rank0 = plugin.ok("logs", "plugin-lora", "-n", plugin.namespace, "--rank", "0")
     rank1 = plugin.ok("logs", "plugin-lora", "-n", plugin.namespace, "--rank", "1")
-    assert '"step"' in rank0 and '"event"' not in rank1
+    assert '"event": "progress"' in rank0 and '"event"' not in rank1
 
 
 def test_wait_exits_0_on_success_and_1_with_the_reason_on_failure(
