@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -36,8 +37,8 @@ from e2e.tests.helpers import (
 from kubetune_cli import plot
 
 JSON = dict[str, Any]
-STEPS = 40
-EVAL_EVERY = 8
+STEPS = 400
+EVAL_EVERY = 50
 MODELS, DATASETS, ADAPTERS = "plugin-models", "plugin-datasets", "plugin-adapters"
 
 
@@ -195,9 +196,13 @@ def tmux_server() -> Iterator[str]:
 def test_describe_draws_the_loss_chart_in_a_real_terminal(
     plugin: Plugin, trained: Trained, tmux_server: str
 ) -> None:
-    command = f"kubectl finetune describe plugin-lora -n {plugin.namespace}; echo DESCRIBE-EXIT=$?; sleep 600"
-    env_args = [arg for key in ("PATH", "KUBECONFIG") for arg in ("-e", f"{key}={plugin.env[key]}")]
-    tmux("-L", tmux_server, "new-session", "-d", "-x", "110", "-y", "70", *env_args, command)
+    # The pane's shell may be a login shell that resets PATH: set the plugin's environment in the command.
+    environment = " ".join(f"{key}={shlex.quote(plugin.env[key])}" for key in ("PATH", "KUBECONFIG"))
+    command = (
+        f"env {environment} kubectl finetune describe plugin-lora -n {plugin.namespace}; "
+        "echo DESCRIBE-EXIT=$?; sleep 600"
+    )
+    tmux("-L", tmux_server, "new-session", "-d", "-x", "110", "-y", "70", command)
     deadline = time.monotonic() + 60
     screen = ""
     while "DESCRIBE-EXIT=" not in screen and time.monotonic() < deadline:
@@ -210,14 +215,32 @@ def test_describe_draws_the_loss_chart_in_a_real_terminal(
     legend = next(i for i, line in enumerate(lines) if "* train loss" in line and "o eval loss" in line)
     plot_area = lines[chart_top : legend - 2]
     assert len(plot_area) == 12
-    # Train glyphs across most of the width, starting high on the left and ending low on the right.
-    columns = {col: row for row, line in enumerate(plot_area) for col, ch in enumerate(line) if ch == "*"}
+    # The train line covers its share of the step axis (the axis runs from the first point of either curve to
+    # the last), less a column or two where an eval mark sits on it.
+    history = trained.job["status"]["history"]
+    x_lo, x_hi = (
+        min(history["step"][0], history["evalStep"][0]),
+        max(history["step"][-1], history["evalStep"][-1]),
+    )
+    share = (history["step"][-1] - history["step"][0]) / (x_hi - x_lo)
+    columns = {col for line in plot_area for col, ch in enumerate(line) if ch == "*"}
+    rows_with_train = [row for row, line in enumerate(plot_area) if "*" in line]
     first, last = min(columns), max(columns)
-    assert last - first > 80
+    plot_width = len(lines[legend - 2].strip()) - 1  # the x axis: "+-----..."
+    assert last - first >= share * (plot_width - 1) - 3, "\n".join(plot_area)
     assert sum(ch == "o" for line in plot_area for ch in line) >= 2
-    top_on_left = min(row for row, line in enumerate(plot_area) if "*" in line[first : first + 5])
-    bottom_on_right = max(row for row, line in enumerate(plot_area) if "*" in line[last - 5 : last + 1])
-    assert top_on_left < bottom_on_right, "\n".join(plot_area)
+    # Drawn from the data: the highest and lowest train glyphs sit on the rows of the largest and smallest
+    # train loss, on a y axis spanning both curves.
+    values = history["trainLoss"] + history["evalLoss"]
+    y_lo, y_hi = min(values), max(values)
+
+    assert y_hi > y_lo, values
+
+    def row_of(y: float) -> int:
+        return round((y_hi - y) / (y_hi - y_lo) * (len(plot_area) - 1))
+
+    assert abs(min(rows_with_train) - row_of(max(history["trainLoss"]))) <= 1, "\n".join(plot_area)
+    assert abs(max(rows_with_train) - row_of(min(history["trainLoss"]))) <= 1, "\n".join(plot_area)
     # A terminal: the lines are coloured (train blue, eval red).
     coloured = tmux("-L", tmux_server, "capture-pane", "-p", "-e")
     assert "\x1b[34m*" in coloured and "\x1b[31mo" in coloured

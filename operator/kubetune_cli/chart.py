@@ -1,8 +1,10 @@
 """A line chart drawn with characters, for `kubectl finetune describe`. Pure: series in, lines of text out.
 
 Each series is drawn as a line through its points (linear between them), one glyph per column with the gaps
-between neighbouring columns filled, so a steep drop reads as a line and not as scattered dots. Later series
-draw over earlier ones. Colours are ANSI escapes, only when asked for (a terminal).
+between neighbouring columns filled, so a steep drop reads as a line and not as scattered dots. A series can
+draw its line with a lighter glyph (``line_glyph``) and mark only its own points with ``glyph``: such lines
+go below the solid ones, and every series' point marks go on top, so two close curves both stay visible.
+Colours are ANSI escapes, only when asked for (a terminal).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Series:
     ys: Sequence[float]
     glyph: str
     color: str
+    line_glyph: str = ""
+    """The glyph of the line between points; empty: ``glyph`` (a solid line)."""
 
 
 def render(series: Sequence[Series], width: int = 80, height: int = 12, color: bool = False) -> list[str]:
@@ -46,20 +50,29 @@ def render(series: Sequence[Series], width: int = 80, height: int = 12, color: b
     def column_of(x: float) -> int:
         return 0 if x_hi == x_lo else round((x - x_lo) / (x_hi - x_lo) * (columns - 1))
 
-    for s in drawn:
-        glyph = f"\x1b[{s.color}m{s.glyph}\x1b[0m" if color else s.glyph
+    def paint(col: int, rows_: range, char: str, colour: str) -> None:
+        for r in rows_:
+            grid[r][col] = f"\x1b[{colour}m{char}\x1b[0m" if color else char
+
+    dotted = [s for s in drawn if s.line_glyph and s.line_glyph != s.glyph]
+    solid = [s for s in drawn if s not in dotted]
+    for s in [*dotted, *solid]:
         points = list(zip(s.xs, s.ys, strict=False))
-        first, last = column_of(points[0][0]), column_of(points[-1][0])
         previous_row: int | None = None
-        for col in range(first, last + 1):
-            y = _interpolate(points, x_lo + (x_hi - x_lo) * col / max(1, columns - 1))
-            row = row_of(y)
+        for col in range(column_of(points[0][0]), column_of(points[-1][0]) + 1):
+            row = row_of(_interpolate(points, x_lo + (x_hi - x_lo) * col / max(1, columns - 1)))
             # A steep change fills the column up to the previous column's row, so the line stays connected.
             low, high = (row, row) if previous_row is None else sorted((row, previous_row))
-            span = range(low, high + 1) if high - low > 1 else range(row, row + 1)
-            for r in span:
-                grid[r][col] = glyph
+            paint(
+                col,
+                range(low, high + 1) if high - low > 1 else range(row, row + 1),
+                s.line_glyph or s.glyph,
+                s.color,
+            )
             previous_row = row
+    for s in dotted:
+        for x, y in zip(s.xs, s.ys, strict=False):
+            paint(column_of(x), range(row_of(y), row_of(y) + 1), s.glyph, s.color)
     lines = []
     for r in range(rows):
         value = y_hi - (y_hi - y_lo) * r / (rows - 1)

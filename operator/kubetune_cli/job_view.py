@@ -236,7 +236,7 @@ def describe(job: dict[str, Any], now: datetime, width: int = 80, color: bool = 
             for line in chart.render(
                 [
                     chart.Series("train loss", curves.train_steps, curves.train_loss, "*", chart.BLUE),
-                    chart.Series("eval loss", curves.eval_steps, curves.eval_loss, "o", chart.RED),
+                    chart.Series("eval loss", curves.eval_steps, curves.eval_loss, "o", chart.RED, "."),
                 ],
                 width=max(40, width - 2),
                 height=12,

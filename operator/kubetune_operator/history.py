@@ -60,11 +60,13 @@ def add_sample(
 
     A sample at the newest step replaces that step's values; one at an earlier step (a restarted trainer
     replaying from its checkpoint) drops the points after it first. A train point needs a train loss; a
-    missing learning rate repeats the previous one (0 before any). The eval-loss gauge keeps its value
+    missing learning rate repeats the previous one (0 before any). A loss of 0 counts as not reported: the
+    trainer's gauges read 0 until it measures one (at its start, and after a restart until its first step),
+    and a cross-entropy is never exactly 0. The eval-loss gauge keeps its value
     between evaluations, so an eval loss equal to the last one recorded is not recorded again. A sample
     without a step, or with nothing new, leaves the history as it is.
     """
-    train, evaluation, lr = _finite(train_loss), _finite(eval_loss), _finite(learning_rate)
+    train, evaluation, lr = _loss(train_loss), _loss(eval_loss), _finite(learning_rate)
     if step is None or step < 0 or (train is None and evaluation is None):
         return history
     old_train, old_evals = _stored(history)
@@ -151,6 +153,11 @@ def _stored(history: History | None) -> tuple[list[_TrainPoint], list[_EvalPoint
             break
         evals.append(_EvalPoint(step, loss_value))
     return train, evals
+
+
+def _loss(value: float | None) -> float | None:
+    number = _finite(value)
+    return number if number is not None and number > 0 else None
 
 
 def _finite(value: float | None) -> float | None:

@@ -147,8 +147,11 @@ def test_a_repeated_step_updates_the_point_and_a_replayed_step_drops_the_later_o
 
 
 def test_samples_without_a_step_or_a_loss_change_nothing() -> None:
+    # The trainer's gauges read 0 before its first step (and after a restart, until its next one).
+    assert add_sample(None, 0, 0.0, 0.0, 0.0) is None
     history = add_sample(None, 5, 2.0, None, None)
     assert history is not None and history.learning_rate == (0.0,)
+    assert add_sample(history, 5, 0.0, 0.0, 1e-4) is history
     assert add_sample(history, None, 1.0, 1.0, 1.0) is history
     assert add_sample(history, 6, None, math.nan, 1e-3) is history
     assert add_sample(history, 6, math.inf, None, 1e-3) is history
