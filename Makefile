@@ -27,7 +27,7 @@ bench:
 
 ## lint: ruff on everything, mypy strict on the operator
 lint:
-	$(PY) -m ruff check operator trainer_image tests e2e
+	$(PY) -m ruff check operator trainer_image tests e2e plugins
 	$(PY) -m mypy
 
 venv:

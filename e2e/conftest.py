@@ -92,11 +92,14 @@ def s3() -> Iterator[S3Server]:
 
 
 class OperatorProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], namespace: str, log: Path, health_port: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], namespace: str, log: Path, health_port: int, metrics_port: int
+    ) -> None:
         self.proc = proc
         self.namespace = namespace
         self.log = log
         self.health_port = health_port
+        self.metrics_port = metrics_port
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -140,7 +143,7 @@ def launch_operator(cluster: ClusterInfo, namespace: str) -> OperatorProcess:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
         )
-    op = OperatorProcess(proc, namespace, log, health_port)
+    op = OperatorProcess(proc, namespace, log, health_port, metrics_port)
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:

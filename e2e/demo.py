@@ -11,6 +11,7 @@
 4. Apply a LoRA FineTuneJob and follow it like `kubectl get ftj -w` (step, loss, tokens/s).
 5. Print the adapter URI and its sha256 (checked against the object in S3) and the loss curve, as a PNG and a
    terminal sparkline.
+6. Show the job the way a user would look at it afterwards: `kubectl finetune describe` (plugins/).
 
 A local cluster the demo booted is torn down at the end unless --keep; a cluster that was already there is
 left as it was (the demo namespace and the release stay, and the demo says how to remove them).
@@ -39,6 +40,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "charts" / "kubetune"
 OUT_DIR = REPO_ROOT / "out"
+PLUGIN_DIR = REPO_ROOT / "plugins"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 RELEASE = "kubetune"
 # The release name contains the chart name, so the chart names its resources after the release alone.
@@ -523,6 +525,31 @@ def report(result: Follow, s3: Any) -> None:
         raise DemoError("the adapter in S3 does not match the sha256 in the FineTuneJob status")
 
 
+def plugin_env(kubeconfig: str) -> dict[str, str]:
+    """An environment in which `kubectl finetune` runs from this checkout: plugins/ (its launcher) and this
+    Python (for the launcher's `python3`) on PATH, then a kubectl: the locally built one when there is one,
+    else the user's."""
+    from e2e.cluster.procs import bin_dir
+
+    path = [str(PLUGIN_DIR), str(Path(sys.executable).parent)]
+    built = bin_dir()
+    if (built / "kubectl").exists():
+        path.append(str(built))
+    return {**os.environ, "KUBECONFIG": kubeconfig, "PATH": os.pathsep.join([*path, os.environ["PATH"]])}
+
+
+def describe_with_plugin(env: Environment) -> None:
+    """The job as `kubectl finetune describe` shows it: conditions, adapter and the loss chart."""
+    argv = ["kubectl", "finetune", "describe", JOB_NAME, "--namespace", DEMO_NAMESPACE]
+    print(f"\n$ {' '.join(argv)}", flush=True)
+    try:
+        done = subprocess.run(argv, env=plugin_env(env.kubeconfig), timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise DemoError(f"`{' '.join(argv)}` could not run: {error}") from error
+    if done.returncode != 0:
+        raise DemoError(f"`{' '.join(argv)}` exited with {done.returncode}")
+
+
 def run(args: argparse.Namespace) -> None:
     from kubernetes import client, config
 
@@ -547,6 +574,7 @@ def run(args: argparse.Namespace) -> None:
         )
         result = follow(api, args.timeout)
         report(result, s3)
+        describe_with_plugin(env)
     finally:
         if env.keep_notes:
             print("\nThe demo cluster is still up:" if env.local else "\nTo clean up:")

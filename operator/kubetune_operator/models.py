@@ -168,6 +168,17 @@ class CheckpointRecord(_Model):
     step: int = 0
 
 
+class History(_Model):
+    """The run's loss curve as columns: train points (step, train_loss, learning_rate) and eval points
+    (eval_step, eval_loss). kubetune_operator.history keeps it bounded."""
+
+    step: tuple[int, ...] = ()
+    train_loss: tuple[float, ...] = ()
+    learning_rate: tuple[float, ...] = ()
+    eval_step: tuple[int, ...] = ()
+    eval_loss: tuple[float, ...] = ()
+
+
 class FineTuneJobStatus(_Model):
     conditions: tuple[Condition, ...] = ()
     phase: str | None = None
@@ -183,6 +194,7 @@ class FineTuneJobStatus(_Model):
     observed_generation: int | None = None
     trainer_job: str | None = None
     provenance: dict[str, Any] | None = None
+    history: History | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The status as the API stores it: camelCase keys, unset fields left out."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_operator import conditions as cond
-from kubetune_operator import labels, observed, termination
+from kubetune_operator import history, labels, observed, termination
 from kubetune_operator.builders import (
     build_config_map,
     build_trainer_job,
@@ -550,6 +550,9 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
         grad_norm=_sig(sample.grad_norm, old_metrics.grad_norm),
         best_eval_loss=_sig(sample.best_eval_loss, old_metrics.best_eval_loss),
         best_step=_int(sample.best_step, old_metrics.best_step),
+    )
+    st.fields["history"] = history.add_sample(
+        st.old.history, _int(sample.step, None), sample.train_loss, sample.eval_loss, sample.learning_rate
     )
 
 

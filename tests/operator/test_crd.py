@@ -223,6 +223,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     assert set(status) == {
         "conditions", "phase", "message", "progress", "metrics", "adapter", "model", "checkpoint",
         "restarts", "startTime", "completionTime", "observedGeneration", "trainerJob", "provenance",
+        "history",
     }  # fmt: skip
     record = {"uri", "files", "sizeBytes", "sha256", "baseModel"}
     assert set(status["adapter"]["properties"]) == set(status["model"]["properties"]) == record
@@ -485,6 +486,13 @@ def test_a_full_status_validates() -> None:
         "completionTime": "2026-01-02T03:04:05Z",
         "trainerJob": "support-bot-lora-trainer",
         "provenance": {"dataset": {"etag": "abc", "rows": 1000}, "trainerImage": "kubetune/trainer:0.1.0"},
+        "history": {
+            "step": [140, 280, 420],
+            "trainLoss": [1.9, 1.4, 1.21],
+            "learningRate": [0.0002, 0.00012, 0.0],
+            "evalStep": [280, 420],
+            "evalLoss": [1.33, 1.35],
+        },
     }
     manifest = {**crd_cases.base_manifest(), "status": status}
     assert check(manifest).ok, check(manifest).messages()
@@ -496,5 +504,9 @@ def test_a_full_status_validates() -> None:
         ("status.conditions[0].reason", "required"),
         ("status.conditions[0].status", "enum"),
     ]
+    # The history is bounded, and holds numbers only.
+    too_long = {"step": list(range(121))}
+    assert not check({**manifest, "status": {"history": too_long}}).ok
+    assert not check({**manifest, "status": {"history": {"trainLoss": ["NaN"]}}}).ok
     # Integer fields take integers only: the operator must cast scraped gauges before writing them.
     assert not check({**manifest, "status": {"progress": {"step": 4.5}}}).ok

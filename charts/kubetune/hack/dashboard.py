@@ -13,19 +13,21 @@ SCRAPE_ROUND = "kubetune_operator_scrape_round_duration_seconds"
 JOB_TRAIN_LOSS = "kubetune_finetunejob_train_loss"
 JOB_TOKENS_PER_SECOND = "kubetune_finetunejob_tokens_per_second"
 # ... and the trainer pods' own series (need the PodMonitor, which adds the `finetunejob` label).
+TRAIN_LOSS = "kubetune_trainer_train_loss"
 EVAL_LOSS = "kubetune_trainer_eval_loss"
+LEARNING_RATE = "kubetune_trainer_learning_rate"
 STEP = "kubetune_trainer_step"
 TOTAL_STEPS = "kubetune_trainer_total_steps"
 JOB = "{{namespace}}/{{name}}"
 TRAINER_JOB = "{{namespace}}/{{finetunejob}}"
 
 
-def panel(pid, title, kind, grid, targets, unit="short", description=""):
+def panel(pid, title, kind, grid, targets, unit="short", description="", overrides=()):
     return {
         "id": pid, "title": title, "type": kind, "description": description,
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "gridPos": dict(zip(("x", "y", "w", "h"), grid, strict=True)),
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": list(overrides)},
         "targets": [{"refId": chr(65 + i), "expr": expr, "legendFormat": legend}
                     for i, (expr, legend) in enumerate(targets)],
     }
@@ -45,9 +47,16 @@ panels = [
     panel(4, "Training loss", "timeseries", (0, 8, 12, 9),
           [(f'{JOB_TRAIN_LOSS}{{namespace=~"$namespace", name=~"$finetunejob"}}', JOB)],
           description="Latest training loss of each FineTuneJob, as the operator last wrote it to the status."),
-    panel(5, "Eval loss", "timeseries", (12, 8, 12, 9),
-          [(f'{EVAL_LOSS}{{namespace=~"$namespace", finetunejob=~"$finetunejob"}}', TRAINER_JOB)],
-          description="From the trainer pods (podMonitor.enabled)."),
+    panel(5, "Loss curves", "timeseries", (12, 8, 12, 9),
+          [(f'{TRAIN_LOSS}{{namespace=~"$namespace", finetunejob=~"$finetunejob"}}', f"train {TRAINER_JOB}"),
+           (f'{EVAL_LOSS}{{namespace=~"$namespace", finetunejob=~"$finetunejob"}}', f"eval {TRAINER_JOB}"),
+           (f'{LEARNING_RATE}{{namespace=~"$namespace", finetunejob=~"$finetunejob"}}', f"lr {TRAINER_JOB}")],
+          description="Train and eval loss with the learning rate on the right axis, from the trainer pods "
+                      "(podMonitor.enabled): the curves `kubectl finetune plot` draws from status.history.",
+          overrides=[{"matcher": {"id": "byFrameRefID", "options": "C"},
+                      "properties": [{"id": "custom.axisPlacement", "value": "right"},
+                                     {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                                     {"id": "unit", "value": "sci"}]}]),
     panel(6, "Tokens per second", "timeseries", (0, 17, 24, 8),
           [(f'{JOB_TOKENS_PER_SECOND}{{namespace=~"$namespace", name=~"$finetunejob"}}', JOB)],
           description="Non-padding tokens trained per second, per FineTuneJob."),
