@@ -12,6 +12,7 @@ from operator_factories import (
     make_pod,
     make_trainer_job,
     observed,
+    owner_reference,
     success_summary,
     terminated,
     ts,
@@ -169,7 +170,7 @@ def test_a_stored_history_is_cut_where_it_stops_making_sense() -> None:
 def test_reconcile_fills_the_history_from_scrapes_and_the_final_summary(config: OperatorConfig) -> None:
     body = make_job()
     pod = make_pod(phase="Running", ip="10.0.0.7", running_since=ts(30))
-    cm = {"kind": "ConfigMap", "metadata": {"name": "a-config"}, "data": {}}
+    cm = {"kind": "ConfigMap", "metadata": {"name": "a-config", "ownerReferences": [owner_reference()]}}
     passes = [observed()]
     for step in (10, 20, 30):
         sample = TrainerSample(step=step, total_steps=40, train_loss=3.0 - step / 20, learning_rate=1e-4)
