@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operator_factories import make_job, parse
 
 from kubetune_operator.builders import build_config_map, build_trainer_job, render_trainer_config
+from kubetune_operator.builders.trainer_job import updatable_job_fields
 from kubetune_operator.config import OperatorConfig
 from kubetune_trainer import contract
 
@@ -30,7 +33,14 @@ def job_for(**kwargs: Any) -> Any:
 def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
     manifest = build_trainer_job(job_for(), config)
     built_from = json.loads(manifest["metadata"].pop("annotations")["kubetune.io/built-from"])
-    assert set(built_from) == {"spec.resources", "spec.trainer.image", "spec.trainer.env", "spec.queueName"}
+    assert set(built_from) == {
+        "spec.s3",
+        "spec.checkpointing",
+        "spec.resources",
+        "spec.trainer.image",
+        "spec.trainer.env",
+        "spec.queueName",
+    }
     assert manifest == {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -329,6 +339,8 @@ def built_from(config: OperatorConfig, **spec: Any) -> dict[str, str]:
         ({"trainer": {"image": "registry.example/trainer:v2"}}, {"spec.trainer.image"}),
         ({"trainer": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}, {"spec.trainer.env"}),
         ({"queueName": "gpu-queue"}, {"spec.queueName"}),
+        ({"s3": {"endpoint": "http://other:9000"}}, {"spec.s3"}),
+        ({"checkpointing": {"everySteps": 50}}, {"spec.checkpointing"}),
         ({"backoffLimit": 7, "activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 5}, set()),
         ({"suspend": True}, set()),
     ],
@@ -338,6 +350,28 @@ def test_trainer_job_records_a_hash_of_each_field_its_pod_was_built_from(
 ) -> None:
     before, after = built_from(config), built_from(config, **edit)
     assert {field for field in before if before[field] != after[field]} == changed
+
+
+ROOT = Path(__file__).resolve().parents[2]
+READ_LIVE = {"suspend", "schedulingTimeoutSeconds"}
+"""Spec fields every reconcile pass reads afresh: an edit takes effect without touching the trainer Job."""
+
+
+def test_every_spec_field_a_user_may_edit_is_applied_or_refused_out_loud(config: OperatorConfig) -> None:
+    """A field the CRD lets a user change after creation is read live, patched onto the running Job, or
+    hashed on the Job so an edit is reported (SpecChangeNotApplied): none is silently ignored."""
+    crd = yaml.safe_load((ROOT / "crds" / "kubetune.io_finetunejobs.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    whole_spec_rules = " ".join(r["rule"] for r in spec.get("x-kubernetes-validations", []))
+    mutable = {
+        name
+        for name, field in spec["properties"].items()
+        if not any("oldSelf" in r["rule"] for r in field.get("x-kubernetes-validations", []))
+        and f"oldSelf.{name}" not in whole_spec_rules
+    }
+    patched = set(updatable_job_fields(job_for()))
+    reported = {key.removeprefix("spec.").split(".")[0] for key in built_from(config)}
+    assert mutable == READ_LIVE | patched | reported, mutable ^ (READ_LIVE | patched | reported)
 
 
 def test_trainer_job_carries_the_updatable_fields_only_when_set(config: OperatorConfig) -> None:

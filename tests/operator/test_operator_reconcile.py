@@ -1155,6 +1155,8 @@ def test_an_applied_edit_is_not_patched_again(config: OperatorConfig) -> None:
         ({"trainer": {"image": "registry.example/trainer:v2"}}, "spec.trainer.image"),
         ({"trainer": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}}, "spec.trainer.env"),
         ({"queueName": "gpu-queue"}, "spec.queueName"),
+        ({"s3": {"endpoint": "http://other-store:9000"}}, "spec.s3"),
+        ({"checkpointing": {"everySteps": 25, "keep": 5}}, "spec.checkpointing"),
         (
             {"resources": {"gpus": 4}, "trainer": {"image": "registry.example/trainer:v2"}},
             "spec.resources, spec.trainer.image",
@@ -1171,6 +1173,7 @@ def test_edits_the_trainer_job_cannot_take_warn_once_per_generation(
     assert warnings[0].message.startswith(f"{fields} changed after trainer Job a-trainer was created")
     assert "delete and re-create the FineTuneJob to apply them" in warnings[0].message
     assert first.job_spec_patch == {}
+    assert first.replace == () and first.create == ()  # the running trainer's config is never re-rendered
     _, again = chain(body, [seen], config)
     assert again.events == ()
     # A later edit of another field is a new generation: the fields still not applied are named again.

@@ -44,11 +44,14 @@ def updatable_job_fields(job: FineTuneJob) -> dict[str, int | None]:
 
 
 def built_from(job: FineTuneJob) -> dict[str, str]:
-    """A short hash of each FineTuneJob spec field that shapes the trainer Job's pod template or labels and
-    that the CRD lets a user edit: an existing Job cannot take a new value of any of them (its template is
-    immutable; Kueue keeps the queue it admitted the Job from)."""
+    """A short hash of each FineTuneJob spec field that shapes the trainer Job's pod template, its labels or
+    the trainer config, and that the CRD lets a user edit: an existing Job cannot take a new value of any of
+    them (its template is immutable; Kueue keeps the queue it admitted the Job from; the config is rendered
+    once, before the Job exists, so a running trainer never sees a config it did not start with)."""
     spec = spec_of(job)
     parts: dict[str, Any] = {
+        "spec.s3": spec.s3.model_dump(by_alias=True, mode="json"),
+        "spec.checkpointing": spec.checkpointing.model_dump(by_alias=True, mode="json"),
         "spec.resources": spec.resources.model_dump(by_alias=True, mode="json"),
         "spec.trainer.image": spec.trainer.image,
         "spec.trainer.env": [dict(item) for item in spec.trainer.env],
