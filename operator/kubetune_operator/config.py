@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_TRAINER_IMAGE = "kubetune/trainer:0.1.0"
 DEFAULT_GPU_RESOURCE_NAME = "nvidia.com/gpu"
@@ -20,10 +22,70 @@ ENV_SCRAPE_INTERVAL = "KUBETUNE_SCRAPE_INTERVAL_SECONDS"
 ENV_SCRAPE_TIMEOUT = "KUBETUNE_SCRAPE_TIMEOUT_SECONDS"
 ENV_SCRAPE_CONCURRENCY = "KUBETUNE_SCRAPE_CONCURRENCY"
 ENV_FINISHED_SERIES_RETENTION = "KUBETUNE_FINISHED_SERIES_RETENTION_SECONDS"
+ENV_TRAINER_POD_DEFAULTS = "KUBETUNE_TRAINER_POD_DEFAULTS"
+DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS = 300
+"""Long enough for a trainer stopped by SIGTERM to write and upload a checkpoint of a large model."""
 
 
 class ConfigError(ValueError):
     """An operator setting has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class TrainerPodDefaults:
+    """Pod settings for every trainer, from the chart's trainer.podDefaults; a FineTuneJob's own
+    spec.trainer / spec.resources value wins where it sets one."""
+
+    service_account_name: str | None = None
+    image_pull_secrets: tuple[dict[str, str], ...] = ()
+    runtime_class_name: str | None = None
+    termination_grace_period_seconds: int = DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS
+    ephemeral_storage: str | None = None
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerPodDefaults:
+        """Parse the chart's JSON; a wrong key or type stops the operator at start-up, naming it."""
+        where = ENV_TRAINER_POD_DEFAULTS
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as err:
+            hint = "set it from the chart's trainer.podDefaults"
+            raise ConfigError(f"{where} is not JSON ({err}); {hint}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a JSON object, e.g. {{\"serviceAccountName\": \"trainer\"}}")
+        kinds: dict[str, tuple[type, ...]] = {
+            "serviceAccountName": (str,),
+            "imagePullSecrets": (list,),
+            "runtimeClassName": (str,),
+            "terminationGracePeriodSeconds": (int,),
+            "ephemeralStorage": (str,),
+            "podAnnotations": (dict,),
+            "podLabels": (dict,),
+            "affinity": (dict,),
+            "topologySpreadConstraints": (list,),
+        }
+        for key, value in data.items():
+            if key not in kinds:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
+            if not isinstance(value, kinds[key]) or isinstance(value, bool):
+                wanted, got = kinds[key][0].__name__, type(value).__name__
+                raise ConfigError(f"{where}.{key}: expected {wanted}, got {got}")
+        grace = data.get("terminationGracePeriodSeconds", DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS)
+        return cls(
+            service_account_name=data.get("serviceAccountName") or None,
+            image_pull_secrets=tuple({"name": str(s["name"])} for s in data.get("imagePullSecrets", [])),
+            runtime_class_name=data.get("runtimeClassName") or None,
+            termination_grace_period_seconds=int(grace),
+            ephemeral_storage=data.get("ephemeralStorage") or None,
+            pod_annotations={str(k): str(v) for k, v in data.get("podAnnotations", {}).items()},
+            pod_labels={str(k): str(v) for k, v in data.get("podLabels", {}).items()},
+            affinity=data.get("affinity") or None,
+            topology_spread_constraints=tuple(data.get("topologySpreadConstraints", [])),
+        )
 
 
 @dataclass(frozen=True)
@@ -46,6 +108,8 @@ class OperatorConfig:
     /metrics after it finished, so Prometheus records the final values before they go."""
     request_timeout_seconds: float = 15.0
     """Timeout of every API call the operator makes itself."""
+    trainer_pod_defaults: TrainerPodDefaults = field(default_factory=TrainerPodDefaults)
+    """Pod settings every trainer gets unless its FineTuneJob sets its own."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -69,6 +133,7 @@ class OperatorConfig:
             scrape_timeout_seconds=timeout,
             scrape_concurrency=int(concurrency),
             finished_series_retention_seconds=retention,
+            trainer_pod_defaults=TrainerPodDefaults.from_json(env.get(ENV_TRAINER_POD_DEFAULTS, "")),
         )
 
 

@@ -88,6 +88,10 @@ class ResourcesSpec(_Model):
     node_selector: dict[str, str] | None = None
     tolerations: tuple[dict[str, Any], ...] = ()
     priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: tuple[dict[str, Any], ...] = ()
+    ephemeral_storage: str | None = None
 
 
 class CheckpointingSpec(_Model):
@@ -99,6 +103,11 @@ class CheckpointingSpec(_Model):
 class TrainerSpec(_Model):
     image: str | None = None
     env: tuple[dict[str, Any], ...] = ()
+    service_account_name: str | None = None
+    image_pull_secrets: tuple[dict[str, str], ...] = ()
+    pod_annotations: dict[str, str] | None = None
+    pod_labels: dict[str, str] | None = None
+    termination_grace_period_seconds: int | None = None
 
 
 class FineTuneJobSpec(_Model):

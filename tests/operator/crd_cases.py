@@ -95,6 +95,17 @@ IMMUTABLE = "create a new FineTuneJob instead"
 _ENV_FROM_SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
 
 CASES: list[CrdCase] = [
+    # trainer pod labels: the operator's own keys are refused
+    CrdCase(
+        "trainer-pod-labels-accepted",
+        {"spec.trainer": {"podLabels": {"team": "nlp"}, "podAnnotations": {"sidecar.io/inject": "false"}}},
+    ),
+    CrdCase(
+        "trainer-pod-labels-operator-key-rejected",
+        {"spec.trainer": {"podLabels": {"kubetune.io/job-name": "other"}}},
+        "spec.trainer.podLabels may not set kubetune.io/ or app.kubernetes.io/ labels",
+        field="spec.trainer.podLabels",
+    ),
     # metadata.name length (children are <name>-trainer and <name>-config)
     CrdCase("name-55-chars-accepted", {"metadata.name": "a" * 55}),
     CrdCase(

@@ -12,7 +12,7 @@ from operator_factories import make_job, parse
 
 from kubetune_operator.builders import build_config_map, build_trainer_job, render_trainer_config
 from kubetune_operator.builders.trainer_job import updatable_job_fields
-from kubetune_operator.config import OperatorConfig
+from kubetune_operator.config import ConfigError, OperatorConfig, TrainerPodDefaults
 from kubetune_trainer import contract
 
 OWNER = {
@@ -78,6 +78,7 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
                 },
                 "spec": {
                     "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 300,
                     "automountServiceAccountToken": False,
                     "securityContext": {
                         "runAsNonRoot": True,
@@ -372,6 +373,63 @@ def test_every_spec_field_a_user_may_edit_is_applied_or_refused_out_loud(config:
     patched = set(updatable_job_fields(job_for()))
     reported = {key.removeprefix("spec.").split(".")[0] for key in built_from(config)}
     assert mutable == READ_LIVE | patched | reported, mutable ^ (READ_LIVE | patched | reported)
+
+
+def test_trainer_pod_settings_come_from_the_chart_unless_the_job_sets_its_own() -> None:
+    defaults = TrainerPodDefaults.from_json(
+        json.dumps(
+            {
+                "serviceAccountName": "trainer",
+                "imagePullSecrets": [{"name": "registry"}],
+                "runtimeClassName": "nvidia",
+                "terminationGracePeriodSeconds": 600,
+                "ephemeralStorage": "100Gi",
+                "podAnnotations": {"mesh.io/inject": "false"},
+                "podLabels": {"cost-center": "ml", "kubetune.io/job-name": "spoofed"},
+                "topologySpreadConstraints": [
+                    {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}
+                ],
+            }
+        )
+    )
+    config = OperatorConfig(trainer_pod_defaults=defaults)
+    pod = build_trainer_job(job_for(), config)["spec"]["template"]
+    spec = pod["spec"]
+    assert (spec["serviceAccountName"], spec["runtimeClassName"]) == ("trainer", "nvidia")
+    assert spec["imagePullSecrets"] == [{"name": "registry"}] and spec["terminationGracePeriodSeconds"] == 600
+    assert spec["automountServiceAccountToken"] is False  # a ServiceAccount never brings an API token
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "zone"
+    scratch = next(v for v in spec["volumes"] if v["name"] == "scratch")
+    assert scratch["emptyDir"] == {"sizeLimit": "100Gi"}
+    resources = spec["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "100Gi"
+    assert pod["metadata"]["annotations"] == {"mesh.io/inject": "false"}
+    assert pod["metadata"]["labels"]["cost-center"] == "ml"
+    assert pod["metadata"]["labels"]["kubetune.io/job-name"] == "support-bot"  # the operator's labels win
+
+    own = job_for(
+        trainer={"serviceAccountName": "team-a", "terminationGracePeriodSeconds": 120},
+        resources={"gpus": 1, "ephemeralStorage": "20Gi", "affinity": {"nodeAffinity": {}}},
+    )
+    spec = build_trainer_job(own, config)["spec"]["template"]["spec"]
+    assert (spec["serviceAccountName"], spec["terminationGracePeriodSeconds"]) == ("team-a", 120)
+    assert spec["affinity"] == {"nodeAffinity": {}}
+    assert next(v for v in spec["volumes"] if v["name"] == "scratch")["emptyDir"] == {"sizeLimit": "20Gi"}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{not json", "is not JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"serviceAcount": "x"}', "unknown key 'serviceAcount'"),
+        ('{"terminationGracePeriodSeconds": "300"}', "terminationGracePeriodSeconds: expected int, got str"),
+    ],
+)
+def test_bad_trainer_pod_defaults_stop_the_operator_naming_the_setting(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match="KUBETUNE_TRAINER_POD_DEFAULTS") as caught:
+        OperatorConfig.from_env({"KUBETUNE_TRAINER_POD_DEFAULTS": text})
+    assert words in str(caught.value)
 
 
 def test_trainer_job_carries_the_updatable_fields_only_when_set(config: OperatorConfig) -> None:

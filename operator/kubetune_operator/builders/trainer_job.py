@@ -100,10 +100,49 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     return env
 
 
+def _pod_metadata(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """Labels and annotations of the trainer pod: the chart's defaults, the job's own, and the operator's
+    labels over both (the CRD refuses the operator's keys in spec.trainer.podLabels)."""
+    spec, defaults = spec_of(job), config.trainer_pod_defaults
+    metadata: dict[str, Any] = {
+        "labels": {
+            **defaults.pod_labels,
+            **(spec.trainer.pod_labels or {}),
+            **labels.trainer_pod_labels(job.name),
+        },
+        "finalizers": [labels.RESULT_FINALIZER],
+    }
+    annotations = {**defaults.pod_annotations, **(spec.trainer.pod_annotations or {})}
+    if annotations:
+        metadata["annotations"] = annotations
+    return metadata
+
+
+def _pod_settings(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """The pod spec fields a platform team sets for every trainer (chart) or one job (spec) overrides."""
+    spec, defaults = spec_of(job), config.trainer_pod_defaults
+    chosen: dict[str, Any] = {
+        "serviceAccountName": spec.trainer.service_account_name or defaults.service_account_name,
+        "imagePullSecrets": [dict(s) for s in spec.trainer.image_pull_secrets or defaults.image_pull_secrets],
+        "runtimeClassName": spec.resources.runtime_class_name or defaults.runtime_class_name,
+        "affinity": spec.resources.affinity or defaults.affinity,
+        "topologySpreadConstraints": [
+            dict(c)
+            for c in spec.resources.topology_spread_constraints or defaults.topology_spread_constraints
+        ],
+        "terminationGracePeriodSeconds": spec.trainer.termination_grace_period_seconds
+        or defaults.termination_grace_period_seconds,
+    }
+    return {key: value for key, value in chosen.items() if value}
+
+
 def _resources(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     res = spec_of(job).resources
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    ephemeral = res.ephemeral_storage or config.trainer_pod_defaults.ephemeral_storage
+    if ephemeral:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = ephemeral
     if res.cpu:
         requests["cpu"] = res.cpu  # no CPU limit: throttling a data loader starves the GPU
     if res.memory:
@@ -161,9 +200,11 @@ def pvc_claim(base_model_uri: str) -> str | None:
 def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     spec = spec_of(job)
     job_labels = {labels.LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
+    defaults = config.trainer_pod_defaults
+    ephemeral = spec.resources.ephemeral_storage or defaults.ephemeral_storage
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": labels.config_map_name(job.name)}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": ephemeral} if ephemeral else {}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -222,14 +263,12 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         pod_spec["tolerations"] = [dict(t) for t in spec.resources.tolerations]
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    pod_spec.update(_pod_settings(job, config))
     job_spec: dict[str, Any] = {
         "suspend": desired_suspend(job),
         "podFailurePolicy": _pod_failure_policy(),
         "template": {
-            "metadata": {
-                "labels": labels.trainer_pod_labels(job.name),
-                "finalizers": [labels.RESULT_FINALIZER],
-            },
+            "metadata": _pod_metadata(job, config),
             "spec": pod_spec,
         },
     }
