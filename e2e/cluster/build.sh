@@ -10,6 +10,7 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v4.3.1
 VERSITYGW_VERSION=v1.8.0
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$(cd "$here/../tools" && pwd)"
@@ -115,6 +116,22 @@ build_own() {
   mark "$name" "$dir" "$version"
 }
 
+# fetch_prometheus_crds: the ServiceMonitor and PodMonitor CRDs from the Prometheus Operator's own module
+# source (not built: the e2e suite installs them so the API server validates the chart's monitors).
+fetch_prometheus_crds() {
+  local out="$cache/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" dir kind
+  if [[ -f "$out/.complete" ]]; then say "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached"; return; fi
+  say "fetching prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION"
+  dir=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$out"
+  for kind in servicemonitors podmonitors; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$out/"
+  done
+  chmod u+w "$out"/*.yaml
+  touch "$out/.complete"
+}
+
 # go build -v prints one package per line; show a running count instead of thousands of lines.
 progress() {
   local n=0 line
@@ -129,8 +146,8 @@ progress() {
   say "  $n packages compiled"
 }
 
-# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl kstatus), or everything.
-targets=("${@:-etcd kwok helm versitygw k8s kubectl kstatus}")
+# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl kstatus promcrds), or all.
+targets=("${@:-etcd kwok helm versitygw k8s kubectl kstatus promcrds}")
 targets=(${targets[*]})
 start=$(date +%s)
 for t in "${targets[@]}"; do
@@ -144,7 +161,8 @@ for t in "${targets[@]}"; do
     k8s) build_k8s ;;
     kubectl) build_kubectl ;;
     kstatus) build_own kstatus ;;
-    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl kstatus)" >&2; exit 2 ;;
+    promcrds) fetch_prometheus_crds ;;
+    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl kstatus promcrds)" >&2; exit 2 ;;
   esac
 done
 say "ready in $bin: ${targets[*]} ($(( $(date +%s) - start )) s)"
