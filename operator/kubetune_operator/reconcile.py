@@ -47,6 +47,7 @@ from kubetune_operator.builders import (
 from kubetune_operator.builders.trainer_job import built_from, trainer_image, updatable_job_fields
 from kubetune_operator.conditions import FALSE, TRUE, Reason
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.events import Event, transition_events
 from kubetune_operator.models import (
     ArtifactRecord,
     CheckpointRecord,
@@ -66,28 +67,8 @@ from kubetune_trainer.contract import TerminationSummary
 FIXABLE_FAILURES = frozenset({Reason.INVALID_SPEC, Reason.CHILD_REJECTED, Reason.CHILD_CONFLICT})
 """Failed reasons that a spec edit (or removing the object in the way) can clear, because no trainer Job of
 this FineTuneJob was ever created."""
-WARNING_REASONS = frozenset(
-    {
-        Reason.INVALID_SPEC,
-        Reason.CHILD_REJECTED,
-        Reason.UNSCHEDULABLE,
-        Reason.CONTAINER_NOT_STARTING,
-        Reason.RESTARTING,
-        Reason.PREEMPTED,
-        Reason.INTERRUPTED,
-    }
-)
 MESSAGE_LIMIT = 1024
 """Longest message kept on a condition; longer texts (log tails) keep their end, where the error is."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on the FineTuneJob."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -713,36 +694,10 @@ def _outcome(
     spec_events: tuple[Event, ...] = (),
 ) -> Outcome:
     status = st.build()
-    events = _transition_events(old.conditions, status.conditions) + spec_events
+    events = transition_events(old.conditions, status.conditions) + spec_events
     return Outcome(
         create, replace, set_suspend, job_spec_patch or {}, status, events, st.recheck_after_seconds
     )
-
-
-EVENT_CONDITIONS = (cond.VALIDATED, cond.SUSPENDED, cond.RUNNING, cond.SUCCEEDED, cond.FAILED)
-
-
-def _transition_events(old: tuple[Condition, ...], new: tuple[Condition, ...]) -> tuple[Event, ...]:
-    """One Event per condition whose status or reason changed (the kstatus pair only mirrors these)."""
-    events: list[Event] = []
-    for type_ in EVENT_CONDITIONS:
-        after = cond.find(new, type_)
-        before = cond.find(old, type_)
-        if after is None or after.reason == Reason.NOT_SUSPENDED:
-            continue
-        if before is not None and (before.status, before.reason) == (after.status, after.reason):
-            continue
-        if type_ in (cond.SUCCEEDED, cond.FAILED) and after.status != TRUE:
-            continue
-        if type_ == cond.RUNNING and after.status == FALSE and cond.is_true(new, cond.FAILED):
-            continue  # the Failed event says it
-        if type_ == cond.RUNNING and after.reason in (Reason.COMPLETED, Reason.SUSPENDED, Reason.QUEUED):
-            continue  # the Succeeded / Suspended event says it
-        warning = (type_ == cond.FAILED) or after.reason in WARNING_REASONS
-        event = Event("Warning" if warning else "Normal", after.reason, after.message)
-        if all((e.reason, e.message) != (event.reason, event.message) for e in events):
-            events.append(event)
-    return tuple(events)
 
 
 def _headline(conditions: tuple[Condition, ...]) -> str | None:
