@@ -41,7 +41,7 @@ from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import Outcome, is_finished, reconcile
 from kubetune_operator.scraping import ScrapeLoop
 from kubetune_operator.trainer_metrics import MetricsParseError, parse_trainer_metrics
-from kubetune_operator.workqueue import WorkQueue
+from kubetune_operator.workqueue import WorkQueue, backoff_seconds
 from kubetune_trainer import contract
 
 RETRY_DELAY_SECONDS = 10
@@ -311,23 +311,26 @@ def _post_events(io: ClusterIO, job: FineTuneJob, outcome: Outcome, logger: logg
             logger.warning("could not post event %s: %s", event.reason, exc)
 
 
-def _run(memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any) -> None:
+def _run(
+    memo: Any, namespace: str | None, name: str | None, *, scrape: bool, logger: Any, retry: int = 0
+) -> None:
     if not namespace or not name:
         return
     try:
         sync(runtime_of(memo), namespace, name, scrape=scrape, logger=logger)
     except (ApiException, OSError) as exc:
-        raise kopf.TemporaryError(
-            f"reconciling {namespace}/{name} failed: {exc}", delay=RETRY_DELAY_SECONDS
-        ) from exc
+        delay = backoff_seconds(RETRY_DELAY_SECONDS, retry + 1)
+        raise kopf.TemporaryError(f"reconciling {namespace}/{name} failed: {exc}", delay=delay) from exc
 
 
 # --- handlers ---------------------------------------------------------------------------------------------
 
 
-def on_finetunejob(name: str | None, namespace: str | None, memo: Any, logger: Any, **_: Any) -> None:
-    """resume / create / update of spec."""
-    _run(memo, namespace, name, scrape=False, logger=logger)
+def on_finetunejob(
+    name: str | None, namespace: str | None, memo: Any, logger: Any, retry: int = 0, **_: Any
+) -> None:
+    """resume / create / update of spec. ``retry``: kopf's count of failed tries of this change."""
+    _run(memo, namespace, name, scrape=False, logger=logger, retry=retry)
 
 
 def scrape_job(runtime: Runtime, namespace: str, name: str) -> None:

@@ -39,6 +39,11 @@ MAX_RETRY_DELAY_SECONDS = 300.0
 """The longest wait between retries of a key whose passes keep failing."""
 
 
+def backoff_seconds(base: float, failures: int) -> float:
+    """The wait before retrying after ``failures`` failures in a row: base, 2x, 4x ... up to the cap."""
+    return float(min(MAX_RETRY_DELAY_SECONDS, base * 2 ** max(0, failures - 1)))
+
+
 class _Timers:
     """Calls ``fire(key, pods)`` for each entry once its time has come: one thread for all of them."""
 
@@ -181,7 +186,7 @@ class WorkQueue:
         except (ApiException, OSError) as exc:
             with self._idle:
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
-            delay = min(MAX_RETRY_DELAY_SECONDS, self._retry_delay * 2 ** (failures - 1))
+            delay = backoff_seconds(self._retry_delay, failures)
             self._logger.warning("reconciling %s/%s failed: %s; again in %ss", key[0], key[1], exc, delay)
             self._timers.after(delay, key, pods)
         except Exception:  # a bug: retrying would fail the same way

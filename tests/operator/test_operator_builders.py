@@ -118,6 +118,10 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
                                         }
                                     },
                                 },
+                                {
+                                    "name": "KUBETUNE_SECRET_ENV",
+                                    "value": "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN",
+                                },
                             ],
                             "ports": [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
                             "resources": {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
@@ -252,7 +256,18 @@ def test_user_env_and_image_override(config: OperatorConfig) -> None:
     job = job_for(trainer={"image": "my/trainer:dev", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]})
     container = _pod(build_trainer_job(job, config))["containers"][0]
     assert container["image"] == "my/trainer:dev"
-    assert container["env"][-1] == {"name": "NCCL_DEBUG", "value": "INFO"}
+    assert container["env"][-2] == {"name": "NCCL_DEBUG", "value": "INFO"}
+
+
+def test_every_secret_backed_variable_is_named_for_redaction_last(config: OperatorConfig) -> None:
+    token = {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}
+    unset = {"name": "KUBETUNE_SECRET_ENV", "value": ""}  # a user entry cannot switch redaction off
+    job = job_for(trainer={"env": [token, unset]})
+    env = _pod(build_trainer_job(job, config))["containers"][0]["env"]
+    assert env[-1] == {
+        "name": "KUBETUNE_SECRET_ENV",
+        "value": "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN,WANDB_API_KEY",
+    }
 
 
 def test_no_s3_secret_means_no_aws_env_and_model_secret_gives_hf_token(config: OperatorConfig) -> None:
@@ -263,7 +278,8 @@ def test_no_s3_secret_means_no_aws_env_and_model_secret_gives_hf_token(config: O
     env = _pod(build_trainer_job(job, config))["containers"][0]["env"]
     names = [e["name"] for e in env]
     assert not any(n.startswith("AWS_") for n in names)
-    assert env[-1] == {
+    assert env[-1] == {"name": "KUBETUNE_SECRET_ENV", "value": "HF_TOKEN"}
+    assert env[-2] == {
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": True}},
     }

@@ -285,13 +285,17 @@ def test_api_errors_are_counted_on_every_road_and_retried_there(
 ) -> None:
     cluster.put(make_job())
     cluster.fail_with = ApiException(status=500, reason="etcdserver: request timed out")
-    with pytest.raises(kopf.TemporaryError):
-        fire(memo)  # kopf retries after the error's delay
+    delays = []
+    for retry in range(7):  # kopf retries after the error's delay, longer each time, up to a cap
+        with pytest.raises(kopf.TemporaryError) as raised:
+            on_finetunejob(name="a", namespace=NAMESPACE, memo=memo, logger=LOG, retry=retry)
+        delays.append(raised.value.delay)
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
     scrape_job(runtime(memo), NAMESPACE, "a")  # logged; the next round tries again
     child_event(memo, make_pod())  # the work queue tries again after its delay
     registry = runtime(memo).metrics.registry
     assert (
-        registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 3
+        registry.get_sample_value("kubetune_operator_reconcile_errors_total", {"error": "ApiException"}) == 9
     )
 
 

@@ -19,6 +19,9 @@ def _gpus_requested() -> int:
 
 
 def main() -> int:
+    from kubetune_trainer.redact import install_redaction
+
+    install_redaction()
     if "WORLD_SIZE" not in os.environ:  # not already one of several workers
         from kubetune_trainer import launch
 

@@ -27,6 +27,9 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 WORK_DIR_ENV = "KUBETUNE_WORK_DIR"
 DEFAULT_WORK_DIR = "/scratch"
 METRICS_PORT = 9090
+# Comma-separated names of the trainer's environment variables whose values come from Secrets; the trainer
+# keeps those values out of its log and its termination message.
+SECRET_ENV_NAMES_ENV = "KUBETUNE_SECRET_ENV"
 # A pvc://claim/path base model is read from <PVC_ROOT>/claim/path: the operator mounts the claim read-only
 # at DEFAULT_PVC_ROOT/<claim>; the env variable moves the root (tests, local runs).
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"

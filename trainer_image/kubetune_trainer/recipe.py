@@ -9,6 +9,7 @@ a checkpoint was written, restart me) or ``EXIT_RETRYABLE`` (anything else).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -41,6 +42,7 @@ from kubetune_trainer.errors import (
     TrainerError,
 )
 from kubetune_trainer.metrics import Metrics, log_event
+from kubetune_trainer.redact import redact, secret_values
 from kubetune_trainer.storage import Storage, make_client
 
 # Tokens per optimizer step when the job gives neither batchTokens nor microBatchSize.
@@ -392,7 +394,8 @@ def work_directory() -> Path:
 def write_termination_message(summary: TerminationSummary) -> None:
     path = Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
     try:
-        path.write_text(summary.to_json())
+        safe = dataclasses.replace(summary, message=redact(summary.message, secret_values()))
+        path.write_text(safe.to_json())
     except OSError as err:
         log_event("termination_message_not_written", path=str(path), error=str(err))
 

@@ -95,8 +95,13 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     if model_secret is not None:
         # hf:// models read HF_TOKEN; the key is optional so one Secret can serve every scheme.
         env.append(_secret_env(HF_TOKEN_KEY, model_secret.name, optional=True))
-    # The user's env comes last: for a repeated name, Kubernetes uses the last entry.
+    # The user's env comes next: for a repeated name, Kubernetes uses the last entry.
     env += [dict(item) for item in spec.trainer.env]
+    # Last, so no entry can unset it: which variables hold Secret values the trainer must keep out of its
+    # log and termination message.
+    secret_names = sorted({e["name"] for e in env if "secretKeyRef" in (e.get("valueFrom") or {})})
+    if secret_names:
+        env.append({"name": contract.SECRET_ENV_NAMES_ENV, "value": ",".join(secret_names)})
     return env
 
 
