@@ -71,6 +71,11 @@ class Reason:
     loading the model)."""
     TRAINING = "Training"
     """Running=True: the trainer reports optimizer steps; progress and metrics are in the status."""
+    NO_PROGRESS = "NoProgress"
+    """Running=False (Event, Warning): the trainer made no step for spec.progressDeadlineSeconds (or none
+    within spec.startupDeadlineSeconds of starting), so the operator deleted its pod and a new attempt
+    resumes from the newest checkpoint. Failed=True once these restarts exceed spec.backoffLimit; the
+    trainer Job is then suspended so it holds no GPU."""
     RESTARTING = "Restarting"
     """Running=False: a trainer attempt failed and the Job starts another (within spec.backoffLimit); the
     trainer resumes from its newest checkpoint. The message carries the failed attempt's reason."""

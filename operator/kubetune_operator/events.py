@@ -22,6 +22,7 @@ WARNING_REASONS = frozenset(
         Reason.PREEMPTED,
         Reason.INTERRUPTED,
         Reason.POD_CREATION_REFUSED,
+        Reason.NO_PROGRESS,
     }
 )
 """Reasons whose Event is a Warning even though the condition it reports is not Failed."""

@@ -162,6 +162,8 @@ def sync(
         outcome = _apply_children(io, job, seen, outcome, runtime.config)
         if outcome.set_suspend is not None:
             io.patch_job_suspend(namespace, labels.trainer_job_name(name), outcome.set_suspend)
+        if outcome.delete_pod is not None:
+            io.delete_pod(outcome.delete_pod)
         if outcome.job_spec_patch:
             io.patch_job_spec(namespace, labels.trainer_job_name(name), outcome.job_spec_patch)
         if outcome.status_changed(job.status):

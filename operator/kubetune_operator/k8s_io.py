@@ -59,6 +59,10 @@ class ClusterIO(Protocol):
         ...
 
     def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None: ...
+    def delete_pod(self, pod: Obj) -> None:
+        """Delete this pod (by uid: a newer pod of the same name is left alone); one already gone is fine."""
+        ...
+
     def post_event(self, involved: Obj, type_: str, reason: str, message: str) -> None: ...
     def scrape(self, pod_ip: str, port: int) -> str:
         """GET http://<pod_ip>:<port>/metrics within the scrape limits; raises OSError (ScrapeError) when the
@@ -236,6 +240,15 @@ class KubeIO:
             )
         except ApiException as exc:
             if exc.status != 404:
+                raise
+
+    def delete_pod(self, pod: Obj) -> None:
+        meta = pod.get("metadata") or {}
+        body = {"preconditions": {"uid": str(meta.get("uid") or "")}}
+        try:
+            self._request("DELETE", _path("Pod", str(meta["namespace"]), str(meta["name"])), body=body)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
                 raise
 
     def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None:

@@ -124,6 +124,8 @@ class FineTuneJobSpec(_Model):
     active_deadline_seconds: int | None = None
     backoff_limit: int = 3
     scheduling_timeout_seconds: int = 600
+    progress_deadline_seconds: int = 1800
+    startup_deadline_seconds: int = 3600
     ttl_seconds_after_finished: int | None = None
     queue_name: str | None = None
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
@@ -151,6 +153,7 @@ class Progress(_Model):
     eta_seconds: int | None = None
     tokens_per_second: float | None = None
     trained_tokens: int | None = None
+    last_progress_time: str | None = None
 
 
 class TrainingMetrics(_Model):
@@ -198,6 +201,7 @@ class FineTuneJobStatus(_Model):
     model: ArtifactRecord | None = None
     checkpoint: CheckpointRecord | None = None
     restarts: int | None = None
+    no_progress_restarts: int | None = None
     start_time: str | None = None
     completion_time: str | None = None
     observed_generation: int | None = None

@@ -84,6 +84,8 @@ class Outcome:
     empty: leave it."""
     status: FineTuneJobStatus
     events: tuple[Event, ...]
+    delete_pod: Obj | None = None
+    """A trainer pod to delete (the progress watchdog: it stopped making steps); the Job makes a new one."""
     recheck_after_seconds: float | None = None
     """Reconcile again after this long even if no child changes: a wait that ends by the clock (a scheduling
     timeout) or a cause that leaves the watched objects alone (a FailedCreate Event on the Job)."""
@@ -110,6 +112,8 @@ class _Status:
         self.generation = generation
         self.now = now
         self.recheck_after_seconds: float | None = None
+        self.delete_pod: Obj | None = None
+        self.suspend_job = False
 
     def set(self, type_: str, status: str, reason: str, message: str) -> None:
         self.conditions = cond.set_condition(
@@ -396,6 +400,12 @@ def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen
             )
         if seen.sample is not None:
             _apply_sample(st, seen.sample)
+        # The watchdog judges only a trainer it can read: one whose metrics cannot be scraped (a network
+        # policy, say) is never restarted for a silence that may be the operator's own.
+        idle = _no_progress(st, spec, pod, started_at) if seen.sample is not None else None
+        if idle is not None:
+            _restart_stuck(st, spec, trainer_job, pod, idle)
+            return
     elif pod is None and last_failed is not None and _about_to_fail(last_failed, st.old):
         pass  # the Job controller is failing the Job (podFailurePolicy): no "Restarting" in between
     elif pod is None and observed.last_finished_pod(pods, "Succeeded") is not None:
@@ -409,6 +419,54 @@ def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen
         if _needs_a_person(st, spec, reason, pod, seen):
             _stalled(st, reason, message)
             return
+    _reconciling(st)
+
+
+def _no_progress(st: _Status, spec: FineTuneJobSpec, pod: Obj, started_at: str) -> str | None:
+    """Why the running trainer counts as stuck (no step within the deadline that applies), or None."""
+    now = cond.parse_rfc3339(st.now)
+    started = cond.parse_rfc3339(started_at)
+    if now is None or started is None:
+        return None
+    progress: Progress | None = st.fields.get("progress") or st.old.progress
+    moved = cond.parse_rfc3339(progress.last_progress_time if progress is not None else None)
+    name = observed.pod_name(pod)
+    if moved is not None and moved >= started:  # this attempt has made a step
+        idle = (now - moved).total_seconds()
+        if idle <= spec.progress_deadline_seconds:
+            return None
+        step = progress.step if progress is not None else None
+        return (
+            f"trainer pod {name} made no training step for {int(idle)}s (spec.progressDeadlineSeconds="
+            f"{spec.progress_deadline_seconds}) after step {step}"
+        )
+    idle = (now - started).total_seconds()
+    if idle <= spec.startup_deadline_seconds:
+        return None
+    return (
+        f"trainer pod {name} made no training step within {int(idle)}s of starting "
+        f"(spec.startupDeadlineSeconds={spec.startup_deadline_seconds})"
+    )
+
+
+def _restart_stuck(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, pod: Obj, why: str) -> None:
+    """Delete a trainer pod that stopped making steps, so an attempt resumes from the newest checkpoint; past
+    spec.backoffLimit such restarts, fail the job and suspend its Job so it holds no GPU."""
+    count = (st.old.no_progress_restarts or 0) + 1
+    st.fields["no_progress_restarts"] = count
+    st.fields["restarts"] = max(st.old.restarts or 0, observed.job_failed_count(trainer_job)) + 1
+    if count > spec.backoff_limit:
+        _finish_failed(
+            st,
+            Reason.NO_PROGRESS,
+            f"{why}; this happened {count} times, more than backoffLimit {spec.backoff_limit}: look for a "
+            "hung collective or an unreachable storage mount in the trainer's log",
+        )
+        st.suspend_job = True
+        return
+    st.delete_pod = pod
+    message = f"{why}; deleted it, a new attempt resumes from the newest checkpoint"
+    st.set(cond.RUNNING, FALSE, Reason.NO_PROGRESS, message)
     _reconciling(st)
 
 
@@ -514,6 +572,7 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
     percent = old_progress.percent
     if step is not None and total:
         percent = round(min(100.0, 100.0 * step / total), 1)
+    moved = step is not None and step != old_progress.step  # a resumed attempt may restart lower
     st.fields["progress"] = Progress(
         step=step,
         total_steps=total,
@@ -522,6 +581,7 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
         eta_seconds=_int(sample.eta_seconds, old_progress.eta_seconds),
         tokens_per_second=_num(sample.tokens_per_second, old_progress.tokens_per_second, 1),
         trained_tokens=_int(sample.trained_tokens, old_progress.trained_tokens),
+        last_progress_time=st.now if moved else old_progress.last_progress_time,
     )
     old_metrics = st.old.metrics or TrainingMetrics()
     st.fields["metrics"] = TrainingMetrics(
@@ -695,8 +755,17 @@ def _outcome(
 ) -> Outcome:
     status = st.build()
     events = transition_events(old.conditions, status.conditions) + spec_events
+    if st.suspend_job:
+        set_suspend = True
     return Outcome(
-        create, replace, set_suspend, job_spec_patch or {}, status, events, st.recheck_after_seconds
+        create,
+        replace,
+        set_suspend,
+        job_spec_patch or {},
+        status,
+        events,
+        st.delete_pod,
+        st.recheck_after_seconds,
     )
 
 

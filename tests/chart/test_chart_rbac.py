@@ -101,6 +101,7 @@ def operator_api_grants() -> Grants:
     held = {"metadata": {"name": "p", "namespace": NAMESPACE, "finalizers": [labels.RESULT_FINALIZER]}}
     io.remove_finalizer("Pod", held, labels.RESULT_FINALIZER)
     io.remove_finalizer("Job", held, labels.RESULT_FINALIZER)
+    io.delete_pod({"metadata": {"name": "p", "namespace": NAMESPACE, "uid": "pod-uid"}})
     io.annotate_finetunejob(NAMESPACE, "a", {labels.ANNOTATION_RESULT_RECORDED: "true"})
     io.post_event(
         {
@@ -114,7 +115,7 @@ def operator_api_grants() -> Grants:
         "Created",
         "created",
     )
-    assert len(api.requests) == 14
+    assert len(api.requests) == 15
     return grants_of_requests(api.requests)
 
 

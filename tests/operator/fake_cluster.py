@@ -124,6 +124,10 @@ class FakeCluster:
         if stored is not None and finalizer in (stored["metadata"].get("finalizers") or []):
             stored["metadata"]["finalizers"].remove(finalizer)
 
+    def delete_pod(self, pod: Obj) -> None:
+        self._check("delete_pod")
+        self.delete("Pod", pod["metadata"]["namespace"], pod["metadata"]["name"])
+
     def annotate_finetunejob(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self._check("annotate_finetunejob")
         job = self.get("FineTuneJob", namespace, name)

@@ -213,6 +213,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     assert set(spec) == {
         "baseModel", "dataset", "method", "lora", "hyperparameters", "output", "s3", "resources",
         "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "schedulingTimeoutSeconds",
+        "progressDeadlineSeconds", "startupDeadlineSeconds",
             "ttlSecondsAfterFinished",
         "queueName", "trainer",
     }  # fmt: skip
@@ -222,7 +223,8 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     }  # fmt: skip
     assert set(status) == {
         "conditions", "phase", "message", "progress", "metrics", "adapter", "model", "checkpoint",
-        "restarts", "startTime", "completionTime", "observedGeneration", "trainerJob", "provenance",
+        "restarts", "noProgressRestarts", "startTime", "completionTime", "observedGeneration", "trainerJob",
+        "provenance",
         "history",
     }  # fmt: skip
     record = {"uri", "files", "sizeBytes", "sha256", "baseModel"}

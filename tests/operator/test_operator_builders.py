@@ -370,7 +370,7 @@ def test_trainer_job_records_a_hash_of_each_field_its_pod_was_built_from(
 
 
 ROOT = Path(__file__).resolve().parents[2]
-READ_LIVE = {"suspend", "schedulingTimeoutSeconds"}
+READ_LIVE = {"suspend", "schedulingTimeoutSeconds", "progressDeadlineSeconds", "startupDeadlineSeconds"}
 """Spec fields every reconcile pass reads afresh: an edit takes effect without touching the trainer Job."""
 
 

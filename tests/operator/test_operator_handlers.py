@@ -26,6 +26,7 @@ from operator_factories import (
 )
 
 from kubetune_operator import handlers
+from kubetune_operator.conditions import now_rfc3339
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import (
     Runtime,
@@ -136,7 +137,7 @@ def test_resume_after_restart_creates_no_duplicates_and_writes_nothing(
 def test_pod_events_and_scrapes_carry_the_job_to_training(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
-    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=ts(20))
+    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=now_rfc3339())
     child_event(memo, pod)
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
     assert cluster.calls["scrape"] == 0  # pod events do not scrape
@@ -160,7 +161,7 @@ def test_pod_events_and_scrapes_carry_the_job_to_training(cluster: FakeCluster, 
 def test_unreachable_trainer_metrics_do_not_fail_the_pass(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
-    job_pod(cluster, phase="Running", ip="10.9.9.9", running_since=ts(20))
+    job_pod(cluster, phase="Running", ip="10.9.9.9", running_since=now_rfc3339())
     scrape_job(runtime(memo), NAMESPACE, "a")
     assert cluster.calls["scrape"] == 1
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
@@ -228,7 +229,7 @@ def test_stopped_pod_seen_only_in_its_watch_event_records_the_checkpoint(
 def test_pods_of_another_job_with_the_same_label_are_ignored(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
-    stranger = make_pod(phase="Running", ip="10.0.0.1", running_since=ts(5))
+    stranger = make_pod(phase="Running", ip="10.0.0.1", running_since=now_rfc3339())
     stranger["metadata"]["ownerReferences"][0]["uid"] = "some-older-job"
     cluster.put(stranger)
     child_event(memo, stranger)
@@ -336,7 +337,7 @@ def test_results_are_held_until_recorded_then_let_go(cluster: FakeCluster, memo:
     assert job is not None and job["metadata"]["finalizers"] == ["kubetune.io/result"]
     assert job["spec"]["template"]["metadata"]["finalizers"] == ["kubetune.io/result"]
     job["metadata"]["finalizers"].append("other.io/keep")
-    running = job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9")
+    running = job_pod(cluster, phase="Running", running_since=now_rfc3339(), ip="10.0.0.9")
     running["metadata"]["finalizers"] = ["kubetune.io/result", "batch.kubernetes.io/job-tracking"]
     child_event(memo, running)
     assert cluster.calls["remove_finalizer:Pod"] == cluster.calls["remove_finalizer:Job"] == 0
@@ -359,7 +360,7 @@ def test_results_are_held_until_recorded_then_let_go(cluster: FakeCluster, memo:
 def test_a_deleted_jobs_held_children_are_let_go(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
-    pod = job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9")
+    pod = job_pod(cluster, phase="Running", running_since=now_rfc3339(), ip="10.0.0.9")
     pod["metadata"]["finalizers"] = ["kubetune.io/result"]
     cluster.delete("FineTuneJob", NAMESPACE, "a")
     asyncio.run(on_finetunejob_deleted(name="a", namespace=NAMESPACE, memo=memo, type="DELETED"))
@@ -411,7 +412,7 @@ def test_scrape_loop_follows_the_phase_each_pass_computes(cluster: FakeCluster, 
     cluster.put(make_job())
     fire(memo)
     assert rt.scraper.running() == []  # Pending: nothing to scrape
-    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=ts(20))
+    pod = job_pod(cluster, phase="Running", ip="10.1.2.3", running_since=now_rfc3339())
     child_event(memo, pod)
     assert rt.scraper.running() == [(NAMESPACE, "a")]
     cluster.metrics_pages["10.1.2.3"] = metrics_text(
@@ -562,7 +563,7 @@ def test_a_refused_pod_is_found_in_the_jobs_events_stalls_and_clears(
     assert "exceeded quota: gpu (" + job["metadata"]["uid"] in message and "someone-else" not in message
 
     calls = cluster.calls["list_failed_create_events"]
-    child_event(memo, job_pod(cluster, phase="Running", running_since=ts(30), ip="10.0.0.9"))
+    child_event(memo, job_pod(cluster, phase="Running", running_since=now_rfc3339(), ip="10.0.0.9"))
     assert conditions(cluster)["Stalled"] == ("False", "Progressing")
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
     assert cluster.calls["list_failed_create_events"] == calls  # a pod exists: no Event reads

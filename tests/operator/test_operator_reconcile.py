@@ -1198,3 +1198,56 @@ def test_the_warning_survives_a_restart_and_needs_the_builders_record(config: Op
     unrecorded = make_trainer_job(active=1)  # built by a version that wrote no record: nothing to compare
     _, quiet = chain(body, [observed_children(trainer_job=unrecorded, pods=[RUNNING_POD])], config)
     assert "SpecChangeNotApplied" not in [e.reason for e in quiet.events]
+
+
+def running(now: float, step: int | None = None, pod: Obj | None = None) -> Observed:
+    sample = TrainerSample(step=step, total_steps=100) if step is not None else None
+    return observed_children(
+        trainer_job=make_trainer_job(active=1), pods=[pod or RUNNING_POD], now=now, sample=sample
+    )
+
+
+def test_watchdog_restarts_a_trainer_whose_step_stops_moving(config: OperatorConfig) -> None:
+    body = make_job(progressDeadlineSeconds=600)
+    body, outcome = chain(body, [CREATED, running(100, step=5), running(400, step=5)], config)
+    assert outcome.delete_pod is None and conds(outcome.status)["Running"] == (T, "Training")
+    assert outcome.status.progress is not None and outcome.status.progress.last_progress_time == ts(100)
+    _, stuck = chain(body, [running(701, step=5)], config)
+    assert stuck.delete_pod is RUNNING_POD
+    assert conds(stuck.status)["Running"] == (F, "NoProgress")
+    assert "made no training step for 601s (spec.progressDeadlineSeconds=600) after step 5" in (
+        stuck.status.message or ""
+    )
+    assert (stuck.status.restarts, stuck.status.no_progress_restarts) == (1, 1)
+    assert [(e.type, e.reason) for e in stuck.events] == [("Warning", "NoProgress")]
+    assert "Failed" not in conds(stuck.status) and stuck.set_suspend is None
+
+
+def test_watchdog_gives_a_new_attempt_the_startup_allowance(config: OperatorConfig) -> None:
+    """The last step was seen in an earlier attempt: the new pod (started at 2000) is judged by
+    startupDeadlineSeconds from its own start, not by the old step's time."""
+    pod = make_pod(phase="Running", ip="10.0.0.8", running_since=ts(2000), created=1990)
+    body = make_job(progressDeadlineSeconds=600, startupDeadlineSeconds=900)
+    body, _ = chain(body, [CREATED, running(100, step=5)], config)
+    _, waiting = chain(body, [running(2800, step=5, pod=pod)], config)
+    assert waiting.delete_pod is None
+    _, unread = chain(body, [running(2901, pod=pod)], config)
+    assert unread.delete_pod is None  # no scrape, no verdict: the silence may be the operator's own
+    _, late = chain(body, [running(2901, step=5, pod=pod)], config)
+    assert late.delete_pod is pod
+    assert "no training step within 901s of starting (spec.startupDeadlineSeconds=900)" in (
+        late.status.message or ""
+    )
+
+
+def test_watchdog_fails_the_job_past_the_backoff_limit_and_frees_the_gpus(config: OperatorConfig) -> None:
+    body = make_job(progressDeadlineSeconds=60, backoffLimit=1)
+    body, first = chain(body, [CREATED, running(100, step=3), running(161, step=3)], config)
+    assert first.delete_pod is not None
+    again = make_pod(phase="Running", running_since=ts(165))
+    body, _ = chain(body, [running(170, step=4, pod=again)], config)
+    _, second = chain(body, [running(231, step=4, pod=again)], config)
+    assert conds(second.status)["Failed"] == (T, "NoProgress")
+    assert second.delete_pod is None and second.set_suspend is True
+    assert second.status.no_progress_restarts == 2 and second.status.phase == "Failed"
+    assert "more than backoffLimit 1" in (second.status.message or "")

@@ -67,8 +67,8 @@ app.kubernetes.io/component: operator
 What the operator does in a namespace it watches, and nothing more (tests/chart/test_chart_rbac.py checks
 these rules against the operator's own API calls and the handlers it registers with kopf). Secrets are
 absent on purpose: the trainer pod references the S3 credentials Secret by name and the kubelet resolves it;
-the operator never reads it. Nothing is ever deleted by the operator: owner references let the garbage
-collector remove a FineTuneJob's ConfigMap and Job with it.
+the operator never reads it. The operator deletes nothing but a trainer pod its progress watchdog gives up
+on: owner references let the garbage collector remove a FineTuneJob's ConfigMap and Job with it.
 */}}
 {{- define "kubetune.namespacedRules" -}}
 # kopf watches FineTuneJobs and keeps its bookkeeping in annotations; the operator re-reads one before acting.
@@ -88,11 +88,12 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
-# Trainer pods: their IP (for the metrics scrape), their state and termination message (the result), and
-# patch only to remove the operator's own kubetune.io/result finalizer once the result is recorded.
+# Trainer pods: their IP (for the metrics scrape), their state and termination message (the result), patch
+# only to remove the operator's own kubetune.io/result finalizer once the result is recorded, and delete only
+# a trainer pod that stopped making steps (spec.progressDeadlineSeconds), so its Job starts a new attempt.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch, patch]
+  verbs: [list, watch, patch, delete]
 # Events on FineTuneJobs: phase transitions, and kopf's own warnings. Listed (by field selector) only for a
 # trainer Job that has no pod: its FailedCreate Events say why (a quota, Pod Security).
 - apiGroups: [""]
