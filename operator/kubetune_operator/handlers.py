@@ -27,7 +27,14 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator import labels, termination
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
+from kubetune_operator.k8s_io import (
+    ClusterIO,
+    Forbidden,
+    KubeIO,
+    Rejected,
+    connection_info,
+    load_api_client,
+)
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
 from kubetune_operator.observed import (
     Obj,
@@ -283,6 +290,9 @@ def _apply_children(
         except Rejected as exc:
             rejected = f"{obj['kind']} {obj['metadata']['name']}: {exc}"
             return reconcile(job, replace(seen, rejected=rejected), config)
+        except Forbidden as exc:
+            forbidden = f"{obj['kind']} {obj['metadata']['name']}: {exc}"
+            return reconcile(job, replace(seen, forbidden=forbidden), config)
     return outcome
 
 

@@ -34,6 +34,11 @@ class Rejected(Exception):
     """The API server refused an object as invalid (HTTP 422); the text is the server's explanation."""
 
 
+class Forbidden(Exception):
+    """The API server refused to create an object for the operator (HTTP 403: RBAC, an admission policy,
+    an object-count quota); the text is the server's explanation. Retrying would be refused the same way."""
+
+
 class ClusterIO(Protocol):
     def get_finetunejob(self, namespace: str, name: str) -> Obj | None: ...
     def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
@@ -44,7 +49,8 @@ class ClusterIO(Protocol):
         ...
 
     def create(self, obj: Obj) -> None:
-        """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422."""
+        """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422 and
+        Forbidden on 403."""
         ...
 
     def replace(self, obj: Obj) -> None: ...
@@ -187,6 +193,8 @@ class KubeIO:
         except ApiException as exc:
             if exc.status == 422:
                 raise Rejected(_api_message(exc)) from exc
+            if exc.status == 403:
+                raise Forbidden(_api_message(exc)) from exc
             if exc.status != 409:  # 409: an earlier pass created it; the next pass reads and compares it
                 raise
 
@@ -277,4 +285,4 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or exc.reason)
 
 
-__all__ = ["ClusterIO", "KubeIO", "Rejected", "connection_info", "load_api_client"]
+__all__ = ["ClusterIO", "Forbidden", "KubeIO", "Rejected", "connection_info", "load_api_client"]

@@ -70,6 +70,7 @@ WARNING_REASONS = frozenset(
     {
         Reason.INVALID_SPEC,
         Reason.CHILD_REJECTED,
+        Reason.CHILD_FORBIDDEN,
         Reason.UNSCHEDULABLE,
         Reason.CONTAINER_NOT_STARTING,
         Reason.RESTARTING,
@@ -169,6 +170,13 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         return _outcome(st, old, (), (), None)
     if seen.rejected and not started:
         _fail_before_start(st, Reason.CHILD_REJECTED, f"the API server rejected a child: {seen.rejected}")
+        return _outcome(st, old, (), (), None)
+    if seen.forbidden and not started:
+        message = (
+            f"the API server forbade creating a child: {seen.forbidden}; grant the operator what the "
+            "message names (see the chart's RBAC), then delete and re-apply this FineTuneJob"
+        )
+        _fail_before_start(st, Reason.CHILD_FORBIDDEN, message)
         return _outcome(st, old, (), (), None)
     if job.spec is None:
         # The run is under way but its spec no longer parses: leave the trainer alone and say so.

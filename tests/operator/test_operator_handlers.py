@@ -280,6 +280,24 @@ def test_rejected_job_fails_with_child_rejected(cluster: FakeCluster, memo: kopf
     assert ("Warning", "ChildRejected", "a") in cluster.events
 
 
+def test_a_forbidden_child_fails_the_job_once_instead_of_retrying(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    cluster.put(make_job())
+    cluster.forbid_kinds["Job"] = (
+        'jobs.batch "a-trainer" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to '
+        "a resource you can't set finalizers on"
+    )
+    fire(memo)  # no kopf.TemporaryError: the job ends here
+    assert cluster.get("Job", NAMESPACE, "a-trainer") is None
+    assert conditions(cluster)["Failed"] == ("True", "ChildForbidden")
+    assert "cannot set blockOwnerDeletion" in status(cluster)["message"]
+    assert ("Warning", "ChildForbidden", "a") in cluster.events
+    creates = cluster.calls["create:Job"]
+    fire(memo)  # a finished job never tries again
+    assert cluster.calls["create:Job"] == creates
+
+
 def test_api_errors_are_counted_on_every_road_and_retried_there(
     cluster: FakeCluster, memo: kopf.Memo
 ) -> None:
