@@ -115,7 +115,21 @@ def operator_api_grants() -> Grants:
         "created",
     )
     assert len(api.requests) == 14
-    return grants_of_requests(api.requests)
+    return grants_of_requests(api.requests) | owner_deletion_grants([config_map, trainer_job])
+
+
+def owner_deletion_grants(children: list[dict[str, Any]]) -> Grants:
+    """An ownerReference with blockOwnerDeletion: true may be set only by a client that can update the
+    owner's finalizers subresource, where the OwnerReferencesPermissionEnforcement admission plugin is on
+    (it is on OpenShift and many hardened clusters): without the grant every child create is forbidden."""
+    grants: Grants = {}
+    for child in children:
+        for ref in child["metadata"].get("ownerReferences") or []:
+            if ref.get("blockOwnerDeletion"):
+                group = ref["apiVersion"].rpartition("/")[0]
+                assert ref["kind"] == labels.KIND, ref
+                grants.setdefault((group, f"{labels.PLURAL}/finalizers"), set()).add("update")
+    return grants
 
 
 def kopf_grants() -> Grants:
@@ -160,6 +174,7 @@ def test_the_derivation_sees_the_operator_at_work() -> None:
     api = operator_api_grants()
     assert api[("kubetune.io", "finetunejobs/status")] == {"patch"}
     assert api[("batch", "jobs")] >= {"create", "patch"}
+    assert api[("kubetune.io", "finetunejobs/finalizers")] == {"update"}
     assert ("", "secrets") not in api and ("", "secrets") not in kopf_grants()
     assert {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods")} <= set(kopf_grants())
 

@@ -75,6 +75,12 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch]
+# The children's ownerReferences set blockOwnerDeletion (the garbage collector removes them before their
+# FineTuneJob under foreground deletion); where the OwnerReferencesPermissionEnforcement admission plugin is
+# on, that needs update on the owner's finalizers, or every child create is forbidden (ChildForbidden).
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]
 # Conditions, phase, progress, metrics and the adapter record.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
