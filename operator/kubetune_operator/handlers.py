@@ -35,6 +35,7 @@ from kubetune_operator.k8s_io import (
     connection_info,
     load_api_client,
 )
+from kubetune_operator.leader import LeaderElector
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
 from kubetune_operator.observed import (
     Obj,
@@ -116,8 +117,9 @@ class Runtime:
     metrics: OperatorMetrics
     io: ClusterIO | None = None
     """Created by the startup hook unless injected (tests inject a fake)."""
-    peering: str | None = None
-    """kopf peering name; None runs standalone (one replica)."""
+    leader: LeaderElector | None = None
+    """The leader election among replicas; None when this replica runs alone. A replica that does not hold
+    the Lease reads and writes nothing (see leader.py)."""
     locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     scraper: ScrapeLoop | None = None
     """Reads running trainers' metrics; created and started by the startup hook."""
@@ -151,6 +153,8 @@ def sync(
     io = runtime.io
     if io is None:
         raise RuntimeError("no API client: the startup hook has not run")
+    if not is_active(runtime):
+        return
     with runtime.metrics.errors_counted(), runtime.locks.hold((namespace, name), event_pods or []) as pods:
         if pods is None:
             return
@@ -173,6 +177,7 @@ def sync(
             io.patch_job_spec(namespace, labels.trainer_job_name(name), outcome.job_spec_patch)
         if outcome.status_changed(job.status):
             io.patch_status(namespace, name, status_patch(job.status, outcome.status))
+            runtime.metrics.status_writes.inc()
         if is_finished(outcome.status):
             if labels.ANNOTATION_RESULT_RECORDED not in job.metadata.annotations:
                 release_results(io, namespace, name, running_uid=None)
@@ -187,6 +192,20 @@ def sync(
         _track(runtime, namespace, name, running=outcome.status.phase == "Running")
         if outcome.recheck_after_seconds is not None and runtime.queue is not None:
             runtime.queue.add_after((namespace, name), outcome.recheck_after_seconds)
+
+
+def is_active(runtime: Runtime) -> bool:
+    """This replica may reconcile: it runs alone or holds the leader Lease."""
+    return runtime.leader is None or runtime.leader.is_leader()
+
+
+def stop_work(runtime: Runtime) -> None:
+    """Stop the scrape loop and the work queue (the operator is stopping, or this replica lost the Lease):
+    no new pass starts, and a pass under way that has not written yet finds ``is_active`` False."""
+    if runtime.scraper is not None:
+        runtime.scraper.stop()
+    if runtime.queue is not None:
+        runtime.queue.close()
 
 
 def release_results(io: ClusterIO, namespace: str, name: str, *, running_uid: str | None) -> None:
@@ -413,12 +432,8 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     settings.execution.max_workers = HANDLER_THREADS
     # Transitions are posted as Events by sync(); kopf adds only its own warnings and errors.
     settings.posting.level = logging.WARNING
-    if runtime.peering:
-        settings.peering.standalone = False
-        settings.peering.mandatory = True
-        settings.peering.name = runtime.peering
-    else:
-        settings.peering.standalone = True
+    # Replicas elect the active one through a Lease before kopf starts (leader.py), so kopf never peers.
+    settings.peering.standalone = True
     if runtime.io is None:
         runtime.io = KubeIO(load_api_client(), runtime.config)
     if runtime.queue is None:
@@ -433,22 +448,22 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     runtime.scraper.start()
     logger.info(
         "kubetune operator configured: trainer image %s, scrape interval %ss (%s at a time, %ss each at "
-        "most), peering %s",
+        "most), %s",
         runtime.config.trainer_image,
         runtime.config.scrape_interval_seconds,
         runtime.config.scrape_concurrency,
         runtime.config.scrape_timeout_seconds,
-        runtime.peering or "standalone",
+        f"leader as {runtime.leader.identity}" if runtime.leader else "standalone",
     )
 
 
 def on_cleanup(memo: Any, **_: Any) -> None:
-    """The operator is stopping: end the scrape loop and the reconcile threads."""
+    """The operator is stopping: end the scrape loop and the reconcile threads, then hand the leader Lease
+    back so a standby replica takes over at once."""
     runtime = runtime_of(memo)
-    if runtime.scraper is not None:
-        runtime.scraper.stop()
-    if runtime.queue is not None:
-        runtime.queue.close()
+    stop_work(runtime)
+    if runtime.leader is not None:
+        runtime.leader.release()
 
 
 def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:

@@ -79,6 +79,7 @@ def _path(obj_or_kind: Obj | str, namespace: str, name: str | None = None) -> st
         "Pod": f"/api/v1/namespaces/{namespace}/pods",
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        "Lease": f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
         labels.KIND: f"/apis/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}",
     }[kind]
     return base if name is None else f"{base}/{quote(name, safe='')}"
@@ -273,6 +274,26 @@ class KubeIO:
             "count": 1,
         }
         self._request("POST", _path("Event", namespace), body=event)
+
+    # --- the leader Lease (leader.LeaseIO) ---------------------------------------------------------------
+
+    def get_lease(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path("Lease", namespace, name))
+
+    def create_lease(self, namespace: str, lease: Obj) -> bool:
+        return self._conflict_is_false("POST", _path("Lease", namespace), lease)
+
+    def update_lease(self, namespace: str, name: str, lease: Obj) -> bool:
+        return self._conflict_is_false("PUT", _path("Lease", namespace, name), lease)
+
+    def _conflict_is_false(self, method: str, path: str, body: Obj) -> bool:
+        try:
+            self._request(method, path, body=body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def scrape(self, pod_ip: str, port: int) -> str:
         return fetch_metrics(pod_ip, port, deadline_seconds=self._scrape_timeout)

@@ -14,6 +14,7 @@ import pytest
 from fake_cluster import FakeCluster
 from kopf._core.intents import causes
 from kubernetes.client.exceptions import ApiException
+from lease_store import LeaseStore
 from operator_factories import (
     NAMESPACE,
     job_condition,
@@ -40,6 +41,7 @@ from kubetune_operator.handlers import (
     start_queue,
     status_patch,
 )
+from kubetune_operator.leader import LeaderElector
 from kubetune_operator.models import FineTuneJobStatus
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.scraping import ScrapeLoop
@@ -501,7 +503,6 @@ def test_a_covered_request_hands_its_ended_pods_to_the_waiting_pass(
 
 def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     settings = kopf.OperatorSettings()
-    runtime(memo).peering = "kubetune"
     on_startup(settings=settings, memo=memo, logger=LOG)
     assert settings.watching.server_timeout == 300 and settings.watching.client_timeout == 330
     assert settings.networking.request_timeout == 30
@@ -511,21 +512,39 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     assert settings.persistence.progress_storage.prefix == "kubetune.io"
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert settings.persistence.diffbase_storage.prefix == "kubetune.io"
-    assert (settings.peering.standalone, settings.peering.name, settings.peering.mandatory) == (
-        False,
-        "kubetune",
-        True,
-    )
+    assert settings.peering.standalone is True  # replicas elect their active one with a Lease instead
     assert runtime(memo).io is cluster  # an injected client is kept
     assert runtime(memo).scraper is not None
     on_cleanup(memo=memo)
 
 
-def test_startup_without_peering_runs_standalone(memo: kopf.Memo) -> None:
-    settings = kopf.OperatorSettings()
-    on_startup(settings=settings, memo=memo, logger=LOG)
-    on_cleanup(memo=memo)
-    assert settings.peering.standalone is True
+def test_a_standby_replica_reads_and_writes_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    leases = LeaseStore()
+    LeaderElector(leases, NAMESPACE, "kubetune", "other").try_acquire_or_renew()
+    standby = LeaderElector(leases, NAMESPACE, "kubetune", "me")
+    assert standby.try_acquire_or_renew() is False
+    runtime(memo).leader = standby
+    cluster.put(make_job())
+    fire(memo)
+    assert not cluster.calls and "status" not in cluster.get("FineTuneJob", NAMESPACE, "a")
+    runtime(memo).leader = LeaderElector(leases, NAMESPACE, "kubetune", "other")
+    assert runtime(memo).leader.try_acquire_or_renew()
+    fire(memo)
+    assert status(cluster)["conditions"] and cluster.get("Job", NAMESPACE, "a-trainer") is not None
+
+
+def test_losing_the_lease_stops_the_scrape_loop_and_the_work_queue(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    on_startup(settings=kopf.OperatorSettings(), memo=memo, logger=LOG)
+    rt = runtime(memo)
+    assert rt.scraper is not None and rt.queue is not None
+    cluster.put(make_job())
+    handlers.stop_work(rt)
+    rt.queue.add((NAMESPACE, "a"))
+    assert not rt.queue.drain(0.5) or rt.queue.depth() == 0
+    assert not cluster.calls  # the closed queue started no pass
+    assert rt.scraper._thread is None
 
 
 @pytest.mark.parametrize(

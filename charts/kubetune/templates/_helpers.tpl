@@ -58,8 +58,8 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* The kopf peering object's name, used when more than one replica runs. */}}
-{{- define "kubetune.peeringName" -}}
+{{/* The leader Lease's name (in the release namespace), used when more than one replica runs. */}}
+{{- define "kubetune.leaseName" -}}
 {{- include "kubetune.fullname" . }}
 {{- end }}
 
@@ -104,10 +104,4 @@ collector remove a FineTuneJob's ConfigMap and Job with it.
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
-{{- if and .peering (not .clusterwide) }}
-# kopf peering between operator replicas, per watched namespace.
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [list, watch, patch]
-{{- end }}
 {{- end }}
