@@ -4,6 +4,7 @@ deletion by the garbage collector. KWOK plays the trainer: a test ends a pod by 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,8 @@ from e2e.tests.helpers import (
     condition,
     ftj_path,
     has_condition,
+    kopf_child_requests,
+    label_selector_of,
     make_ftj,
     pods_of,
     s3_secret,
@@ -73,6 +76,19 @@ def owned_by(obj: JSON, ftj: JSON) -> bool:
         ref.get("controller") and ref["uid"] == ftj["metadata"]["uid"] and ref["kind"] == "FineTuneJob"
         for ref in obj["metadata"].get("ownerReferences", [])
     )
+
+
+def test_the_operator_asks_the_api_server_for_its_children_only(cluster: Any, ns: str) -> None:
+    """Measured at the API server (its audit log): every list and watch of pods and Jobs the operator made
+    carries the children's label selector, so other workloads' pods never reach it."""
+    deadline = time.monotonic() + 30
+    while {r["objectRef"]["resource"] for r in kopf_child_requests(cluster, ns)} != {"pods", "jobs"}:
+        assert time.monotonic() < deadline, "no watch of pods and Jobs by the operator in the audit log"
+        time.sleep(0.5)
+    requests = kopf_child_requests(cluster, ns)
+    assert {r["verb"] for r in requests} >= {"watch"}
+    unfiltered = [r["requestURI"] for r in requests if label_selector_of(r) != "kubetune.io/job-name"]
+    assert not unfiltered, f"streams of every pod or Job in {ns}: {unfiltered}"
 
 
 def test_children_and_trainer_pod_follow_the_contract(kube: KubeClient, ns: str) -> None:

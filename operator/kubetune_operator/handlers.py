@@ -425,6 +425,11 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT_SECONDS
     settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_SECONDS
     settings.watching.connect_timeout = 10
+    # The API server filters the children's watches: the handlers' label filter alone is applied by kopf
+    # on its side, after every Job and pod of the watched namespaces (the cluster, in cluster-wide mode)
+    # has been streamed to the operator.
+    for group, version, plural in CHILD_RESOURCES:
+        settings.watching.label_selectors[group, version, plural] = labels.LABEL_JOB_NAME
     settings.networking.request_timeout = API_REQUEST_TIMEOUT_SECONDS
     settings.networking.connect_timeout = 10
     # The create/update/resume passes run on kopf's thread pool; they mostly wait on the API server, so a
@@ -472,6 +477,10 @@ def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     return connection_info(load_api_client(), trust_env=settings.networking.trust_env)
 
 
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "pods"))
+"""The children kopf watches (for on_child_event), only those carrying the kubetune.io/job-name label."""
+
+
 def register_handlers(registry: kopf.OperatorRegistry) -> None:
     """Attach every handler to ``registry``. Handlers read the operator's settings from the Runtime in
     kopf's memo, so no registration depends on them."""
@@ -484,7 +493,5 @@ def register_handlers(registry: kopf.OperatorRegistry) -> None:
     kopf.on.update(*ftj, field="spec", registry=registry)(on_finetunejob)
     kopf.on.event(*ftj, registry=registry, id="finetunejob-deleted")(on_finetunejob_deleted)
     child_filter = {labels.LABEL_JOB_NAME: kopf.PRESENT}
-    kopf.on.event("batch", "v1", "jobs", labels=child_filter, registry=registry, id="trainer-job")(
-        on_child_event
-    )
-    kopf.on.event("", "v1", "pods", labels=child_filter, registry=registry, id="trainer-pod")(on_child_event)
+    for (group, version, plural), id_ in zip(CHILD_RESOURCES, ("trainer-job", "trainer-pod"), strict=True):
+        kopf.on.event(group, version, plural, labels=child_filter, registry=registry, id=id_)(on_child_event)

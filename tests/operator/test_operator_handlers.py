@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 import pytest
 from fake_cluster import FakeCluster
+from kopf._cogs.structs.references import Resource
 from kopf._core.intents import causes
 from kubernetes.client.exceptions import ApiException
 from lease_store import LeaseStore
@@ -516,6 +517,20 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     assert runtime(memo).io is cluster  # an injected client is kept
     assert runtime(memo).scraper is not None
     on_cleanup(memo=memo)
+
+
+def test_child_watches_are_filtered_by_the_api_server(memo: kopf.Memo) -> None:
+    settings = kopf.OperatorSettings()
+    on_startup(settings=settings, memo=memo, logger=LOG)
+    on_cleanup(memo=memo)
+    selectors = settings.watching.label_selectors
+    pods = Resource("", "v1", "pods", kind="Pod", namespaced=True, verbs=["list", "watch"])
+    jobs = Resource("batch", "v1", "jobs", kind="Job", namespaced=True, verbs=["list", "watch"])
+    ftjs = Resource("kubetune.io", "v1alpha1", "finetunejobs", kind="FineTuneJob", namespaced=True)
+    assert selectors.collect(pods) == selectors.collect(jobs) == ["kubetune.io/job-name"]
+    assert selectors.collect(ftjs) == []
+    configmaps = Resource("", "v1", "configmaps", kind="ConfigMap", namespaced=True)
+    assert selectors.collect(configmaps) == []
 
 
 def test_a_standby_replica_reads_and_writes_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
