@@ -187,3 +187,61 @@ def test_cluster_wide_watches_of_children_are_filtered_by_the_api_server(
         if label_selector_of(r) != "kubetune.io/job-name"
     ]
     assert not unfiltered, f"cluster-wide streams of every pod or Job: {unfiltered}"
+
+
+def test_two_chart_replicas_elect_one_leader_under_the_charts_lease_grants(
+    kube: KubeClient, release: Release
+) -> None:
+    release.helm(
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        release.system_namespace,
+        "--reuse-values",
+        "--set",
+        "replicas=2",
+    )
+    lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{release.system_namespace}/leases/{FULLNAME}"
+    try:
+        lease = kube.wait_for(
+            lease_path, lambda lease: bool(lease["spec"].get("holderIdentity")), timeout=120, what="a leader"
+        )
+        kube.wait_for(
+            f"/apis/apps/v1/namespaces/{release.system_namespace}/deployments/{FULLNAME}",
+            lambda d: (
+                (d.get("status") or {}).get("readyReplicas", 0) == 2
+                and (d.get("status") or {}).get("updatedReplicas", 0) == 2
+                and (d.get("status") or {}).get("replicas", 0) == 2
+            ),
+            timeout=120,
+            what="two Ready operator replicas (the standby answers /healthz)",
+        )
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\noperator log:\n{operator_debug(kube, release)}") from error
+    lease = kube.get(lease_path)
+    running = [
+        p["metadata"]["name"]
+        for p in pods_of(kube, release.system_namespace, SELECTOR)
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+    assert len(running) == 2
+    assert [name for name in running if lease["spec"]["holderIdentity"].startswith(f"{name}_")], lease["spec"]
+    ns = release.namespace
+    kube.create(ftj_path(ns), make_ftj("after-upgrade", placement=ON_KWOK))
+    pod = wait_trainer_pod(kube, ns, "after-upgrade")
+    summary = contract.TerminationSummary(
+        outcome="Succeeded",
+        reason="Completed",
+        adapter=contract.AdapterRecord(
+            uri="s3://adapters/after-upgrade/",
+            files=["adapter_model.safetensors"],
+            size_bytes=10,
+            sha256=SUCCESS_SHA,
+        ),
+    )
+    end_pod(kube, ns, pod, "Succeeded", summary.to_json(), exit_code=0)
+    assert (
+        wait_phase(kube, ns, "after-upgrade", "Succeeded", timeout=60)["status"]["adapter"]["sha256"]
+        == SUCCESS_SHA
+    )
