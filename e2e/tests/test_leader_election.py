@@ -95,13 +95,17 @@ def test_one_replica_works_and_the_other_takes_over_when_it_is_killed(
         done = wait_phase(kube, ns, "ha", "Succeeded", timeout=60)
         assert done["status"]["adapter"]["sha256"] == SUCCESS_SHA and "model" not in done["status"]
         assert metric(second, "kubetune_operator_status_writes_total") > 0
-        instances = reporting_instances(kube, ns, "ha")
-        assert set(instances) == {"op-a", "op-b"}
-        completed = kube.get(
-            f"/api/v1/namespaces/{ns}/events",
-            fieldSelector="involvedObject.name=ha,involvedObject.kind=FineTuneJob,reason=Completed",
-        )["items"]
+        completed_path = f"/api/v1/namespaces/{ns}/events"
+        completed_selector = "involvedObject.name=ha,involvedObject.kind=FineTuneJob,reason=Completed"
+        deadline = time.monotonic() + 15  # the Event follows the status write
+        while not kube.get(completed_path, fieldSelector=completed_selector)["items"]:
+            assert time.monotonic() < deadline, "no Completed Event"
+            time.sleep(0.2)
+        time.sleep(2)  # a second writer would post its own within a scrape interval or two
+        completed = kube.get(completed_path, fieldSelector=completed_selector)["items"]
         assert len(completed) == 1 and completed[0].get("count", 1) == 1  # one result, recorded once
+        assert completed[0]["reportingInstance"] == "op-b"
+        assert set(reporting_instances(kube, ns, "ha")) == {"op-a", "op-b"}
     finally:
         first.stop()
         if second is not None:
