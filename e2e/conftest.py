@@ -115,25 +115,40 @@ class OperatorProcess:
                 self.proc.wait(timeout=5)
 
 
-def launch_operator(cluster: ClusterInfo, namespace: str) -> OperatorProcess:
-    """`python -m kubetune_operator --standalone --namespace <ns>` with the cluster's admin kubeconfig, once
-    its /healthz answers."""
+def launch_operator(
+    cluster: ClusterInfo,
+    namespace: str | None,
+    *,
+    leader_lease: str | None = None,
+    replica: str | None = None,
+    kubeconfig: str | None = None,
+) -> OperatorProcess:
+    """`python -m kubetune_operator --standalone --namespace <ns>` with the cluster's admin kubeconfig (or
+    ``kubeconfig``), once its /healthz answers. ``namespace`` None: cluster-wide. ``leader_lease``: elect the
+    active replica through this Lease in ``namespace`` instead of running standalone; ``replica`` is the
+    POD_NAME the process reports (in Events and the Lease)."""
     health_port, metrics_port = procs.free_port(), procs.free_port()
-    log = Path(cluster.dir) / "logs" / f"operator-{namespace}.log"
+    log = Path(cluster.dir) / "logs" / f"operator-{namespace or 'all'}{'-' + replica if replica else ''}.log"
     env = {
         **os.environ,
-        "KUBECONFIG": cluster.kubeconfig,
+        "KUBECONFIG": kubeconfig or cluster.kubeconfig,
         "POD_IP": "127.0.0.1",
         "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("operator", "trainer_image", "")),
         "KUBETUNE_SCRAPE_INTERVAL_SECONDS": "1",
     }
+    if replica:
+        env["POD_NAME"] = replica
+    scope = ["--namespace", namespace] if namespace else ["--all-namespaces"]
+    if leader_lease and namespace:
+        replicas = ["--leader-election", leader_lease, "--leader-election-namespace", namespace]
+    else:
+        replicas = ["--standalone"]
     argv = [
         sys.executable,
         "-m",
         "kubetune_operator",
-        "--standalone",
-        "--namespace",
-        namespace,
+        *replicas,
+        *scope,
         "--health-port",
         str(health_port),
         "--metrics-port",
@@ -143,7 +158,7 @@ def launch_operator(cluster: ClusterInfo, namespace: str) -> OperatorProcess:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
         )
-    op = OperatorProcess(proc, namespace, log, health_port, metrics_port)
+    op = OperatorProcess(proc, namespace or "", log, health_port, metrics_port)
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:

@@ -78,6 +78,26 @@ def require_binaries(directory: Path, names: tuple[str, ...] = BINARIES) -> dict
     return {n: directory / n for n in names}
 
 
+AUDIT_POLICY_FILE = "audit-policy.yaml"
+AUDIT_LOG_FILE = "audit.log"
+"""Under logs/: one JSON line per list or watch of pods and Jobs, with its full URI and user agent, so tests
+can check what a client asked the API server to stream (the operator's label selectors)."""
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [list, watch]
+    resources:
+      - group: ""
+        resources: [pods]
+      - group: batch
+        resources: [jobs]
+  - level: None
+"""
+
+
 @dataclass
 class ClusterInfo:
     name: str
@@ -251,6 +271,7 @@ class Cluster:
             timeout,
             started,
         )
+        (self.dir / AUDIT_POLICY_FILE).write_text(AUDIT_POLICY)
         self._start("kube-apiserver", [str(binaries["kube-apiserver"]), *self._apiserver_args(ports)])
         admin = self._admin_creds(server)
         self._wait(
@@ -423,7 +444,9 @@ class Cluster:
             f"--tls-private-key-file={pki.key('apiserver')}",
             f"--client-ca-file={pki.ca_cert}",
             "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction,PodSecurity",
+            # OwnerReferencesPermissionEnforcement as on hardened clusters: blockOwnerDeletion needs update on
+            # the owner's finalizers.
+            "--enable-admission-plugins=NodeRestriction,PodSecurity,OwnerReferencesPermissionEnforcement",
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.path('sa.pub')}",
             f"--service-account-signing-key-file={pki.path('sa.key')}",
@@ -431,6 +454,10 @@ class Cluster:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            f"--audit-policy-file={self.dir / AUDIT_POLICY_FILE}",
+            f"--audit-log-path={self.logs / AUDIT_LOG_FILE}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=100",
             "--v=0",
         ]
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from e2e.cluster.cluster import AGENT_NODE_LABEL, KWOK_NODE_LABEL, KWOK_TAINT, REPO_ROOT, ClusterInfo
+from e2e.cluster.cluster import (
+    AGENT_NODE_LABEL,
+    AUDIT_LOG_FILE,
+    KWOK_NODE_LABEL,
+    KWOK_TAINT,
+    REPO_ROOT,
+    ClusterInfo,
+)
 from e2e.cluster.kube import KubeClient
 
 JSON = dict[str, Any]
@@ -131,3 +140,28 @@ def terminated(pod: JSON, container: str | None = None) -> JSON | None:
             if t:
                 return dict(t)
     return None
+
+
+def kopf_child_requests(cluster: ClusterInfo, namespace: str | None = None) -> list[JSON]:
+    """The lists and watches of pods and Jobs that kopf (an operator) made, from the API server's audit log
+    (e2e/cluster/cluster.py AUDIT_POLICY); ``namespace`` None: the cluster-wide ones only."""
+    log = Path(cluster.dir) / "logs" / AUDIT_LOG_FILE
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        ref = entry.get("objectRef") or {}
+        if not str(entry.get("userAgent", "")).startswith("kopf/") or ref.get("resource") not in (
+            "pods",
+            "jobs",
+        ):
+            continue
+        if ref.get("namespace") == namespace:
+            found.append(entry)
+    return found
+
+
+def label_selector_of(request: JSON) -> str | None:
+    selectors = parse_qs(urlsplit(str(request["requestURI"])).query).get("labelSelector")
+    return selectors[0] if selectors else None

@@ -4,9 +4,11 @@ deletion by the garbage collector. KWOK plays the trainer: a test ends a pod by 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+import requests
 
 from e2e.cluster.kube import KubeClient
 from e2e.tests.helpers import (
@@ -14,6 +16,8 @@ from e2e.tests.helpers import (
     condition,
     ftj_path,
     has_condition,
+    kopf_child_requests,
+    label_selector_of,
     make_ftj,
     pods_of,
     s3_secret,
@@ -73,6 +77,19 @@ def owned_by(obj: JSON, ftj: JSON) -> bool:
         ref.get("controller") and ref["uid"] == ftj["metadata"]["uid"] and ref["kind"] == "FineTuneJob"
         for ref in obj["metadata"].get("ownerReferences", [])
     )
+
+
+def test_the_operator_asks_the_api_server_for_its_children_only(cluster: Any, ns: str) -> None:
+    """Measured at the API server (its audit log): every list and watch of pods and Jobs the operator made
+    carries the children's label selector, so other workloads' pods never reach it."""
+    deadline = time.monotonic() + 30
+    while {r["objectRef"]["resource"] for r in kopf_child_requests(cluster, ns)} != {"pods", "jobs"}:
+        assert time.monotonic() < deadline, "no watch of pods and Jobs by the operator in the audit log"
+        time.sleep(0.5)
+    requests = kopf_child_requests(cluster, ns)
+    assert {r["verb"] for r in requests} >= {"watch"}
+    unfiltered = [r["requestURI"] for r in requests if label_selector_of(r) != "kubetune.io/job-name"]
+    assert not unfiltered, f"streams of every pod or Job in {ns}: {unfiltered}"
 
 
 def test_children_and_trainer_pod_follow_the_contract(kube: KubeClient, ns: str) -> None:
@@ -352,5 +369,47 @@ def test_a_result_survives_its_job_being_deleted_while_the_operator_is_down(
         kube.wait_gone(job_path, timeout=60)
         kube.wait_gone(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}", timeout=60)
         assert kube.get(ftj_path(ns, "held"))["status"]["phase"] == "Succeeded"
+    finally:
+        op.stop()
+
+
+def test_a_forbidden_child_ends_the_job_child_forbidden_without_retrying(
+    cluster: Any, kube: KubeClient, crd: JSON, make_namespace: Any
+) -> None:
+    """An object-count quota of zero Jobs: the API server answers the trainer Job's create with 403. The job
+    ends Failed/ChildForbidden with the server's words, and the operator does not try again."""
+    from e2e.conftest import launch_operator
+
+    ns = make_namespace("e2e-forbid")
+    kube.create(
+        f"/api/v1/namespaces/{ns}/resourcequotas",
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "no-jobs"},
+            "spec": {"hard": {"count/jobs.batch": "0"}},
+        },
+    )
+    kube.wait_for(
+        f"/api/v1/namespaces/{ns}/resourcequotas/no-jobs",
+        lambda q: "count/jobs.batch" in (q.get("status") or {}).get("hard", {}),
+        timeout=30,
+        what="the quota controller to take up the quota",
+    )
+    op = launch_operator(cluster, ns)
+    try:
+        kube.create(ftj_path(ns), make_ftj("forbidden", placement=ON_KWOK))
+        failed = wait_phase(kube, ns, "forbidden", "Failed")
+        reason = condition(failed, "Failed")
+        assert reason is not None and reason["reason"] == "ChildForbidden"
+        assert "exceeded quota: no-jobs" in reason["message"] and "forbidden" in reason["message"]
+        assert kube.get_or_none(f"/apis/batch/v1/namespaces/{ns}/jobs/forbidden-trainer") is None
+        time.sleep(3)  # the operator's scrape interval is 1 s: time enough to try again, which it must not
+        assert kube.get(ftj_path(ns, "forbidden"))["status"]["conditions"] == failed["status"]["conditions"]
+        page = requests.get(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5).text
+        errors = [
+            line for line in page.splitlines() if line.startswith("kubetune_operator_reconcile_errors_total")
+        ]
+        assert not errors, f"passes failed and were retried: {errors}"
     finally:
         op.stop()

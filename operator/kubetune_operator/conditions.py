@@ -48,6 +48,11 @@ class Reason:
     CHILD_REJECTED = "ChildRejected"
     """Failed=True: the API server rejected the trainer ConfigMap or Job built from this spec (the message
     carries the server's reason), so the run cannot start."""
+    CHILD_FORBIDDEN = "ChildForbidden"
+    """Failed=True: the API server refused the operator the creation of the trainer ConfigMap or Job (HTTP
+    403: the operator's RBAC lacks a grant, e.g. finetunejobs/finalizers for blockOwnerDeletion, or an
+    admission policy or an object-count quota denies it); the message carries the server's words. The run
+    cannot start and is not retried: fix the cause, then delete and re-apply the FineTuneJob."""
 
     # Running (and Reconciling, which mirrors it while the job is on its way)
     CREATED = "Created"

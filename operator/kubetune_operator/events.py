@@ -16,6 +16,7 @@ WARNING_REASONS = frozenset(
     {
         Reason.INVALID_SPEC,
         Reason.CHILD_REJECTED,
+        Reason.CHILD_FORBIDDEN,
         Reason.UNSCHEDULABLE,
         Reason.CONTAINER_NOT_STARTING,
         Reason.RESTARTING,

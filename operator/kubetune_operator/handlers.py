@@ -27,7 +27,15 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator import labels, termination
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.k8s_io import ClusterIO, KubeIO, Rejected, connection_info, load_api_client
+from kubetune_operator.k8s_io import (
+    ClusterIO,
+    Forbidden,
+    KubeIO,
+    Rejected,
+    connection_info,
+    load_api_client,
+)
+from kubetune_operator.leader import LeaderElector
 from kubetune_operator.models import FineTuneJob, FineTuneJobStatus, JobKey
 from kubetune_operator.observed import (
     Obj,
@@ -109,8 +117,9 @@ class Runtime:
     metrics: OperatorMetrics
     io: ClusterIO | None = None
     """Created by the startup hook unless injected (tests inject a fake)."""
-    peering: str | None = None
-    """kopf peering name; None runs standalone (one replica)."""
+    leader: LeaderElector | None = None
+    """The leader election among replicas; None when this replica runs alone. A replica that does not hold
+    the Lease reads and writes nothing (see leader.py)."""
     locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     scraper: ScrapeLoop | None = None
     """Reads running trainers' metrics; created and started by the startup hook."""
@@ -144,6 +153,8 @@ def sync(
     io = runtime.io
     if io is None:
         raise RuntimeError("no API client: the startup hook has not run")
+    if not is_active(runtime):
+        return
     with runtime.metrics.errors_counted(), runtime.locks.hold((namespace, name), event_pods or []) as pods:
         if pods is None:
             return
@@ -168,6 +179,7 @@ def sync(
             io.patch_job_spec(namespace, labels.trainer_job_name(name), outcome.job_spec_patch)
         if outcome.status_changed(job.status):
             io.patch_status(namespace, name, status_patch(job.status, outcome.status))
+            runtime.metrics.status_writes.inc()
         if is_finished(outcome.status):
             if labels.ANNOTATION_RESULT_RECORDED not in job.metadata.annotations:
                 release_results(io, namespace, name, running_uid=None)
@@ -182,6 +194,20 @@ def sync(
         _track(runtime, namespace, name, running=outcome.status.phase == "Running")
         if outcome.recheck_after_seconds is not None and runtime.queue is not None:
             runtime.queue.add_after((namespace, name), outcome.recheck_after_seconds)
+
+
+def is_active(runtime: Runtime) -> bool:
+    """This replica may reconcile: it runs alone or holds the leader Lease."""
+    return runtime.leader is None or runtime.leader.is_leader()
+
+
+def stop_work(runtime: Runtime) -> None:
+    """Stop the scrape loop and the work queue (the operator is stopping, or this replica lost the Lease):
+    no new pass starts, and a pass under way that has not written yet finds ``is_active`` False."""
+    if runtime.scraper is not None:
+        runtime.scraper.stop()
+    if runtime.queue is not None:
+        runtime.queue.close()
 
 
 def release_results(io: ClusterIO, namespace: str, name: str, *, running_uid: str | None) -> None:
@@ -285,6 +311,9 @@ def _apply_children(
         except Rejected as exc:
             rejected = f"{obj['kind']} {obj['metadata']['name']}: {exc}"
             return reconcile(job, replace(seen, rejected=rejected), config)
+        except Forbidden as exc:
+            forbidden = f"{obj['kind']} {obj['metadata']['name']}: {exc}"
+            return reconcile(job, replace(seen, forbidden=forbidden), config)
     return outcome
 
 
@@ -401,6 +430,11 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT_SECONDS
     settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT_SECONDS
     settings.watching.connect_timeout = 10
+    # The API server filters the children's watches: the handlers' label filter alone is applied by kopf
+    # on its side, after every Job and pod of the watched namespaces (the cluster, in cluster-wide mode)
+    # has been streamed to the operator.
+    for group, version, plural in CHILD_RESOURCES:
+        settings.watching.label_selectors[group, version, plural] = labels.LABEL_JOB_NAME
     settings.networking.request_timeout = API_REQUEST_TIMEOUT_SECONDS
     settings.networking.connect_timeout = 10
     # The create/update/resume passes run on kopf's thread pool; they mostly wait on the API server, so a
@@ -408,12 +442,8 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     settings.execution.max_workers = HANDLER_THREADS
     # Transitions are posted as Events by sync(); kopf adds only its own warnings and errors.
     settings.posting.level = logging.WARNING
-    if runtime.peering:
-        settings.peering.standalone = False
-        settings.peering.mandatory = True
-        settings.peering.name = runtime.peering
-    else:
-        settings.peering.standalone = True
+    # Replicas elect the active one through a Lease before kopf starts (leader.py), so kopf never peers.
+    settings.peering.standalone = True
     if runtime.io is None:
         runtime.io = KubeIO(load_api_client(), runtime.config)
     if runtime.queue is None:
@@ -428,28 +458,32 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     runtime.scraper.start()
     logger.info(
         "kubetune operator configured: trainer image %s, scrape interval %ss (%s at a time, %ss each at "
-        "most), peering %s",
+        "most), %s",
         runtime.config.trainer_image,
         runtime.config.scrape_interval_seconds,
         runtime.config.scrape_concurrency,
         runtime.config.scrape_timeout_seconds,
-        runtime.peering or "standalone",
+        f"leader as {runtime.leader.identity}" if runtime.leader else "standalone",
     )
 
 
 def on_cleanup(memo: Any, **_: Any) -> None:
-    """The operator is stopping: end the scrape loop and the reconcile threads."""
+    """The operator is stopping: end the scrape loop and the reconcile threads, then hand the leader Lease
+    back so a standby replica takes over at once."""
     runtime = runtime_of(memo)
-    if runtime.scraper is not None:
-        runtime.scraper.stop()
-    if runtime.queue is not None:
-        runtime.queue.close()
+    stop_work(runtime)
+    if runtime.leader is not None:
+        runtime.leader.release()
 
 
 def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     """kopf's own connection: $KUBECONFIG or ~/.kube/config when present, the service account otherwise.
     (A login handler must return its credentials; it stores nothing on any object.)"""
     return connection_info(load_api_client(), trust_env=settings.networking.trust_env)
+
+
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "pods"))
+"""The children kopf watches (for on_child_event), only those carrying the kubetune.io/job-name label."""
 
 
 def register_handlers(registry: kopf.OperatorRegistry) -> None:
@@ -464,7 +498,5 @@ def register_handlers(registry: kopf.OperatorRegistry) -> None:
     kopf.on.update(*ftj, field="spec", registry=registry)(on_finetunejob)
     kopf.on.event(*ftj, registry=registry, id="finetunejob-deleted")(on_finetunejob_deleted)
     child_filter = {labels.LABEL_JOB_NAME: kopf.PRESENT}
-    kopf.on.event("batch", "v1", "jobs", labels=child_filter, registry=registry, id="trainer-job")(
-        on_child_event
-    )
-    kopf.on.event("", "v1", "pods", labels=child_filter, registry=registry, id="trainer-pod")(on_child_event)
+    for (group, version, plural), id_ in zip(CHILD_RESOURCES, ("trainer-job", "trainer-pod"), strict=True):
+        kopf.on.event(group, version, plural, labels=child_filter, registry=registry, id=id_)(on_child_event)

@@ -34,6 +34,11 @@ class Rejected(Exception):
     """The API server refused an object as invalid (HTTP 422); the text is the server's explanation."""
 
 
+class Forbidden(Exception):
+    """The API server refused to create an object for the operator (HTTP 403: RBAC, an admission policy,
+    an object-count quota); the text is the server's explanation. Retrying would be refused the same way."""
+
+
 class ClusterIO(Protocol):
     def get_finetunejob(self, namespace: str, name: str) -> Obj | None: ...
     def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
@@ -44,7 +49,8 @@ class ClusterIO(Protocol):
         ...
 
     def create(self, obj: Obj) -> None:
-        """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422."""
+        """Create a child; one that exists already (409) is left as it is. Raises Rejected on 422 and
+        Forbidden on 403."""
         ...
 
     def replace(self, obj: Obj) -> None: ...
@@ -77,6 +83,7 @@ def _path(obj_or_kind: Obj | str, namespace: str, name: str | None = None) -> st
         "Pod": f"/api/v1/namespaces/{namespace}/pods",
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        "Lease": f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
         labels.KIND: f"/apis/{labels.API_VERSION}/namespaces/{namespace}/{labels.PLURAL}",
     }[kind]
     return base if name is None else f"{base}/{quote(name, safe='')}"
@@ -191,6 +198,8 @@ class KubeIO:
         except ApiException as exc:
             if exc.status == 422:
                 raise Rejected(_api_message(exc)) from exc
+            if exc.status == 403:
+                raise Forbidden(_api_message(exc)) from exc
             if exc.status != 409:  # 409: an earlier pass created it; the next pass reads and compares it
                 raise
 
@@ -279,6 +288,26 @@ class KubeIO:
         }
         self._request("POST", _path("Event", namespace), body=event)
 
+    # --- the leader Lease (leader.LeaseIO) ---------------------------------------------------------------
+
+    def get_lease(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path("Lease", namespace, name))
+
+    def create_lease(self, namespace: str, lease: Obj) -> bool:
+        return self._conflict_is_false("POST", _path("Lease", namespace), lease)
+
+    def update_lease(self, namespace: str, name: str, lease: Obj) -> bool:
+        return self._conflict_is_false("PUT", _path("Lease", namespace, name), lease)
+
+    def _conflict_is_false(self, method: str, path: str, body: Obj) -> bool:
+        try:
+            self._request(method, path, body=body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     def scrape(self, pod_ip: str, port: int) -> str:
         return fetch_metrics(pod_ip, port, deadline_seconds=self._scrape_timeout)
 
@@ -290,4 +319,4 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or exc.reason)
 
 
-__all__ = ["ClusterIO", "KubeIO", "Rejected", "connection_info", "load_api_client"]
+__all__ = ["ClusterIO", "Forbidden", "KubeIO", "Rejected", "connection_info", "load_api_client"]

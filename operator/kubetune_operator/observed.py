@@ -26,6 +26,8 @@ class Observed:
     """The trainer's metrics scraped in this pass; None when not scraped or unreachable."""
     rejected: str | None = None
     """Set when the API server refused to create a child built from this spec (HTTP 422): its message."""
+    forbidden: str | None = None
+    """Set when the API server forbade the operator to create a child (HTTP 403): its message."""
     job_events: tuple[Obj, ...] = ()
     """The trainer Job's FailedCreate Events (pod creation refused by a quota, Pod Security admission, a
     webhook); read only while the Job runs and has no pod."""

@@ -86,7 +86,22 @@ class OperatorMetrics(Collector):
             "FineTuneJobs waiting in the work queue for a reconcile pass requested by a child event.",
             registry=self.registry,
         )
+        self.status_writes = Counter(
+            "kubetune_operator_status_writes_total",
+            "FineTuneJob status writes this replica made (only the active replica writes).",
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "kubetune_operator_leader",
+            "1 while this replica is the active one (holds the leader Lease, or runs alone), 0 on standby.",
+            registry=self.registry,
+        )
+        self.leader.set(1)
         self.registry.register(self)
+
+    def watch_leader(self, is_leader: Callable[[], bool]) -> None:
+        """Read whether this replica leads at every collection."""
+        self.leader.set_function(lambda: 1.0 if is_leader() else 0.0)
 
     def watch_queue_depth(self, depth: Callable[[], int]) -> None:
         """Read the work queue's depth at every collection."""

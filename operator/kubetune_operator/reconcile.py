@@ -155,6 +155,13 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
     if seen.rejected and not started:
         _fail_before_start(st, Reason.CHILD_REJECTED, f"the API server rejected a child: {seen.rejected}")
         return _outcome(st, old, (), (), None)
+    if seen.forbidden and not started:
+        message = (
+            f"the API server forbade creating a child: {seen.forbidden}; grant the operator what the "
+            "message names (see the chart's RBAC), then delete and re-apply this FineTuneJob"
+        )
+        _fail_before_start(st, Reason.CHILD_FORBIDDEN, message)
+        return _outcome(st, old, (), (), None)
     if job.spec is None:
         # The run is under way but its spec no longer parses: leave the trainer alone and say so.
         message = "; ".join(problems)

@@ -65,7 +65,7 @@ def test_helm_lint_strict_passes(values: Any) -> None:
 def test_every_manifest_is_labelled_and_namespaced(values: Any) -> None:
     docs = rendered(str(values))
     assert docs
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
     for doc in docs:
         labels = doc["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -132,12 +132,15 @@ def test_values_reach_the_operator() -> None:
     assert env["KUBETUNE_DEFAULT_S3_ENDPOINT"] == "http://s3.storage.svc:9000"
 
 
-def test_more_than_one_replica_uses_peering() -> None:
+def test_more_than_one_replica_elects_a_leader_through_a_lease() -> None:
     docs = rendered(ci("ha"))
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 2
     container = operator_container(docs)
-    assert f"--peering={FULLNAME}" in container["args"]
+    assert f"--leader-election={FULLNAME}" in container["args"]
+    assert container["env"][[e["name"] for e in container["env"]].index("POD_NAMESPACE")]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
     assert "--standalone" not in container["args"]
     assert container["image"] == (
         "registry.example.com/kubetune/operator@sha256:"
@@ -145,22 +148,19 @@ def test_more_than_one_replica_uses_peering() -> None:
     )
     assert env_of(container)["KUBETUNE_GPU_RESOURCE_NAME"] == "amd.com/gpu"
     assert env_of(container)["TZ"] == "UTC"
-    one(docs, "ClusterKopfPeering", FULLNAME)
 
 
-def test_namespaced_peering_has_one_peering_object_and_role_per_namespace() -> None:
+def test_namespaced_replicas_keep_their_lease_in_the_release_namespace() -> None:
     docs = rendered(ci("namespaced-ha"))
-    (peering,) = find(docs, "KopfPeering")
-    assert peering["metadata"]["namespace"] == "ml"
-    assert not find(docs, "ClusterKopfPeering")
     assert one(docs, "Role", FULLNAME)["metadata"]["namespace"] == "ml"
+    assert one(docs, "Role", f"{FULLNAME}-leader-election")["metadata"]["namespace"] == NAMESPACE
 
 
-def test_single_replica_has_no_peering_objects_or_grants() -> None:
+def test_single_replica_has_no_lease_grants() -> None:
     docs = rendered(ci("default"))
-    assert not find(docs, "ClusterKopfPeering") and not find(docs, "KopfPeering")
+    assert "--standalone" in operator_container(docs)["args"]
     for role in find(docs, "ClusterRole") + find(docs, "Role"):
-        assert not any(group == "kopf.dev" for group, _ in rules_as_grants(role["rules"]))
+        assert not any(group == "coordination.k8s.io" for group, _ in rules_as_grants(role["rules"]))
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)

@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator.k8s_io import Rejected
+from kubetune_operator.k8s_io import Forbidden, Rejected
 
 Obj = dict[str, Any]
 _uids = itertools.count(1)
@@ -32,6 +32,8 @@ class FakeCluster:
         self.events: list[tuple[str, str, str]] = []
         self.calls: Counter[str] = Counter()
         self.reject_kinds: dict[str, str] = {}
+        self.forbid_kinds: dict[str, str] = {}
+        """Kinds whose creation the API server forbids (HTTP 403), with its message."""
         self.fail_with: ApiException | None = None
         self.metrics_pages: dict[str, str] = {}
 
@@ -91,6 +93,8 @@ class FakeCluster:
         self._check(f"create:{obj['kind']}")
         if obj["kind"] in self.reject_kinds:
             raise Rejected(self.reject_kinds[obj["kind"]])
+        if obj["kind"] in self.forbid_kinds:
+            raise Forbidden(self.forbid_kinds[obj["kind"]])
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if key not in self.objects:
             self.put(obj)

@@ -12,8 +12,10 @@ from typing import Any
 import kopf
 import pytest
 from fake_cluster import FakeCluster
+from kopf._cogs.structs.references import Resource
 from kopf._core.intents import causes
 from kubernetes.client.exceptions import ApiException
+from lease_store import LeaseStore
 from operator_factories import (
     NAMESPACE,
     job_condition,
@@ -41,6 +43,7 @@ from kubetune_operator.handlers import (
     start_queue,
     status_patch,
 )
+from kubetune_operator.leader import LeaderElector
 from kubetune_operator.models import FineTuneJobStatus
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.scraping import ScrapeLoop
@@ -281,6 +284,24 @@ def test_rejected_job_fails_with_child_rejected(cluster: FakeCluster, memo: kopf
     assert ("Warning", "ChildRejected", "a") in cluster.events
 
 
+def test_a_forbidden_child_fails_the_job_once_instead_of_retrying(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    cluster.put(make_job())
+    cluster.forbid_kinds["Job"] = (
+        'jobs.batch "a-trainer" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to '
+        "a resource you can't set finalizers on"
+    )
+    fire(memo)  # no kopf.TemporaryError: the job ends here
+    assert cluster.get("Job", NAMESPACE, "a-trainer") is None
+    assert conditions(cluster)["Failed"] == ("True", "ChildForbidden")
+    assert "cannot set blockOwnerDeletion" in status(cluster)["message"]
+    assert ("Warning", "ChildForbidden", "a") in cluster.events
+    creates = cluster.calls["create:Job"]
+    fire(memo)  # a finished job never tries again
+    assert cluster.calls["create:Job"] == creates
+
+
 def test_api_errors_are_counted_on_every_road_and_retried_there(
     cluster: FakeCluster, memo: kopf.Memo
 ) -> None:
@@ -488,7 +509,6 @@ def test_a_covered_request_hands_its_ended_pods_to_the_waiting_pass(
 
 def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     settings = kopf.OperatorSettings()
-    runtime(memo).peering = "kubetune"
     on_startup(settings=settings, memo=memo, logger=LOG)
     assert settings.watching.server_timeout == 300 and settings.watching.client_timeout == 330
     assert settings.networking.request_timeout == 30
@@ -498,21 +518,53 @@ def test_startup_configures_kopf(memo: kopf.Memo, cluster: FakeCluster) -> None:
     assert settings.persistence.progress_storage.prefix == "kubetune.io"
     assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
     assert settings.persistence.diffbase_storage.prefix == "kubetune.io"
-    assert (settings.peering.standalone, settings.peering.name, settings.peering.mandatory) == (
-        False,
-        "kubetune",
-        True,
-    )
+    assert settings.peering.standalone is True  # replicas elect their active one with a Lease instead
     assert runtime(memo).io is cluster  # an injected client is kept
     assert runtime(memo).scraper is not None
     on_cleanup(memo=memo)
 
 
-def test_startup_without_peering_runs_standalone(memo: kopf.Memo) -> None:
+def test_child_watches_are_filtered_by_the_api_server(memo: kopf.Memo) -> None:
     settings = kopf.OperatorSettings()
     on_startup(settings=settings, memo=memo, logger=LOG)
     on_cleanup(memo=memo)
-    assert settings.peering.standalone is True
+    selectors = settings.watching.label_selectors
+    pods = Resource("", "v1", "pods", kind="Pod", namespaced=True, verbs=["list", "watch"])
+    jobs = Resource("batch", "v1", "jobs", kind="Job", namespaced=True, verbs=["list", "watch"])
+    ftjs = Resource("kubetune.io", "v1alpha1", "finetunejobs", kind="FineTuneJob", namespaced=True)
+    assert selectors.collect(pods) == selectors.collect(jobs) == ["kubetune.io/job-name"]
+    assert selectors.collect(ftjs) == []
+    configmaps = Resource("", "v1", "configmaps", kind="ConfigMap", namespaced=True)
+    assert selectors.collect(configmaps) == []
+
+
+def test_a_standby_replica_reads_and_writes_nothing(cluster: FakeCluster, memo: kopf.Memo) -> None:
+    leases = LeaseStore()
+    LeaderElector(leases, NAMESPACE, "kubetune", "other").try_acquire_or_renew()
+    standby = LeaderElector(leases, NAMESPACE, "kubetune", "me")
+    assert standby.try_acquire_or_renew() is False
+    runtime(memo).leader = standby
+    cluster.put(make_job())
+    fire(memo)
+    assert not cluster.calls and "status" not in cluster.get("FineTuneJob", NAMESPACE, "a")
+    runtime(memo).leader = LeaderElector(leases, NAMESPACE, "kubetune", "other")
+    assert runtime(memo).leader.try_acquire_or_renew()
+    fire(memo)
+    assert status(cluster)["conditions"] and cluster.get("Job", NAMESPACE, "a-trainer") is not None
+
+
+def test_losing_the_lease_stops_the_scrape_loop_and_the_work_queue(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    on_startup(settings=kopf.OperatorSettings(), memo=memo, logger=LOG)
+    rt = runtime(memo)
+    assert rt.scraper is not None and rt.queue is not None
+    cluster.put(make_job())
+    handlers.stop_work(rt)
+    rt.queue.add((NAMESPACE, "a"))
+    assert not rt.queue.drain(0.5) or rt.queue.depth() == 0
+    assert not cluster.calls  # the closed queue started no pass
+    assert rt.scraper._thread is None
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from operator_factories import make_job, parse
 
 from kubetune_operator.builders import build_config_map, build_trainer_job
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.k8s_io import KubeIO, Rejected
+from kubetune_operator.k8s_io import Forbidden, KubeIO, Rejected
 
 Obj = dict[str, Any]
 
@@ -69,6 +69,14 @@ def test_a_rejected_child_carries_the_servers_message() -> None:
     )
     io, _ = kube_io({"POST": status(422, message)})
     with pytest.raises(Rejected) as raised:
+        io.create(build_trainer_job(parse(make_job()), OperatorConfig()))
+    assert str(raised.value) == message
+
+
+def test_a_forbidden_child_carries_the_servers_message() -> None:
+    message = 'jobs.batch "a-trainer" is forbidden: User "system:serviceaccount:ml:op" cannot create resource'
+    io, _ = kube_io({"POST": status(403, message)})
+    with pytest.raises(Forbidden) as raised:
         io.create(build_trainer_job(parse(make_job()), OperatorConfig()))
     assert str(raised.value) == message
 

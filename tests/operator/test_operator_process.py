@@ -46,7 +46,7 @@ def test_help_lists_the_contract_flags() -> None:
     for flag in (
         "--namespace",
         "--all-namespaces",
-        "--peering",
+        "--leader-election",
         "--standalone",
         "--health-port",
         "--metrics-port",

@@ -58,8 +58,8 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{/* The kopf peering object's name, used when more than one replica runs. */}}
-{{- define "kubetune.peeringName" -}}
+{{/* The leader Lease's name (in the release namespace), used when more than one replica runs. */}}
+{{- define "kubetune.leaseName" -}}
 {{- include "kubetune.fullname" . }}
 {{- end }}
 
@@ -75,6 +75,12 @@ on: owner references let the garbage collector remove a FineTuneJob's ConfigMap 
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch]
+# The children's ownerReferences set blockOwnerDeletion (the garbage collector removes them before their
+# FineTuneJob under foreground deletion); where the OwnerReferencesPermissionEnforcement admission plugin is
+# on, that needs update on the owner's finalizers, or every child create is forbidden (ChildForbidden).
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]
 # Conditions, phase, progress, metrics and the adapter record.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
@@ -99,10 +105,4 @@ on: owner references let the garbage collector remove a FineTuneJob's ConfigMap 
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
-{{- if and .peering (not .clusterwide) }}
-# kopf peering between operator replicas, per watched namespace.
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [list, watch, patch]
-{{- end }}
 {{- end }}
