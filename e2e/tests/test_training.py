@@ -5,6 +5,7 @@ reports Succeeded with the adapter's sha256."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,3 +113,55 @@ def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(
     trainer_job = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/silent-exit-trainer")
     assert any(c["type"] == "Complete" and c["status"] == "True" for c in trainer_job["status"]["conditions"])
     assert kstatus_verdict(done)["status"] == "Failed"
+
+
+def test_a_trainer_that_stops_making_steps_is_restarted_from_its_checkpoint(
+    cluster: ClusterInfo, kube: KubeClient, operator: Any, buckets: S3Server
+) -> None:
+    """The trainer hangs after step 3 (an environment variable only tests set; it still serves metrics and
+    answers SIGTERM): after progressDeadlineSeconds the operator deletes the pod, the next attempt resumes
+    from the step-3 checkpoint and finishes, and the restart is counted."""
+    ns = operator.namespace
+    kube.apply_yaml(
+        f"/api/v1/namespaces/{ns}/secrets", s3_secret(buckets.access_key, buckets.secret_key, "s3-hang")
+    )
+    manifest = make_ftj(
+        "hangs-once",
+        placement=ON_AGENT,
+        s3_endpoint=buckets.endpoint,
+        hyperparameters={"maxSteps": 6, "learningRate": 0.001, "microBatchSize": 4},
+        extra_spec={
+            "dataset": {"train": "s3://datasets/chat/train.jsonl", "maxSeqLength": 128},
+            "checkpointing": {"everySteps": 1},
+            "progressDeadlineSeconds": 10,
+            "trainer": {"env": [{"name": "KUBETUNE_TEST_HANG_AT_STEP", "value": "3"}]},
+        },
+    )
+    manifest["spec"]["s3"]["credentialsSecretRef"]["name"] = "s3-hang"
+    kube.create(ftj_path(ns), manifest)
+    try:
+        done = kube.wait_for(
+            ftj_path(ns, "hangs-once"),
+            lambda obj: obj.get("status", {}).get("phase") in ("Succeeded", "Failed"),
+            timeout=300,
+            what="the job that hangs once to finish",
+        )
+    finally:
+        # Every attempt's log, including the deleted pod's: the node agent keeps them on disk.
+        logs = {
+            path.parent.parent.name: path.read_text(errors="replace")
+            for path in (Path(cluster.dir) / "pods" / ns).glob("hangs-once-trainer-*/logs/trainer.log")
+        }
+        for name, text in logs.items():
+            print(f"--- trainer log {name} ---\n{text[-2000:]}")
+    status = done["status"]
+    assert status["phase"] == "Succeeded", (condition(done, "Failed"), status.get("message"))
+    assert (status["restarts"], status["noProgressRestarts"]) == (1, 1)
+    assert status["progress"]["step"] == 6
+    events = kube.get(f"/api/v1/namespaces/{ns}/events", fieldSelector="involvedObject.name=hangs-once")
+    no_progress = [e for e in events["items"] if e["reason"] == "NoProgress"]
+    assert len(no_progress) == 1 and no_progress[0]["type"] == "Warning"
+    message = no_progress[0]["message"]
+    assert "made no training step for" in message and "after step 3" in message, message
+    assert any('"event": "test_hang"' in text for text in logs.values())
+    assert any('"resumed_step": 3' in text for text in logs.values())

@@ -128,6 +128,21 @@ class StopFlag:
         self.signal_time = time.monotonic()
 
 
+TEST_HANG_ENV = "KUBETUNE_TEST_HANG_AT_STEP"
+"""Set only by tests of the operator's progress watchdog: see hang_for_tests."""
+
+
+def hang_for_tests(step: int, start_step: int, stop: StopFlag) -> None:
+    """With KUBETUNE_TEST_HANG_AT_STEP=N, a run that started from scratch stops making steps after step N,
+    as one stuck in a collective would, while still serving metrics and answering SIGTERM (which then
+    checkpoints and exits as usual). A resumed run never hangs, so the restarted attempt can finish."""
+    if start_step != 0 or os.environ.get(TEST_HANG_ENV) != str(step):
+        return
+    log_event("test_hang", step=step)
+    while not stop.requested:
+        time.sleep(0.1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +284,7 @@ class Trainer:
                 window_start, window_tokens = now, 0
             if self._checkpoint_due():
                 self.save_checkpoint()
+            hang_for_tests(self.state.step, start_step, self.stop)
         self.runtime.barrier()
         return self.state
 
