@@ -38,10 +38,11 @@ def validate(job: FineTuneJob) -> list[str]:
             "spec.lora: only allowed with the adapter methods (LoRA, QLoRA); remove the lora block or set "
             "method: LoRA"
         )
-    if spec.hyperparameters.activation_checkpointing not in contract.ACTIVATION_CHECKPOINTING_SETTINGS:
+    checkpointing = spec.hyperparameters.activation_checkpointing
+    if checkpointing not in contract.ACTIVATION_CHECKPOINTING_SETTINGS:
         problems.append(
-            f"spec.hyperparameters.activationCheckpointing: {spec.hyperparameters.activation_checkpointing!r} "
-            f"is not one of {', '.join(contract.ACTIVATION_CHECKPOINTING_SETTINGS)}"
+            f"spec.hyperparameters.activationCheckpointing: {checkpointing!r} is not one of "
+            + ", ".join(contract.ACTIVATION_CHECKPOINTING_SETTINGS)
         )
     hp = spec.hyperparameters
     if (hp.epochs is None) == (hp.max_steps is None):

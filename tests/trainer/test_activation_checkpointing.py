@@ -208,11 +208,15 @@ def test_activation_checkpointing_auto_is_applied_by_the_trainer_when_the_plan_n
 
     runs: dict[str, Any] = {}
     for setting in ("Auto", "Never"):
-        job = replace(config, hyperparameters=replace(config.hyperparameters, activation_checkpointing=setting))
+        job = replace(
+            config, hyperparameters=replace(config.hyperparameters, activation_checkpointing=setting)
+        )
         if setting == "Never":
             monkeypatch.setattr(parallel, "device_capacity", lambda device: None)
         with trainer_saved_bytes() as total:
-            result = ws.run(replace(job, output=replace(job.output, uri=f"s3://{ws.bucket}/{setting}/")), monkeypatch)
+            result = ws.run(
+                replace(job, output=replace(job.output, uri=f"s3://{ws.bucket}/{setting}/")), monkeypatch
+            )
         assert result.code == 0, result.summary.message
         runs[setting] = (result.summary, total[0])
     auto, auto_bytes = runs["Auto"]
@@ -225,5 +229,8 @@ def test_activation_checkpointing_auto_is_applied_by_the_trainer_when_the_plan_n
     assert auto.metrics["trainLoss"] == pytest.approx(never.metrics["trainLoss"], rel=1e-6)
     assert auto.adapter is not None and never.adapter is not None
     assert auto.adapter.sha256 == never.adapter.sha256  # bit for bit the same adapter
-    print(f"trainer run: saved for backward {never_bytes / 2**20:.1f} MiB without, {auto_bytes / 2**20:.1f} MiB with")
+    print(
+        f"trainer run: saved for backward {never_bytes / 2**20:.1f} MiB without, "
+        f"{auto_bytes / 2**20:.1f} MiB with"
+    )
     assert never_bytes > 2 * auto_bytes

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from test_training import VALIDATION, base_model, download, eval_loss
 
 from conftest import Workspace, chat_records, jsonl
 from kubetune_trainer.contract import DatasetConfig, OutputConfig, TrainerReason
 from kubetune_trainer.errors import EXIT_PERMANENT
 from kubetune_trainer.fastpath import prepare_model
 from kubetune_trainer.preparation import load_dtype, quantization_for, quantized_layers
-from test_training import VALIDATION, base_model, download, eval_loss
 
 LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -27,7 +27,9 @@ def qlora_config(ws: Workspace, train: str, val: str) -> Any:
     return replace(
         config,
         dataset=DatasetConfig(train=train, validation=val, max_seq_length=128),
-        hyperparameters=replace(config.hyperparameters, max_steps=16, learning_rate=1e-2, eval_every_steps=16),
+        hyperparameters=replace(
+            config.hyperparameters, max_steps=16, learning_rate=1e-2, eval_every_steps=16
+        ),
         output=OutputConfig(uri=f"s3://{ws.bucket}/adapter/"),
     )
 
@@ -91,7 +93,10 @@ def test_qlora_run_learns_on_an_nf4_base_and_its_adapter_loads_onto_the_unquanti
     base_loss = eval_loss(base, tokenizer, VALIDATION)
     adapted = PeftModel.from_pretrained(base, out).eval()
     adapted_loss = eval_loss(adapted, tokenizer, VALIDATION)
-    print(f"eval loss: base {base_loss:.6f}, adapter on NF4 {on_nf4:.6f} (trainer: {reported:.6f}), on the unquantized base {adapted_loss:.6f}")
+    print(
+        f"eval loss: base {base_loss:.6f}, adapter on NF4 {on_nf4:.6f} (trainer: {reported:.6f}), "
+        f"on the unquantized base {adapted_loss:.6f}"
+    )
     # (On this random-weight model NF4 moves the loss by about 2e-4; the trainer matches NF4 far closer.)
     assert abs(on_nf4 - reported) < 1e-5 and abs(adapted_loss - reported) > 1e-4
     assert adapted_loss < base_loss - 0.5

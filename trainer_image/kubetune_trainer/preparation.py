@@ -99,7 +99,8 @@ def load_base_model(path: Path, uri: str, method: str, device: torch.device) -> 
     except TrainerError as err:
         raise TrainerError(
             TrainerReason.QUANTIZATION_UNSUPPORTED,
-            f"{err.message}; bitsandbytes could not load it as a 4-bit NF4 base: use method LoRA on this model",
+            f"{err.message}; bitsandbytes could not load it as a 4-bit NF4 base: use method LoRA on this "
+            "model",
         ) from err
     if quantized_layers(model) == 0:
         raise TrainerError(
@@ -129,7 +130,8 @@ def use_activation_checkpointing(setting: str, plan_checkpoints: bool | None) ->
     otherwise; off when there is no plan, as on CPU, where memory is not limited)."""
     if setting not in ACTIVATION_CHECKPOINTING_SETTINGS:
         raise ValueError(
-            f"activationCheckpointing {setting!r} must be one of {', '.join(ACTIVATION_CHECKPOINTING_SETTINGS)}"
+            f"activationCheckpointing {setting!r} must be one of "
+            + ", ".join(ACTIVATION_CHECKPOINTING_SETTINGS)
         )
     if setting == "Auto":
         return bool(plan_checkpoints)
