@@ -75,7 +75,7 @@ def make_ftj(
         "s3": {"endpoint": s3_endpoint, "forcePathStyle": True, "credentialsSecretRef": {"name": "s3-creds"}},
         "resources": {"gpus": gpus, **copy.deepcopy(placement or {})},
     }
-    if method == "LoRA":
+    if method in ("LoRA", "QLoRA"):
         spec["lora"] = {"r": 4, "alpha": 8}
     if suspend is not None:
         spec["suspend"] = suspend

@@ -1,6 +1,6 @@
 """A FineTuneJob that really trains: the trainer pod runs on the node agent as a local process, reads a tiny
-model and a chat dataset from a real S3 server, trains LoRA on the CPU and uploads the adapter; the operator
-reports Succeeded with the adapter's sha256."""
+model and a chat dataset from a real S3 server, trains LoRA (or QLoRA, on the model quantized to 4-bit NF4) on
+the CPU and uploads the adapter; the operator reports Succeeded with the adapter's sha256."""
 
 from __future__ import annotations
 
@@ -32,15 +32,19 @@ def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     return s3
 
 
-def test_lora_job_trains_on_the_node_agent_and_uploads_the_adapter(
-    cluster: ClusterInfo, kube: KubeClient, operator: Any, buckets: S3Server
+@pytest.mark.parametrize(
+    ("method", "name"), [("LoRA", "tiny-lora"), ("QLoRA", "tiny-qlora")], ids=["lora", "qlora"]
+)
+def test_adapter_job_trains_on_the_node_agent_and_uploads_the_adapter(
+    cluster: ClusterInfo, kube: KubeClient, operator: Any, buckets: S3Server, method: str, name: str
 ) -> None:
     ns = operator.namespace
     kube.apply_yaml(
         f"/api/v1/namespaces/{ns}/secrets", s3_secret(buckets.access_key, buckets.secret_key, "s3-train")
     )
     manifest = make_ftj(
-        "tiny-lora",
+        name,
+        method=method,
         placement=ON_AGENT,
         s3_endpoint=buckets.endpoint,
         hyperparameters={
@@ -58,28 +62,28 @@ def test_lora_job_trains_on_the_node_agent_and_uploads_the_adapter(
         return obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
 
     try:
-        done = kube.wait_for(
-            ftj_path(ns, "tiny-lora"), finished, timeout=300, what="the training job to finish"
-        )
+        done = kube.wait_for(ftj_path(ns, name), finished, timeout=300, what="the training job to finish")
     finally:
-        pods = pods_of(kube, ns, "kubetune.io/job-name=tiny-lora")
-        for pod in pods:
+        pods = pods_of(kube, ns, f"kubetune.io/job-name={name}")
+        logs = [container_log(cluster, ns, pod["metadata"]["name"], "trainer") for pod in pods]
+        for pod, log in zip(pods, logs, strict=True):
             print(f"--- trainer log {pod['metadata']['name']} ---")
-            print(container_log(cluster, ns, pod["metadata"]["name"], "trainer")[-4000:])
+            print(log[-4000:])
     status = done["status"]
     assert status["phase"] == "Succeeded", (condition(done, "Failed"), status.get("message"))
+    assert f'"method": "{method}"' in logs[0]  # the trainer ran the method asked for
     pod = pods[0]
     assert pod["spec"]["nodeName"] == cluster.agent_nodes[0]
     assert pod["status"]["podIP"].startswith("127.0.0.")
 
     adapter = status["adapter"]
-    assert adapter["uri"] == "s3://adapters/tiny-lora/"
-    obj = buckets.client().get_object(Bucket="adapters", Key="tiny-lora/adapter_model.safetensors")
+    assert adapter["uri"] == f"s3://adapters/{name}/"
+    obj = buckets.client().get_object(Bucket="adapters", Key=f"{name}/adapter_model.safetensors")
     assert adapter["sha256"] == hashlib.sha256(obj["Body"].read()).hexdigest()
     keys = {
-        o["Key"] for o in buckets.client().list_objects_v2(Bucket="adapters", Prefix="tiny-lora/")["Contents"]
+        o["Key"] for o in buckets.client().list_objects_v2(Bucket="adapters", Prefix=f"{name}/")["Contents"]
     }
-    assert {"tiny-lora/adapter_config.json", "tiny-lora/adapter_model.safetensors"} <= keys
+    assert {f"{name}/adapter_config.json", f"{name}/adapter_model.safetensors"} <= keys
     assert status["progress"]["step"] == 4
 
 

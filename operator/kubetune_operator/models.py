@@ -65,6 +65,7 @@ class HyperparametersSpec(_Model):
     seed: int = 42
     train_on: str = "Completions"
     packing: bool = True
+    activation_checkpointing: str = "Auto"
     eval_every_steps: int | None = None
 
 

@@ -618,7 +618,7 @@ def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: 
     completed = str((trainer_job.get("status") or {}).get("completionTime") or st.now)
     _record_times(st, trainer_job, pod, completed)
     st.fields["restarts"] = max(st.old.restarts or 0, observed.job_failed_count(trainer_job))
-    kind = "adapter" if spec.method == "LoRA" else "model"
+    kind = "adapter" if spec.method in contract.ADAPTER_METHODS else "model"
     if record is None:
         _finish_failed(
             st,

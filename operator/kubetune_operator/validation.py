@@ -12,6 +12,7 @@ import re
 from kubetune_operator import labels
 from kubetune_operator.builders.trainer_job import PVC_SCHEME, pvc_claim
 from kubetune_operator.models import FineTuneJob
+from kubetune_trainer import contract
 
 BASE_MODEL_SCHEMES = ("s3://", "hf://", PVC_SCHEME)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -30,10 +31,19 @@ def validate(job: FineTuneJob) -> list[str]:
             f"metadata.name: {len(job.name)} characters, at most {labels.MAX_NAME_LENGTH} allowed "
             f"(the trainer Job is named <name>{labels.TRAINER_JOB_SUFFIX}); choose a shorter name"
         )
-    if spec.method not in ("LoRA", "Full"):
-        problems.append(f"spec.method: {spec.method!r} is not LoRA or Full")
-    if spec.lora is not None and spec.method != "LoRA":
-        problems.append("spec.lora: only allowed with method LoRA; remove the lora block or set method: LoRA")
+    if spec.method not in contract.METHODS:
+        problems.append(f"spec.method: {spec.method!r} is not one of {', '.join(contract.METHODS)}")
+    if spec.lora is not None and spec.method not in contract.ADAPTER_METHODS:
+        problems.append(
+            "spec.lora: only allowed with the adapter methods (LoRA, QLoRA); remove the lora block or set "
+            "method: LoRA"
+        )
+    checkpointing = spec.hyperparameters.activation_checkpointing
+    if checkpointing not in contract.ACTIVATION_CHECKPOINTING_SETTINGS:
+        problems.append(
+            f"spec.hyperparameters.activationCheckpointing: {checkpointing!r} is not one of "
+            + ", ".join(contract.ACTIVATION_CHECKPOINTING_SETTINGS)
+        )
     hp = spec.hyperparameters
     if (hp.epochs is None) == (hp.max_steps is None):
         problems.append("spec.hyperparameters: set exactly one of epochs or maxSteps")

@@ -113,14 +113,16 @@ CASES: list[CrdCase] = [
         {"metadata.name": "a" * 56},
         "metadata.name must be at most 55 characters",
     ),
-    # lora only with method LoRA
+    # lora only with the adapter methods, LoRA and QLoRA
     CrdCase("lora-block-with-lora-method", {}),
+    CrdCase("lora-block-with-qlora-method", {"spec.method": "QLoRA"}),
+    CrdCase("qlora-method-without-lora-block", {"spec.method": "QLoRA", "spec.lora": None}),
     CrdCase("lora-method-without-lora-block", {"spec.lora": None}),
     CrdCase("full-method-without-lora-block", {}, base="full"),
     CrdCase(
         "lora-block-with-full-method",
         {"spec.lora": {"r": 8}},
-        "spec.lora is allowed only when spec.method is LoRA",
+        "spec.lora is allowed only when spec.method is LoRA or QLoRA",
         field="spec",
         base="full",
     ),
@@ -242,7 +244,15 @@ CASES: list[CrdCase] = [
         field="spec.trainer.env[0]",
     ),
     # what the OpenAPI schema itself rejects
-    CrdCase("method-unknown", {"spec.method": "QLoRA"}, 'Unsupported value: "QLoRA"', "spec.method", "enum"),
+    CrdCase("method-unknown", {"spec.method": "DoRA"}, 'Unsupported value: "DoRA"', "spec.method", "enum"),
+    CrdCase(
+        "activation-checkpointing-unknown",
+        {"spec.hyperparameters.activationCheckpointing": "Sometimes"},
+        'Unsupported value: "Sometimes"',
+        "spec.hyperparameters.activationCheckpointing",
+        "enum",
+    ),
+    CrdCase("activation-checkpointing-always", {"spec.hyperparameters.activationCheckpointing": "Always"}),
     CrdCase(
         "format-unknown",
         {"spec.dataset.format": "CSV"},

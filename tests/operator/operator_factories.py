@@ -54,7 +54,7 @@ def make_job(
         "resources": {"gpus": 1},
         "backoffLimit": 3,
     }
-    if method == "LoRA":
+    if method in ("LoRA", "QLoRA"):
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05}
     if suspend is not None:
         spec["suspend"] = suspend

@@ -219,7 +219,8 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     }  # fmt: skip
     assert set(spec["hyperparameters"]["properties"]) == {
         "epochs", "maxSteps", "learningRate", "batchTokens", "microBatchSize", "gradientAccumulation",
-        "warmupRatio", "scheduler", "weightDecay", "seed", "trainOn", "packing", "evalEverySteps",
+        "warmupRatio", "scheduler", "weightDecay", "seed", "trainOn", "packing", "activationCheckpointing",
+        "evalEverySteps",
     }  # fmt: skip
     assert set(status) == {
         "conditions", "phase", "message", "progress", "metrics", "adapter", "model", "checkpoint",
@@ -262,6 +263,7 @@ def test_a_minimal_job_gets_the_documented_defaults() -> None:
         "seed": 42,
         "trainOn": "Completions",
         "packing": True,
+        "activationCheckpointing": "Auto",
     }
     assert spec["output"] == {"uri": "s3://out/", "mergeAdapter": False}
     assert spec["s3"] == {"region": "us-east-1", "forcePathStyle": False}

@@ -319,6 +319,21 @@ def test_full_method_renders_no_lora_block(config: OperatorConfig) -> None:
     assert "lora" not in json.loads(rendered.to_json())
 
 
+def test_qlora_renders_its_lora_block_and_no_merged_model(config: OperatorConfig) -> None:
+    job = job_for(method="QLoRA", lora={"r": 8, "alpha": 16}, output={"uri": "s3://a/", "mergeAdapter": True})
+    rendered = render_trainer_config(job, config)
+    assert rendered.method == "QLoRA"
+    assert rendered.lora == contract.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=None)
+    assert rendered.output.merge_adapter is False  # nothing to merge a 4-bit base into
+
+
+def test_activation_checkpointing_is_rendered_with_its_default(config: OperatorConfig) -> None:
+    assert render_trainer_config(job_for(), config).hyperparameters.activation_checkpointing == "Auto"
+    hp = {"epochs": 1, "activationCheckpointing": "Always"}
+    rendered = render_trainer_config(job_for(hyperparameters=hp), config)
+    assert rendered.hyperparameters.activation_checkpointing == "Always"
+
+
 def test_lora_target_modules_and_dataset_options(config: OperatorConfig) -> None:
     job = job_for(
         lora={"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},

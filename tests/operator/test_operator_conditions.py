@@ -145,4 +145,5 @@ def test_trainer_reasons_come_from_the_contract() -> None:
     assert TrainerReason.INVALID_DATASET in conditions.TRAINER_REASONS
     assert TrainerReason.ACCESS_DENIED in conditions.TRAINER_REASONS
     assert TrainerReason.INSUFFICIENT_GPU_MEMORY in conditions.TRAINER_REASONS
-    assert len(conditions.TRAINER_REASONS) == 13
+    assert TrainerReason.QUANTIZATION_UNSUPPORTED in conditions.TRAINER_REASONS
+    assert len(conditions.TRAINER_REASONS) == 14

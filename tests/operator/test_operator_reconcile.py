@@ -129,7 +129,7 @@ CASES = [
             "Reconciling": (F, "InvalidSpec"),
         },
         events=["InvalidSpec"],
-        message_has="spec.lora: only allowed with method LoRA",
+        message_has="spec.lora: only allowed with the adapter methods (LoRA, QLoRA)",
     ),
     Case(
         "Kueue admits the queued Job -> Suspended=False Admitted",
@@ -697,6 +697,17 @@ def test_success_record_progress_and_times(config: OperatorConfig) -> None:
     assert status.checkpoint is not None and status.checkpoint.step == 420
     assert (status.start_time, status.completion_time) == (ts(30), ts(400))
     assert (status.provenance or {})["rows"] == 1000 and "trainerImage" in (status.provenance or {})
+
+
+def test_qlora_records_the_adapter(config: OperatorConfig) -> None:
+    done = observed_children(
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, success_summary()))],
+    )
+    _, outcome = chain(make_job(method="QLoRA"), [CREATED, done], config)
+    assert outcome.status.model is None
+    assert outcome.status.adapter is not None and outcome.status.adapter.uri == "s3://adapters/support-bot/"
+    assert outcome.status.message == "adapter written to s3://adapters/support-bot/"
 
 
 def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:

@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 from kubetune_trainer.contract import (
+    ACTIVATION_CHECKPOINTING_SETTINGS,
+    ADAPTER_METHODS,
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_DIR,
     CONFIG_PATH_ENV,
+    METHODS,
     TrainerConfig,
     TrainerReason,
 )
@@ -16,7 +19,6 @@ from kubetune_trainer.errors import TrainerError
 
 FORMATS = ("Auto", "Messages", "PromptCompletion", "Alpaca", "ShareGPT", "Text")
 SCHEDULERS = ("Cosine", "Linear", "Constant")
-METHODS = ("LoRA", "Full")
 TRAIN_ON = ("Completions", "All")
 MODEL_SCHEMES = ("s3://", "hf://", "pvc://", "/")
 
@@ -61,7 +63,10 @@ def validate(config: TrainerConfig) -> list[str]:
         f"baseModel {config.base_model!r} must start with s3://, hf://, pvc:// or be an absolute path",
     )
     need(config.method in METHODS, f"method {config.method!r} must be one of {', '.join(METHODS)}")
-    need(config.lora is None or config.method == "LoRA", "lora is allowed only with method LoRA")
+    need(
+        config.lora is None or config.method in ADAPTER_METHODS,
+        f"lora is allowed only with the adapter methods ({', '.join(ADAPTER_METHODS)})",
+    )
     if config.lora is not None:
         need(config.lora.r >= 1, f"lora.r must be >= 1, got {config.lora.r}")
         need(config.lora.alpha > 0, f"lora.alpha must be > 0, got {config.lora.alpha}")
@@ -124,6 +129,11 @@ def validate(config: TrainerConfig) -> list[str]:
     need(
         hp.eval_every_steps is None or hp.eval_every_steps >= 1,
         "hyperparameters.evalEverySteps must be >= 1",
+    )
+    need(
+        hp.activation_checkpointing in ACTIVATION_CHECKPOINTING_SETTINGS,
+        f"hyperparameters.activationCheckpointing {hp.activation_checkpointing!r} must be one of "
+        + ", ".join(ACTIVATION_CHECKPOINTING_SETTINGS),
     )
 
     out = config.output

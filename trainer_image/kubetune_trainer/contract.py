@@ -54,6 +54,13 @@ METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
 METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
 
+# Training methods. The adapter methods train LoRA adapters on a frozen base (QLoRA: a 4-bit NF4 base) and
+# publish the adapter; Full trains every weight and publishes the model.
+ADAPTER_METHODS = ("LoRA", "QLoRA")
+METHODS = (*ADAPTER_METHODS, "Full")
+# hyperparameters.activationCheckpointing: Auto follows the memory plan.
+ACTIVATION_CHECKPOINTING_SETTINGS = ("Auto", "Always", "Never")
+
 
 # Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
 # once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit
@@ -88,6 +95,10 @@ class TrainerReason:
     """The memory plan, made from the model's config.json before any weights are fetched, found no way to
     run the job on its GPUs (one process, DDP or FSDP, activation checkpointing on or off); the message gives
     the bytes per GPU and what would fit (QLoRA, more GPUs, a shorter dataset.maxSeqLength)."""
+    QUANTIZATION_UNSUPPORTED = "QuantizationUnsupported"
+    """Method QLoRA on a base model bitsandbytes cannot quantize to 4-bit NF4 (one stored quantized already,
+    one without Linear layers it converts) or in an image without bitsandbytes; the message says what to
+    change (the unquantized weights, or method LoRA)."""
     TRAINING_DIVERGED = "TrainingDiverged"
     """The loss became NaN or infinite."""
     UPLOAD_FAILED = "UploadFailed"
@@ -114,6 +125,7 @@ PERMANENT_REASONS = frozenset(
         TrainerReason.INVALID_MODEL,
         TrainerReason.OUT_OF_MEMORY,
         TrainerReason.INSUFFICIENT_GPU_MEMORY,
+        TrainerReason.QUANTIZATION_UNSUPPORTED,
     }
 )
 
@@ -244,6 +256,9 @@ class Hyperparameters:
     seed: int = 42
     train_on: str = "Completions"  # Completions | All
     packing: bool = True
+    # Auto | Always | Never: recompute each decoder layer in backward instead of keeping its activations
+    # (Auto: when the memory plan needs it to fit)
+    activation_checkpointing: str = "Auto"
     eval_every_steps: int | None = None  # None: about ten evaluations per run
 
 
@@ -282,7 +297,7 @@ class TrainerConfig:
     version: int = CONTRACT_VERSION
     job: JobRef = field(default_factory=JobRef)
     base_model: str = ""  # s3://bucket/prefix/, hf://org/name[@rev], pvc://claim/path or a local path
-    method: str = "LoRA"  # LoRA | Full
+    method: str = "LoRA"  # LoRA | QLoRA | Full
     lora: LoraConfig | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
@@ -315,7 +330,7 @@ class AdapterRecord:
     uri: str = ""
     files: list[str] = field(default_factory=list)
     size_bytes: int = 0
-    sha256: str = ""  # of adapter_model.safetensors (LoRA) or model.safetensors (Full, first shard)
+    sha256: str = ""  # of adapter_model.safetensors (LoRA, QLoRA) or model.safetensors (Full, first shard)
     base_model: str = ""
     files_omitted: int | None = None  # files under uri left out of `files` to fit the termination message
 

@@ -158,6 +158,7 @@ class Request:
     lora_r: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] | None = None  # None: every Linear of the decoder layers
+    activation_checkpointing: str = "Auto"  # Auto: only where needed to fit | Always | Never
 
 
 @dataclass(frozen=True)
@@ -374,8 +375,14 @@ def candidates(processes: int) -> list[tuple[str, bool]]:
 
 
 def best_plan(shape: ModelShape, request: Request) -> MemoryPlan:
-    """The first candidate that fits, else the one needing the least memory."""
-    plans = [estimate(shape, request, strategy, ckpt) for strategy, ckpt in candidates(request.processes)]
+    """The first candidate that fits, else the one needing the least memory; the job's activation
+    checkpointing setting, where not Auto, keeps only the candidates with that setting."""
+    allowed = {"Always": (True,), "Never": (False,)}.get(request.activation_checkpointing, (False, True))
+    plans = [
+        estimate(shape, request, strategy, ckpt)
+        for strategy, ckpt in candidates(request.processes)
+        if ckpt in allowed
+    ]
     fitting = [plan for plan in plans if plan.fits]
     return fitting[0] if fitting else min(plans, key=lambda plan: plan.total)
 
@@ -399,6 +406,10 @@ def choose(shape: ModelShape, request: Request, model: str = "the model") -> Mem
 def what_would_fit(shape: ModelShape, request: Request) -> list[str]:
     """Changes to the request that make it fit, each with its plan."""
     advice = []
+    if request.activation_checkpointing == "Never":
+        plan = best_plan(shape, replace(request, activation_checkpointing="Auto"))
+        if plan.fits:
+            advice.append(f"hyperparameters.activationCheckpointing Auto ({plan.describe()})")
     for method in {"Full": ("LoRA", "QLoRA"), "LoRA": ("QLoRA",)}.get(request.method, ()):
         plan = best_plan(shape, replace(request, method=method))
         if plan.fits:

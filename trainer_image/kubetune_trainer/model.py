@@ -134,12 +134,13 @@ def load_tokenizer(path: Path, uri: str) -> Any:
     return tokenizer
 
 
-def load_model(path: Path, uri: str, dtype: Any) -> Any:
-    """The causal LM, or InvalidModel saying what is missing."""
+def load_model(path: Path, uri: str, dtype: Any, **options: Any) -> Any:
+    """The causal LM, or InvalidModel saying what is missing; ``options`` go to ``from_pretrained``
+    (quantization and placement, see ``preparation.load_base_model``)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     except Exception as err:
         raise TrainerError(
             TrainerReason.INVALID_MODEL,
@@ -149,7 +150,8 @@ def load_model(path: Path, uri: str, dtype: Any) -> Any:
 
 
 def apply_method(model: Any, method: str, lora: LoraConfig | None) -> Any:
-    """LoRA adapters on the chosen (default: every linear) layers, or every weight trainable for Full."""
+    """LoRA adapters on the chosen (default: every linear) layers, for LoRA and QLoRA alike (on QLoRA's 4-bit
+    layers PEFT puts float adapters beside the quantized weight), or every weight trainable for Full."""
     if method == "Full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.contract import AdapterRecord
+from kubetune_trainer.contract import ADAPTER_METHODS, AdapterRecord
 from kubetune_trainer.storage import S3Uri, Storage, sha256_file
 
 OUTPUT_MANIFEST = "manifest.json"
@@ -33,7 +33,7 @@ def write_local(
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     model.save_pretrained(dest, safe_serialization=True)
-    if method == "LoRA":
+    if method in ADAPTER_METHODS:
         # Name the base model by its URI rather than the pod-local directory it was loaded from.
         adapter_config = dest / "adapter_config.json"
         values = json.loads(adapter_config.read_text())
@@ -80,7 +80,7 @@ def upload(
 
 def weights_file(method: str) -> str:
     """The weights file a result of ``method`` is known by (its sha256 is the one the status reports)."""
-    return ADAPTER_WEIGHTS if method == "LoRA" else MODEL_WEIGHTS
+    return ADAPTER_WEIGHTS if method in ADAPTER_METHODS else MODEL_WEIGHTS
 
 
 def record_from_manifest(manifest: dict[str, Any], output_uri: str) -> AdapterRecord:

@@ -113,7 +113,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
 
     import torch
 
-    from kubetune_trainer import data, model, publish
+    from kubetune_trainer import data, model, preparation, publish
     from kubetune_trainer.checkpoint import Checkpointer
     from kubetune_trainer.fastpath import prepare_model
     from kubetune_trainer.schedule import build_plan, warmup_steps
@@ -143,6 +143,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # Memory plan, from config.json alone: a job that cannot fit fails here, before any weights are fetched.
     model_config = model.read_model_config(config.base_model, storage, work_dir)
     if model_config is not None:
+        if config.method == "QLoRA":
+            preparation.check_quantizable(model_config, config.base_model)
         progress.plan = plan_memory(config, runtime, model_config).summary()
         log_event("memory_plan", **progress.plan)
 
@@ -181,13 +183,17 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if train_stats.truncated:
         log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
 
-    # 4. Model: weights onto the device, attention for packed batches, LoRA adapters or full training.
+    # 4. Model: weights onto the device (QLoRA: quantized to NF4), attention for packed batches, LoRA adapters
+    # or full training, activation checkpointing where the memory plan (or the job) asks for it.
     on_gpu = runtime.device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu and config.method == "LoRA" else torch.float32
-    base = model.load_model(model_dir, config.base_model, dtype).to(runtime.device)
+    base = preparation.load_base_model(model_dir, config.base_model, config.method, runtime.device)
     prepare_model(base, runtime.device)
     torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
     trainable = model.apply_method(base, config.method, config.lora)
+    planned = progress.plan.get("activationCheckpointing") if progress.plan else None
+    checkpointing = preparation.use_activation_checkpointing(hp.activation_checkpointing, planned)
+    if checkpointing:
+        preparation.enable_activation_checkpointing(trainable)
 
     # 5. Plan every step up front; restore the newest checkpoint, if any.
     batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length)
@@ -219,6 +225,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "microBatchExamples": batching.examples_per_micro,
             "gradientAccumulation": batching.accumulation // runtime.world_size,  # per process
             "precision": "bf16" if on_gpu else "fp32",
+            "activationCheckpointing": checkpointing,
             "worldSize": runtime.world_size,
             "trainableParameters": sum(p.numel() for p in model.trainable_parameters(trainable).values()),
         },
@@ -374,6 +381,7 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
         lora_r=lora.r,
         lora_dropout=lora.dropout,
         lora_targets=tuple(lora.target_modules) if lora.target_modules else None,
+        activation_checkpointing=hp.activation_checkpointing,
     )
     return memory_plan.choose(shape, request, model=config.base_model)
 

@@ -15,7 +15,7 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
     """Everything the trainer reads, with the operator's defaults filled in."""
     spec = spec_of(job)
     lora = None
-    if spec.method == "LoRA":
+    if spec.method in contract.ADAPTER_METHODS:
         block = spec.lora
         lora = (
             contract.LoraConfig()
@@ -62,9 +62,13 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
             seed=hp.seed,
             train_on=hp.train_on,
             packing=hp.packing,
+            activation_checkpointing=hp.activation_checkpointing,
             eval_every_steps=hp.eval_every_steps,
         ),
-        output=contract.OutputConfig(uri=spec.output.uri, merge_adapter=spec.output.merge_adapter),
+        # A merged model is written for LoRA only (a 4-bit QLoRA base and Full have nothing to merge into).
+        output=contract.OutputConfig(
+            uri=spec.output.uri, merge_adapter=spec.output.merge_adapter and spec.method == "LoRA"
+        ),
         s3=contract.S3Config(
             endpoint=spec.s3.endpoint or config.default_s3_endpoint,
             region=spec.s3.region,
