@@ -25,7 +25,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator import labels, termination
+from kubetune_operator import labels, observed, termination
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import (
     ClusterIO,
@@ -41,8 +41,6 @@ from kubetune_operator.observed import (
     Obj,
     Observed,
     controller_uid,
-    job_condition,
-    job_suspended,
     scrape_target,
 )
 from kubetune_operator.operator_metrics import OperatorMetrics
@@ -246,9 +244,10 @@ def observe(
     if trainer_job is not None:
         uid = (trainer_job.get("metadata") or {}).get("uid")
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
-        pods = tuple(pod for pod in with_finished_event_pods(listed, event_pods) if _owned_by(pod, uid))
+        every = observed.with_finished_event_pods(listed, event_pods)
+        pods = tuple(pod for pod in every if observed.owned_by(pod, uid))
     job_events: tuple[Obj, ...] = ()
-    if trainer_job is not None and _may_be_refused_pods(trainer_job, pods):
+    if trainer_job is not None and observed.may_have_refused_pods(trainer_job, pods):
         job_events = tuple(io.list_failed_create_events(job.namespace, str(trainer_job["metadata"]["uid"])))
     sample = None
     target = scrape_target(job.name, job.metadata.uid, trainer_job, pods) if scrape else None
@@ -259,45 +258,6 @@ def observe(
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
     return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events)
-
-
-def _may_be_refused_pods(trainer_job: Obj, pods: tuple[Obj, ...]) -> bool:
-    """A running, unsuspended trainer Job with no pod that has not ended: the one moment a FailedCreate
-    Event (quota, Pod Security) explains the wait, so the only moment Events are read."""
-    if is_finished_job(trainer_job) or job_suspended(trainer_job):
-        return False
-    return bool((trainer_job.get("metadata") or {}).get("uid")) and all(is_finished_pod(p) for p in pods)
-
-
-def with_finished_event_pods(listed: list[Obj], event_pods: list[Obj] | None) -> list[Obj]:
-    """The listed pods, plus the ended pods from watch events that are no longer listed.
-
-    A stopped trainer pod (suspension, deletion, drain) is removed soon after it reports its exit; its last
-    state, with the termination summary and checkpoint, may survive only in the watch event that woke us."""
-    listed_uids = {(pod.get("metadata") or {}).get("uid") for pod in listed}
-    extra = [
-        pod
-        for pod in event_pods or []
-        if is_finished_pod(pod) and (pod.get("metadata") or {}).get("uid") not in listed_uids
-    ]
-    return [*listed, *extra]
-
-
-def is_finished_pod(pod: Obj) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
-
-
-def is_finished_job(job: Obj) -> bool:
-    """The Job has reached (or is about to reach) its outcome."""
-    return any(
-        job_condition(job, type_) is not None
-        for type_ in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
-    )
-
-
-def _owned_by(pod: Obj, uid: str | None) -> bool:
-    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
-    return not uid or any(ref.get("uid") == uid for ref in refs)
 
 
 def _apply_children(
@@ -378,8 +338,8 @@ async def on_child_event(body: Any, namespace: str | None, memo: Any, **_: Any) 
     owner = ((body.get("metadata") or {}).get("labels") or {}).get(labels.LABEL_JOB_NAME)
     if not namespace or not owner:
         return
-    finished_pod = dict(body) if body.get("kind") == "Pod" and is_finished_pod(body) else None
-    finished_job = body.get("kind") == "Job" and is_finished_job(body)
+    finished_pod = dict(body) if body.get("kind") == "Pod" and observed.is_finished_pod(body) else None
+    finished_job = body.get("kind") == "Job" and observed.is_finished_job(body)
     queue_of(runtime_of(memo)).add((namespace, owner), finished_pod, urgent=finished_job)
 
 

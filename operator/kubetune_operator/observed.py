@@ -215,3 +215,42 @@ def terminated_state(pod: Obj) -> Obj | None:
     """The trainer container's terminated state (exitCode, reason, message, finishedAt)."""
     state = _get(trainer_container_status(pod), "state", "terminated")
     return dict(state) if state else None
+
+
+def may_have_refused_pods(trainer_job: Obj, pods: tuple[Obj, ...]) -> bool:
+    """A running, unsuspended trainer Job with no pod that has not ended: the one moment a FailedCreate
+    Event (quota, Pod Security) explains the wait, so the only moment Events are read."""
+    if is_finished_job(trainer_job) or job_suspended(trainer_job):
+        return False
+    return bool((trainer_job.get("metadata") or {}).get("uid")) and all(is_finished_pod(p) for p in pods)
+
+
+def with_finished_event_pods(listed: list[Obj], event_pods: list[Obj] | None) -> list[Obj]:
+    """The listed pods, plus the ended pods from watch events that are no longer listed.
+
+    A stopped trainer pod (suspension, deletion, drain) is removed soon after it reports its exit; its last
+    state, with the termination summary and checkpoint, may survive only in the watch event that woke us."""
+    listed_uids = {(pod.get("metadata") or {}).get("uid") for pod in listed}
+    extra = [
+        pod
+        for pod in event_pods or []
+        if is_finished_pod(pod) and (pod.get("metadata") or {}).get("uid") not in listed_uids
+    ]
+    return [*listed, *extra]
+
+
+def is_finished_pod(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
+def is_finished_job(job: Obj) -> bool:
+    """The Job has reached (or is about to reach) its outcome."""
+    return any(
+        job_condition(job, type_) is not None
+        for type_ in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+    )
+
+
+def owned_by(pod: Obj, uid: str | None) -> bool:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return not uid or any(ref.get("uid") == uid for ref in refs)

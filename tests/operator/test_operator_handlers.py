@@ -32,7 +32,6 @@ from kubetune_operator.conditions import now_rfc3339
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import (
     Runtime,
-    is_finished_job,
     on_child_event,
     on_cleanup,
     on_finetunejob,
@@ -45,6 +44,7 @@ from kubetune_operator.handlers import (
 )
 from kubetune_operator.leader import LeaderElector
 from kubetune_operator.models import FineTuneJobStatus
+from kubetune_operator.observed import is_finished_job
 from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.scraping import ScrapeLoop
 from kubetune_trainer import contract
