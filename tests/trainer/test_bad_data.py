@@ -166,12 +166,12 @@ def test_an_invalid_config_lists_every_problem(ws: Workspace, monkeypatch) -> No
 
     config = ws.config("not-s3")
     config = replace(
-        config, method="PrefixTuning", hyperparameters=replace(config.hyperparameters, learning_rate=0, epochs=1)
+        config, method="Prefix", hyperparameters=replace(config.hyperparameters, learning_rate=0, epochs=1)
     )
     result = ws.run(config, monkeypatch)
     assert result.summary.reason == TrainerReason.INVALID_CONFIG
     for expected in (
-        "method 'PrefixTuning'",
+        "method 'Prefix'",
         "dataset.train 'not-s3'",
         "learningRate must be > 0",
         "exactly one of epochs and maxSteps",
