@@ -169,6 +169,7 @@ def shard(model: torch.nn.Module, device_type: str) -> LossModel:
         # Each micro-batch's backward reduce-scatters its gradients, so no process ever holds a whole
         # layer's gradients for longer than that layer's backward.
         unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
     return root
 
 
@@ -185,3 +186,23 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(bytes of parameters, bytes of optimizer state) this process holds: its local shards under FSDP."""
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        to_local = getattr(tensor, "to_local", None)
+        return to_local() if callable(to_local) else tensor
+
+    def size(tensor: torch.Tensor) -> int:
+        return local(tensor).numel() * tensor.element_size()
+
+    parameters = sum(size(p) for p in model.parameters())
+    state = sum(
+        size(value)
+        for per_parameter in optimizer.state.values()
+        for value in per_parameter.values()
+        if isinstance(value, torch.Tensor) and value.ndim > 0
+    )
+    return parameters, state

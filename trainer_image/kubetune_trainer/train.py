@@ -22,7 +22,7 @@ from kubetune_trainer.errors import Interrupted, TrainerError
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
 from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
-from kubetune_trainer.parallel import LossModel, is_sharded, process_device
+from kubetune_trainer.parallel import LossModel, held_bytes, is_sharded, process_device
 from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
 
 MAX_GRAD_NORM = 1.0
@@ -277,8 +277,21 @@ class Trainer:
                 window_start, window_tokens = now, 0
             if self._checkpoint_due():
                 self.save_checkpoint()
+        self._log_held_bytes()
         self.runtime.barrier()
         return self.state
+
+    def _log_held_bytes(self) -> None:
+        """What each process holds of the parameters and the optimizer state (1/N each under FSDP)."""
+        held = torch.zeros(self.runtime.world_size, 2, dtype=torch.float64, device=self.runtime.device)
+        held[self.runtime.rank] = torch.tensor(held_bytes(self.model, self.optimizer), dtype=torch.float64)
+        per_rank = self.runtime.all_reduce(held).tolist()
+        if self.runtime.is_main:
+            log_event(
+                "held_bytes",
+                parameters=[int(p) for p, _ in per_rank],
+                optimizer=[int(o) for _, o in per_rank],
+            )
 
     def _step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
         """One optimizer step; returns (mean loss over the step's label tokens, tokens, grad norm)."""
