@@ -315,11 +315,12 @@ class Checkpointer:
     def restore(self, found: Found, model: Any, optimizer: Any) -> dict[str, Any]:
         """Load ``found`` into the model, the optimizer and this process's RNG; returns the training
         state. A process the writing run did not have keeps its seeded RNG."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        TensorOnlyReader(found.local / TENSORS).read_metadata()  # refused here, not inside DCP's wrapping
         try:
             load_tensor_state(model, optimizer, found.local / TENSORS)
-        except TrainerError:
-            raise
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
             raise TrainerError(
                 TrainerReason.INVALID_CONFIG,
                 f"checkpoint {found.uri} does not fit this model ({type(err).__name__}: {err}); the job's "
