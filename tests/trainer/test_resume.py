@@ -129,7 +129,7 @@ def test_checkpoint_rotation_keeps_the_newest_complete_ones_and_a_newer_partial_
 ) -> None:
     """A checkpoint counts once its manifest is written; pruning drops older complete and stale partial
     ones, but not a partial one newer than every complete one (another pod may be writing it)."""
-    from kubetune_trainer.checkpoint import MANIFEST, Checkpointer, capture_rng
+    from kubetune_trainer.checkpoint import MANIFEST, Checkpointer
     from kubetune_trainer.storage import Storage, make_client
 
     for key, value in ws.s3.env().items():
