@@ -207,5 +207,5 @@ def test_an_interrupted_or_altered_checkpoint_is_never_restored(ws: Workspace, m
     ws.put(f"out/checkpoints/step-00000001/{MANIFEST}", json.dumps(manifest).encode())
     found = checkpointer.fetch_latest()
     assert found is not None
-    with pytest.raises(TrainerError, match="builtins.print, which it may not"):
+    with pytest.raises(TrainerError, match=r"builtins\.print, which it may not"):
         checkpointer.restore(found, model, optimizer)
