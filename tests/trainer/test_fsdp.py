@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import Workspace, chat_records, jsonl, log_events
-from kubetune_trainer import fastpath, launch, parallel
+from kubetune_trainer import fastpath, launch, parallel, publish
 from kubetune_trainer.contract import (
     CheckpointConfig,
     DatasetConfig,
@@ -84,6 +84,12 @@ def run_processes(
     return log_events(output.splitlines())
 
 
+def published_weights(ws: Workspace, key: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(ws.s3.client().get_object(Bucket=ws.bucket, Key=key)["Body"].read())
+
+
 def relative_differences(a: list[float], b: list[float]) -> list[float]:
     assert len(a) == len(b)
     return [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
@@ -94,9 +100,13 @@ def test_fsdp_two_processes_train_like_one_holding_half_each(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], method: str
 ) -> None:
     train = ws.put("data/train.jsonl", jsonl(chat_records(40, seed=8)))
-    logged = run_processes(ws, job(ws, train, "two", method), "two", processes=2)
+    merged = method == "LoRA"  # the adapter merged into a whole model, from the shards
+    two_config = job(ws, train, "two", method)
+    two_config = replace(two_config, output=replace(two_config.output, merge_adapter=merged))
+    one_config = replace(two_config, output=replace(two_config.output, uri=f"s3://{ws.bucket}/one/"))
+    logged = run_processes(ws, two_config, "two", processes=2)
     capsys.readouterr()
-    one = ws.run(job(ws, train, "one", method), monkeypatch, **{MICRO_BATCH_TOKENS_ENV: MICRO_TOKENS})
+    one = ws.run(one_config, monkeypatch, **{MICRO_BATCH_TOKENS_ENV: MICRO_TOKENS})
     assert one.code == 0, one.summary.message
     one_logged = log_events(capsys.readouterr().out.splitlines())
     one_summary, two_summary = (
@@ -112,6 +122,16 @@ def test_fsdp_two_processes_train_like_one_holding_half_each(
     assert len(differences) == STEPS
     assert max(differences) < RELATIVE_TOLERANCE
     assert one_summary["losses"][-1] < one_summary["losses"][0]  # it trained
+
+    # The published weights, gathered from two processes' shards, are the one process's.
+    for name in [publish.weights_file(method)] + (
+        [f"{publish.MERGED_DIR}/model.safetensors"] if merged else []
+    ):
+        one_weights, two_weights = published_weights(ws, f"one/{name}"), published_weights(ws, f"two/{name}")
+        assert one_weights.keys() == two_weights.keys() and one_weights
+        weight_diff = max(float((one_weights[k] - two_weights[k]).abs().max()) for k in one_weights)
+        print(f"{method}: {name} max |weight difference| {weight_diff:.3g}")
+        assert weight_diff < 1e-5
 
     # Each process holds half of what one process holds whole (a tensor whose rows do not split evenly
     # leaves one process a row more).

@@ -27,14 +27,12 @@ def write_local(
     summary: dict[str, Any],
     dest: Path,
     merge_adapter: bool,
-    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Save the result into ``dest`` in Hugging Face / PEFT layout; ``state_dict``: the model's weights
-    gathered from its shards, where it is sharded."""
+    """Save the result into ``dest`` in Hugging Face / PEFT layout."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    model.save_pretrained(dest, safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(dest, safe_serialization=True)
     if method == "LoRA":
         # Name the base model by its URI rather than the pod-local directory it was loaded from.
         adapter_config = dest / "adapter_config.json"

@@ -290,8 +290,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # This attempt's average: a resumed run trained the earlier tokens in another process.
     final_progress["tokensPerSecond"] = round((state.trained_tokens - tokens_before) / max(seconds, 1e-9), 1)
     record = AdapterRecord()
+    result = trainable
     gathered = full_state_dict(trainable) if strategy == FSDP else None  # every rank takes part
     if runtime.is_main:
+        if gathered is not None:  # sharded: publish a whole copy, rebuilt on the CPU from the shards
+            result = model.apply_method(
+                model.load_model(model_dir, config.base_model, dtype), config.method, config.lora
+            )
+            result.load_state_dict(gathered)
         job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
         summary_file = {
             "job": job,
@@ -305,14 +311,13 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         }
         local = work_dir / "output"
         publish.write_local(
-            trainable,
+            result,
             tokenizer,
             config.method,
             config.base_model,
             summary_file,
             local,
             config.output.merge_adapter,
-            gathered,
         )
         record = publish.upload(
             storage,
