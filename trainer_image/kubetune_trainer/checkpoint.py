@@ -131,11 +131,12 @@ def load_tensor_state(model: Any, optimizer: Any, directory: Path) -> None:
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata classes, torch's dtypes, layouts and sizes, and paths; nothing else."""
 
-    _DCP = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
+    _METADATA = "torch.distributed.checkpoint.metadata"
     _ALLOWED = frozenset(
         {
             ("torch", "Size"),
             ("torch.serialization", "_get_layout"),  # how a torch.layout pickles
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # where each item lies in a file
             ("pathlib", "PosixPath"),  # where the checkpoint was written
             ("pathlib", "PurePosixPath"),
             ("collections", "OrderedDict"),
@@ -145,7 +146,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
-        if module.startswith(self._DCP):
+        if module == self._METADATA:
             found = super().find_class(module, name)
             if isinstance(found, type):  # a dataclass or enum of DCP's metadata, never a function
                 return found
