@@ -40,13 +40,14 @@ def job(ws: Workspace, train: str, out: str, method: str, steps: int = STEPS, **
         base,
         method=method,
         lora=LoraConfig(r=4, alpha=8, dropout=0.0) if method == "LoRA" else None,
-        dataset=DatasetConfig(train=train, max_seq_length=128),
+        dataset=DatasetConfig(train=train, validation_split=0.25, max_seq_length=128),
         hyperparameters=Hyperparameters(
             max_steps=steps,
             learning_rate=3e-3 if method == "LoRA" else 1e-3,
             batch_tokens=512,
             warmup_ratio=0.1,
             seed=13,
+            eval_every_steps=5,
             **hp,
         ),
         output=OutputConfig(uri=f"s3://{ws.bucket}/{out}/"),
@@ -122,6 +123,9 @@ def test_fsdp_two_processes_train_like_one_holding_half_each(
     assert len(differences) == STEPS
     assert max(differences) < RELATIVE_TOLERANCE
     assert one_summary["losses"][-1] < one_summary["losses"][0]  # it trained
+    # Evaluation too: its batches do not share out evenly, the idle process joins each forward.
+    eval_losses = [s["metrics"]["evalLoss"] for s in (one_summary, two_summary)]
+    assert abs(eval_losses[1] - eval_losses[0]) < RELATIVE_TOLERANCE * eval_losses[0]
 
     # The published weights, gathered from two processes' shards, are the one process's.
     for name in [publish.weights_file(method)] + (

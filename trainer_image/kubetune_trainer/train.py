@@ -364,6 +364,10 @@ class Trainer:
             if counted:
                 totals[0] += summed.double()
                 totals[1] += count
+        if self.sharded:
+            # The root unit stays gathered after a forward (its backward would need it): free it, as no
+            # backward follows.
+            self.model.reshard()  # type: ignore[operator]
         self.model.train()
         summed_all, count_all = self.runtime.all_reduce(totals).tolist()
         return summed_all / max(1.0, count_all)
