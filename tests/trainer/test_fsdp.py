@@ -123,7 +123,7 @@ def test_fsdp_two_processes_train_like_one_holding_half_each(
     assert len(differences) == STEPS
     assert max(differences) < RELATIVE_TOLERANCE
     assert one_summary["losses"][-1] < one_summary["losses"][0]  # it trained
-    # Evaluation too: its batches do not share out evenly, the idle process joins each forward.
+    # Evaluation too (where its batches do not share out evenly, a process joins forwards it does not count).
     eval_losses = [s["metrics"]["evalLoss"] for s in (one_summary, two_summary)]
     assert abs(eval_losses[1] - eval_losses[0]) < RELATIVE_TOLERANCE * eval_losses[0]
 
