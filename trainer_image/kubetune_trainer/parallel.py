@@ -154,16 +154,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def shard(model: torch.nn.Module, device_type: str) -> LossModel:
+def shard(model: torch.nn.Module, device_type: str, world_size: int) -> LossModel:
     """``model`` sharded over every process (FSDP2): each decoder layer is one unit, gathered for its
     forward and backward and freed after; the rest (embeddings, norm, head) forms the root unit. Parameters,
     gradients and the optimizer state built on the parameters afterwards hold 1/world of each tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     compute, reduce = sharding_precision(device_type)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)
-    units = [fully_shard(layer, mp_policy=policy) for layer in decoder_layers(model)]
-    root = fully_shard(LossModel(model), mp_policy=policy)
+    # The processes' own device type, not the machine's accelerator: CPU workers on a GPU node stay on CPU.
+    mesh = init_device_mesh(device_type, (world_size,))
+    units = [fully_shard(layer, mesh=mesh, mp_policy=policy) for layer in decoder_layers(model)]
+    root = fully_shard(LossModel(model), mesh=mesh, mp_policy=policy)
     for unit in [*units, root]:
         # The step's loss is already divided by the label tokens of all processes: gradients add up.
         # Each micro-batch's backward reduce-scatters its gradients, so no process ever holds a whole

@@ -214,7 +214,11 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
     planned = progress.plan.get("strategy") if progress.plan else None
     strategy = run_strategy(planned, runtime.world_size, os.environ.get(FORCE_STRATEGY_ENV) or None)
-    loss_model = shard(trainable, runtime.device.type) if strategy == FSDP else LossModel(trainable)
+    loss_model = (
+        shard(trainable, runtime.device.type, runtime.world_size)
+        if strategy == FSDP
+        else LossModel(trainable)
+    )
     optimizer = make_optimizer(trainable, hp.learning_rate, hp.weight_decay)
     restored_state = checkpointer.restore(restored, trainable, optimizer) if restored else None
     state = TrainState.from_dict(restored_state) if restored_state else TrainState()
