@@ -151,3 +151,61 @@ def test_checkpoint_rotation_keeps_the_newest_complete_ones_and_a_newer_partial_
         "step-00000006",
     ]
     assert checkpointer.complete_steps() == [3, 4]
+
+
+def test_an_interrupted_or_altered_checkpoint_is_never_restored(ws: Workspace, monkeypatch, tmp_path) -> None:
+    """Without its manifest a checkpoint does not exist; a file that differs from its manifest, or DCP
+    metadata naming anything but DCP's own types, ends in StorageError before anything is loaded."""
+    import pickle
+
+    import pytest
+    import torch
+
+    from kubetune_trainer.checkpoint import MANIFEST, Checkpointer, capture_rng
+    from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.schedule import Batching, build_plan
+    from kubetune_trainer.storage import Storage, make_client
+
+    for key, value in ws.s3.env().items():
+        monkeypatch.setenv(key, value)
+    storage = Storage(make_client(ws.config("s3://unused/x.jsonl").s3))
+    checkpointer = Checkpointer(storage, f"s3://{ws.bucket}/out/", tmp_path, keep=3)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    plan = build_plan([5, 6, 7], Batching(None, 1, 1), seed=0, max_steps=3)
+    for step in (1, 2):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        checkpointer.save(step, model, optimizer, {"step": step}, capture_rng(), plan)
+    saved = model.weight.detach().clone()
+
+    # The newest upload was cut short before its manifest: the one before it is the newest checkpoint.
+    ws.s3.client().delete_object(Bucket=ws.bucket, Key=f"out/checkpoints/step-00000002/{MANIFEST}")
+    found = checkpointer.fetch_latest()
+    assert found is not None and found.step == 1
+    with torch.no_grad():
+        model.weight.zero_()
+    assert checkpointer.restore(found, model, optimizer) == {"step": 1}
+    assert model.weight.abs().sum() > 0 and not torch.equal(model.weight, saved)  # step 1's weights
+
+    key = "out/checkpoints/step-00000001/dcp/.metadata"
+    original = ws.s3.client().get_object(Bucket=ws.bucket, Key=key)["Body"].read()
+    ws.put(key, original + b"\0")
+    with pytest.raises(TrainerError, match="does not match its manifest") as err:
+        checkpointer.fetch_latest()
+    assert err.value.reason == "StorageError"
+
+    # Metadata that would run code when unpickled is refused even where the manifest vouches for it.
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("unpickled",))
+
+    evil = pickle.dumps(Payload())
+    ws.put(key, evil)
+    manifest = ws.read_json(f"out/checkpoints/step-00000001/{MANIFEST}")
+    manifest["files"]["dcp/.metadata"] = __import__("hashlib").sha256(evil).hexdigest()
+    ws.put(f"out/checkpoints/step-00000001/{MANIFEST}", json.dumps(manifest).encode())
+    found = checkpointer.fetch_latest()
+    assert found is not None
+    with pytest.raises(TrainerError, match=r"builtins\.print, which it may not"):
+        checkpointer.restore(found, model, optimizer)

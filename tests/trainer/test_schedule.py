@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from kubetune_trainer.config import validate
 from kubetune_trainer.contract import DatasetConfig, Hyperparameters, LoraConfig, OutputConfig, TrainerConfig
-from kubetune_trainer.schedule import Batching, build_plan, lr_at, warmup_steps
+from kubetune_trainer.schedule import Batching, Plan, build_plan, lr_at, warmup_steps
 
 
 def test_warmup_rises_linearly_to_the_peak() -> None:
@@ -83,3 +84,15 @@ def test_validation_reports_every_problem_at_once() -> None:
     assert "exactly one of epochs and maxSteps" in text
     assert "batchTokens and microBatchSize/gradientAccumulation are exclusive" in text
     assert "warmupRatio" in text and "scheduler 'Step'" in text
+
+
+def test_a_step_plan_survives_json_and_a_plan_for_another_dataset_is_refused() -> None:
+    lengths = [30, 50, 70, 90, 110, 20, 40]
+    plan = build_plan(lengths, Batching(128, None, 2), seed=3, epochs=2)
+    again = Plan.from_dict(json.loads(json.dumps(plan.as_dict())), examples=len(lengths))
+    assert again == plan
+    with pytest.raises(ValueError, match="beyond the 5 of this dataset"):
+        Plan.from_dict(plan.as_dict(), examples=5)
+    broken = {**plan.as_dict(), "steps": [[["0"]]]}
+    with pytest.raises(ValueError, match="not a whole number"):
+        Plan.from_dict(broken, examples=len(lengths))

@@ -95,3 +95,117 @@ def precision_for(method: str, device_type: str) -> Precision:
     if method == "Full":
         return Precision(compute=BF16, base_linear=BF16, base_other=BF16, master=FP32, autocast=True)
     return Precision(compute=BF16, base_linear=BF16, base_other=BF16, master=0, autocast=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------------------------------
+
+# Overrides the memory plan's strategy for a job of several processes ("DDP" or "FSDP"). It exists so that
+# tests and diagnostics can run FSDP on models small enough to fit each device; jobs leave it unset.
+FORCE_STRATEGY_ENV = "KUBETUNE_FORCE_STRATEGY"
+
+
+def run_strategy(planned: str | None, world_size: int, forced: str | None) -> str:
+    """How the processes hold the model: the memory plan's choice (DDP where there is no plan), the forced
+    one where set, and always Single for one process (FSDP over one process would only add copies)."""
+    if world_size == 1:
+        return SINGLE
+    if forced:
+        if forced not in (DDP, FSDP):
+            raise ValueError(f"{FORCE_STRATEGY_ENV}={forced!r}: use {DDP} or {FSDP}, or leave it unset")
+        return forced
+    if planned in (DDP, FSDP):
+        return planned
+    return DDP
+
+
+def sharding_precision(device_type: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(dtype the gathered weights compute in, dtype gradients are reduced in) under FSDP. GPUs gather
+    bf16 copies of the float32 shards (which stay the master weights the optimizer updates) and reduce
+    gradients in float32; the CPU keeps float32 throughout (None: no cast)."""
+    if device_type == "cuda":
+        return torch.bfloat16, torch.float32
+    return None, None
+
+
+class LossModel(torch.nn.Module):
+    """The model together with the step's loss, as one module: FSDP gathers the weights outside the decoder
+    layers (embeddings, final norm, output head) when a module's forward runs, and the loss reads the head's
+    weight directly, so the loss must run inside the outermost sharded forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: object) -> tuple[torch.Tensor, int]:
+        from kubetune_trainer.fastpath import loss_sum
+
+        return loss_sum(self.model, batch)  # type: ignore[arg-type]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder layers of a transformers causal LM (under an optional PEFT wrapper)."""
+    from kubetune_trainer.fastpath import _decoder
+
+    layers = getattr(_decoder(model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"{type(model).__name__} has no decoder layers to shard (expected model.layers)")
+    return list(layers)
+
+
+def shard(model: torch.nn.Module, device_type: str, world_size: int) -> LossModel:
+    """``model`` sharded over every process (FSDP2): each decoder layer is one unit, gathered for its
+    forward and backward and freed after; the rest (embeddings, norm, head) forms the root unit. Parameters,
+    gradients and the optimizer state built on the parameters afterwards hold 1/world of each tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    compute, reduce = sharding_precision(device_type)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)
+    # The processes' own device type, not the machine's accelerator: CPU workers on a GPU node stay on CPU.
+    mesh = init_device_mesh(device_type, (world_size,))
+    units = [fully_shard(layer, mesh=mesh, mp_policy=policy) for layer in decoder_layers(model)]
+    root = fully_shard(LossModel(model), mesh=mesh, mp_policy=policy)
+    for unit in [*units, root]:
+        # The step's loss is already divided by the label tokens of all processes: gradients add up.
+        # Each micro-batch's backward reduce-scatters its gradients, so no process ever holds a whole
+        # layer's gradients for longer than that layer's backward.
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+    return root
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every process calls it; rank 0 gets ``model``'s whole state on the CPU (the others an empty dict),
+    gathered one tensor at a time. For publishing the result, never for checkpoints."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(bytes of parameters, bytes of optimizer state) this process holds: its local shards under FSDP."""
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        to_local = getattr(tensor, "to_local", None)
+        return to_local() if callable(to_local) else tensor
+
+    def size(tensor: torch.Tensor) -> int:
+        return local(tensor).numel() * tensor.element_size()
+
+    parameters = sum(size(p) for p in model.parameters())
+    state = sum(
+        size(value)
+        for per_parameter in optimizer.state.values()
+        for value in per_parameter.values()
+        if isinstance(value, torch.Tensor) and value.ndim > 0
+    )
+    return parameters, state

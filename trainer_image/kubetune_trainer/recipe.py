@@ -116,6 +116,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     from kubetune_trainer import data, model, preparation, publish
     from kubetune_trainer.checkpoint import Checkpointer
     from kubetune_trainer.fastpath import prepare_model
+    from kubetune_trainer.parallel import (
+        FORCE_STRATEGY_ENV,
+        FSDP,
+        LossModel,
+        full_state_dict,
+        run_strategy,
+        shard,
+    )
     from kubetune_trainer.schedule import build_plan, warmup_steps
     from kubetune_trainer.train import LoopSettings, Trainer, TrainState, make_optimizer, setup_runtime
 
@@ -195,17 +203,33 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if checkpointing:
         preparation.enable_activation_checkpointing(trainable)
 
-    # 5. Plan every step up front; restore the newest checkpoint, if any.
-    batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length)
-    lengths = [len(e.input_ids) for e in train_examples]
-    plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
+    # 5. Plan every step up front, or take the plan of the newest checkpoint (whatever device this is).
+    checkpointer = Checkpointer(
+        storage, config.output.uri, work_dir, config.checkpointing.keep, runtime.rank, runtime.world_size
+    )
+    restored = checkpointer.fetch_latest()
+    if restored is not None:
+        plan = restored_plan(restored, len(train_examples))
+    else:
+        batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length)
+        lengths = [len(e.input_ids) for e in train_examples]
+        plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
+    batching = plan.batching
     eval_batches = batching.micro_batches(
         [len(e.input_ids) for e in eval_examples], range(len(eval_examples))
     )
+
+    # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
+    planned = progress.plan.get("strategy") if progress.plan else None
+    strategy = run_strategy(planned, runtime.world_size, os.environ.get(FORCE_STRATEGY_ENV) or None)
+    loss_model = (
+        shard(trainable, runtime.device.type, runtime.world_size)
+        if strategy == FSDP
+        else LossModel(trainable)
+    )
     optimizer = make_optimizer(trainable, hp.learning_rate, hp.weight_decay)
-    checkpointer = Checkpointer(storage, config.output.uri, work_dir, config.checkpointing.keep)
-    restored = checkpointer.restore_latest(model.trainable_parameters(trainable), optimizer)
-    state = TrainState.from_dict(restored.state) if restored else TrainState()
+    restored_state = checkpointer.restore(restored, trainable, optimizer) if restored else None
+    state = TrainState.from_dict(restored_state) if restored_state else TrainState()
     progress.provenance = {
         "dataset": {
             "format": train_parsed.format,
@@ -227,6 +251,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "precision": "bf16" if on_gpu else "fp32",
             "activationCheckpointing": checkpointing,
             "worldSize": runtime.world_size,
+            "strategy": strategy,
             "trainableParameters": sum(p.numel() for p in model.trainable_parameters(trainable).values()),
         },
         "trainer": {"package": package_name, "image": os.environ.get("KUBETUNE_TRAINER_IMAGE", "")},
@@ -242,7 +267,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         accumulation=batching.accumulation // runtime.world_size,
     )
 
-    # 6. Train.
+    # 7. Train.
     settings = LoopSettings(
         learning_rate=hp.learning_rate,
         scheduler=hp.scheduler,
@@ -254,7 +279,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         checkpoint_every_minutes=config.checkpointing.every_minutes,
     )
     trainer = Trainer(
-        trainable,
+        loss_model,
         optimizer,
         plan,
         train_examples,
@@ -272,13 +297,20 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     trainer.run()
     seconds = time.monotonic() - started
 
-    # 7. Save: files first, manifest last; then the checkpoints are no longer needed.
+    # 8. Save: files first, manifest last; then the checkpoints are no longer needed.
     final_metrics = _metrics(state)
     final_progress = _progress(trainer)
     # This attempt's average: a resumed run trained the earlier tokens in another process.
     final_progress["tokensPerSecond"] = round((state.trained_tokens - tokens_before) / max(seconds, 1e-9), 1)
     record = AdapterRecord()
+    result = trainable
+    gathered = full_state_dict(trainable) if strategy == FSDP else None  # every rank takes part
     if runtime.is_main:
+        if gathered is not None:  # sharded: publish a whole copy, rebuilt on the CPU from the shards
+            result = model.apply_method(
+                model.load_model(model_dir, config.base_model, dtype), config.method, config.lora
+            )
+            result.load_state_dict(gathered)
         job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
         summary_file = {
             "job": job,
@@ -292,7 +324,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         }
         local = work_dir / "output"
         publish.write_local(
-            trainable,
+            result,
             tokenizer,
             config.method,
             config.base_model,
@@ -312,7 +344,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
-    # 8. Report.
+    # 9. Report.
     return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
 
 
@@ -335,6 +367,24 @@ def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_leng
     budget = int(runtime.all_reduce(torch.tensor([budget], device=runtime.device), op="min").item())
     budget = min(budget, math.ceil(step_tokens / processes))
     return Batching(budget, None, processes * max(1, math.ceil(step_tokens / (budget * processes))))
+
+
+def restored_plan(found: Any, examples: int) -> Any:
+    """The step plan a checkpoint carries, for a dataset of ``examples`` examples."""
+    from kubetune_trainer.checkpoint import STEP_PLAN
+    from kubetune_trainer.schedule import Plan
+
+    try:
+        plan = Plan.from_dict(found.read_json(STEP_PLAN), examples)
+        if plan.batching is None:
+            raise ValueError("it has no batching")
+    except ValueError as err:
+        raise TrainerError(
+            TrainerReason.INVALID_CONFIG,
+            f"checkpoint {found.uri} cannot resume this job: its step plan {err}; the dataset changed since "
+            f"it was written, delete {found.uri} to start over",
+        ) from err
+    return plan
 
 
 def requested_micro_tokens() -> int | None:

@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kubetune_trainer.packing import pack
 
@@ -61,10 +62,65 @@ class Plan:
     steps: list[Step]
     epoch_of_step: list[int]  # the (0-based) epoch each step belongs to
     steps_per_epoch: int
+    batching: Batching | None = None  # how it was cut; the validation set is cut the same way
 
     @property
     def total_steps(self) -> int:
         return len(self.steps)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: a checkpoint carries it, so a restart (on any device, any number of them) replays
+        these steps rather than planning anew from its own memory size."""
+        batching = self.batching
+        return {
+            "steps": self.steps,
+            "epochOfStep": self.epoch_of_step,
+            "stepsPerEpoch": self.steps_per_epoch,
+            "batching": None
+            if batching is None
+            else {
+                "tokenBudget": batching.token_budget,
+                "examplesPerMicro": batching.examples_per_micro,
+                "accumulation": batching.accumulation,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, examples: int) -> Plan:
+        """The plan ``as_dict`` wrote, checked against a dataset of ``examples`` examples; ValueError when
+        it is malformed or names examples the dataset does not have."""
+
+        def whole(value: Any, low: int = 0) -> int:
+            if type(value) is not int or value < low:
+                raise ValueError(f"{value!r} is not a whole number >= {low}")
+            return value
+
+        def optional(value: Any) -> int | None:
+            return None if value is None else whole(value, 1)
+
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            raise ValueError("not a step plan")
+        steps = []
+        for step in data["steps"]:
+            if not isinstance(step, list) or not all(isinstance(micro, list) for micro in step):
+                raise ValueError("a step is not a list of micro-batches")
+            steps.append([[whole(i) for i in micro] for micro in step])
+        if any(i >= examples for step in steps for micro in step for i in micro):
+            raise ValueError(f"it names examples beyond the {examples} of this dataset")
+        epochs = data.get("epochOfStep")
+        if not isinstance(epochs, list) or len(epochs) != len(steps):
+            raise ValueError("epochOfStep does not match the steps")
+        raw = data.get("batching")
+        batching = None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ValueError("batching is not an object")
+            batching = Batching(
+                optional(raw.get("tokenBudget")),
+                optional(raw.get("examplesPerMicro")),
+                whole(raw.get("accumulation"), 1),
+            )
+        return cls(steps, [whole(e) for e in epochs], whole(data.get("stepsPerEpoch")), batching)
 
 
 def build_plan(
@@ -101,4 +157,4 @@ def build_plan(
         epoch += 1
         if max_steps is not None and len(steps) >= max_steps:
             break
-    return Plan(steps, epoch_of_step, steps_per_epoch)
+    return Plan(steps, epoch_of_step, steps_per_epoch, batching)

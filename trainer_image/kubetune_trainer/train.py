@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
 from kubetune_trainer.errors import Interrupted, TrainerError
-from kubetune_trainer.fastpath import loss_sum
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
 from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
-from kubetune_trainer.parallel import process_device
+from kubetune_trainer.parallel import LossModel, held_bytes, is_sharded, process_device
 from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
 
 MAX_GRAD_NORM = 1.0
@@ -200,9 +199,12 @@ def make_optimizer(
 
 
 class Trainer:
+    """Trains ``model`` (the model and its loss as one module, sharded over the processes under FSDP) with
+    ``optimizer`` through the steps of ``plan``."""
+
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LossModel,
         optimizer: torch.optim.Optimizer,
         plan: Plan,
         examples: Sequence[Example],
@@ -216,6 +218,7 @@ class Trainer:
         state: TrainState,
     ) -> None:
         self.model = model
+        self.sharded = is_sharded(model)
         self.optimizer = optimizer
         self.plan = plan
         self.examples = examples
@@ -234,6 +237,9 @@ class Trainer:
         self.log_every = max(1, self.total // LOG_LINES_PER_RUN)
         self.last_checkpoint_step = state.step
         self.last_checkpoint_time = time.monotonic()
+        # The RNG state at the start of the step being run: a stop between its micro-batches checkpoints
+        # the step before it, so the restart must draw that step's random numbers (dropout) again.
+        self.step_rng: dict[str, Any] | None = None
 
     def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
         chosen = [pool[i] for i in indices]
@@ -251,10 +257,12 @@ class Trainer:
         self.model.train()
         for step in range(self.state.step, self.total):
             self._stop_if_requested()
+            self.step_rng = capture_rng()
             lr = lr_at(step, self.total, self.settings.learning_rate, self.warmup, self.settings.scheduler)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, tokens, grad_norm = self._step(self.plan.steps[step])
+            self.step_rng = None
             self.state.step = step + 1
             self.state.trained_tokens += tokens
             self.state.train_loss, self.state.learning_rate, self.state.grad_norm = loss, lr, grad_norm
@@ -285,8 +293,21 @@ class Trainer:
             if self._checkpoint_due():
                 self.save_checkpoint()
             hang_for_tests(self.state.step, start_step, self.stop)
+        self._log_held_bytes()
         self.runtime.barrier()
         return self.state
+
+    def _log_held_bytes(self) -> None:
+        """What each process holds of the parameters and the optimizer state (1/N each under FSDP)."""
+        held = torch.zeros(self.runtime.world_size, 2, dtype=torch.float64, device=self.runtime.device)
+        held[self.runtime.rank] = torch.tensor(held_bytes(self.model, self.optimizer), dtype=torch.float64)
+        per_rank = self.runtime.all_reduce(held).tolist()
+        if self.runtime.is_main:
+            log_event(
+                "held_bytes",
+                parameters=[int(p) for p, _ in per_rank],
+                optimizer=[int(o) for _, o in per_rank],
+            )
 
     def _step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
         """One optimizer step; returns (mean loss over the step's label tokens, tokens, grad norm)."""
@@ -298,27 +319,40 @@ class Trainer:
             device=self.runtime.device,
         )
         label_tokens, tokens = (int(v) for v in self.runtime.all_reduce(counts).tolist())
+        # Sharded, every process runs as many forwards as the busiest one (each gathers weights from all);
+        # the extra ones count zero.
+        weights = [1.0] * len(batches) + [0.0] * (self._forwards(len(micro_batches)) - len(batches))
+        batches += [self.collate(micro_batches[0], self.examples)] * (len(weights) - len(batches))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        for batch in batches:
+        for batch, weight in zip(batches, weights, strict=True):
             if self.stop.requested and self.runtime.world_size == 1:
                 # Drop the half-accumulated step; the checkpoint is of the last completed one.
                 self.optimizer.zero_grad(set_to_none=True)
                 self._stop_if_requested()
             with self.runtime.autocast():
-                summed, _ = loss_sum(self.model, batch)
-            (summed / max(1, label_tokens)).backward()
-            loss_total += summed.detach().double()
-        self._all_reduce_gradients()
+                summed, _ = self.model(batch)
+            (summed * (weight / max(1, label_tokens))).backward()
+            loss_total += weight * summed.detach().double()
+        if not self.sharded:  # FSDP reduced each micro-batch's gradients in its backward
+            self._all_reduce_gradients()
         loss = float(self.runtime.all_reduce(loss_total).item()) / max(1, label_tokens)
         if not math.isfinite(loss):
             raise TrainerError(
                 TrainerReason.TRAINING_DIVERGED,
                 f"the loss became {loss} at step {self.state.step + 1}; lower hyperparameters.learningRate",
             )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, tokens, grad_norm
+
+    def _forwards(self, micro_batches: int) -> int:
+        """Forward passes each process runs for a step of ``micro_batches``: its share, or under FSDP the
+        largest share (at least one), since every forward is a collective."""
+        if not self.sharded:
+            return len(range(self.runtime.rank, micro_batches, self.runtime.world_size))
+        return max(1, math.ceil(micro_batches / self.runtime.world_size))
 
     def _all_reduce_gradients(self) -> None:
         """Sum gradients over ranks (each rank ran a disjoint share of the step's micro-batches, already
@@ -337,12 +371,19 @@ class Trainer:
         """Mean loss over every label token of the validation set."""
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
-        for indices in self.eval_batches[self.runtime.rank :: self.runtime.world_size]:
-            batch = self.collate(indices, self.eval_examples)
+        mine = self.eval_batches[self.runtime.rank :: self.runtime.world_size]
+        for position in range(self._forwards(len(self.eval_batches))):
+            counted = position < len(mine)
+            batch = self.collate(mine[position] if counted else self.eval_batches[0], self.eval_examples)
             with self.runtime.autocast():
-                summed, count = loss_sum(self.model, batch)
-            totals[0] += summed.double()
-            totals[1] += count
+                summed, count = self.model(batch)
+            if counted:
+                totals[0] += summed.double()
+                totals[1] += count
+        if self.sharded:
+            # The root unit stays gathered after a forward (its backward would need it): free it, as no
+            # backward follows.
+            self.model.reshard()  # type: ignore[operator]
         self.model.train()
         summed_all, count_all = self.runtime.all_reduce(totals).tolist()
         return summed_all / max(1.0, count_all)
@@ -397,13 +438,19 @@ class Trainer:
         return self.runtime.any_rank(due)
 
     def save_checkpoint(self) -> None:
+        """Every process writes its own shards; rank 0 the manifest, last."""
         if self.checkpointer is None or self.state.step == self.last_checkpoint_step:
             return
+        started = time.monotonic()
+        target = self.checkpointer.save(
+            self.state.step,
+            self.model.model,
+            self.optimizer,
+            self.state.as_dict(),
+            self.step_rng or capture_rng(),  # stopped mid-step: that step's start
+            self.plan,
+        )
         if self.runtime.is_main:
-            started = time.monotonic()
-            target = self.checkpointer.save(
-                self.state.step, trainable_parameters(self.model), self.optimizer, self.state.as_dict()
-            )
             log_event(
                 "checkpoint",
                 step=self.state.step,
