@@ -308,7 +308,9 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if runtime.is_main:
         if gathered is not None:  # sharded: publish a whole copy, rebuilt on the CPU from the shards
             result = model.apply_method(
-                model.load_model(model_dir, config.base_model, dtype), config.method, config.lora
+                model.load_model(model_dir, config.base_model, preparation.load_dtype(config.method, "cpu")),
+                config.method,
+                config.lora,
             )
             result.load_state_dict(gathered)
         job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
