@@ -60,3 +60,26 @@ def test_device_is_the_cpu_without_gpus_or_when_the_job_asks_for_none(
     assert select_device(cuda_available=True, device_count=0, local_rank=0) == torch.device("cpu")
     gpus_present(monkeypatch, 2)
     assert process_device(want_gpu=False) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method", "device", "place"),
+    [
+        ("FSDP", "Full", "cuda:1", "cpu"),  # loads on the host; fully_shard moves each 1/N shard to cuda:1
+        ("FSDP", "LoRA", "cuda:0", "cpu"),
+        ("FSDP", "QLoRA", "cuda:0", "cuda:0"),  # bitsandbytes quantizes on the GPU it trains on
+        ("DDP", "Full", "cuda:0", "cuda:0"),
+        ("Single", "LoRA", "cuda:0", "cuda:0"),
+        ("FSDP", "Full", "cpu", "cpu"),
+    ],
+)
+def test_fsdp_base_models_load_on_the_host_so_one_larger_than_a_gpu_still_loads(
+    strategy: str, method: str, device: str, place: str
+) -> None:
+    from kubetune_trainer.preparation import load_dtype, load_place
+
+    assert load_place(strategy, method, torch.device(device)) == torch.device(place)
+    # The dtype follows the device that computes, not where the weights wait to be sharded.
+    assert load_dtype(method, torch.device(device).type) == (
+        torch.bfloat16 if device.startswith("cuda") and method != "Full" else torch.float32
+    )

@@ -77,14 +77,28 @@ def check_quantizable(model_config: Mapping[str, Any], uri: str) -> None:
         ) from err
 
 
-def load_base_model(path: Path, uri: str, method: str, device: torch.device) -> Any:
-    """The base model on ``device``: quantized to NF4 for QLoRA, else in ``load_dtype``."""
+def load_place(strategy: str, method: str, device: torch.device) -> torch.device:
+    """Where the base's weights are first put. Under FSDP that is host memory: ``fully_shard`` then moves
+    each process's 1/N shard to its own GPU, so a base larger than one GPU still loads. QLoRA quantizes as
+    it loads, on the device it trains on. Otherwise straight onto the training device."""
+    from kubetune_trainer.parallel import FSDP
+
+    if strategy == FSDP and method != "QLoRA":
+        return torch.device("cpu")
+    return device
+
+
+def load_base_model(
+    path: Path, uri: str, method: str, device: torch.device, place: torch.device | None = None
+) -> Any:
+    """The base model for training on ``device``, put on ``place`` (default ``device``; see load_place):
+    quantized to NF4 for QLoRA, else in the dtype ``device`` computes with (``load_dtype``)."""
     from kubetune_trainer.model import load_model
 
     dtype = load_dtype(method, device.type)
     quantization = quantization_for(method, device.type)
     if quantization is None:
-        return load_model(path, uri, dtype).to(device)
+        return load_model(path, uri, dtype).to(place or device)
     from transformers import BitsAndBytesConfig
 
     settings = BitsAndBytesConfig(

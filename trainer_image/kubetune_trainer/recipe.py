@@ -194,7 +194,11 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # 4. Model: weights onto the device (QLoRA: quantized to NF4), attention for packed batches, LoRA adapters
     # or full training, activation checkpointing where the memory plan (or the job) asks for it.
     on_gpu = runtime.device.type == "cuda"
-    base = preparation.load_base_model(model_dir, config.base_model, config.method, runtime.device)
+    planned_strategy = progress.plan.get("strategy") if progress.plan else None
+    forced = os.environ.get(FORCE_STRATEGY_ENV) or None
+    strategy = run_strategy(planned_strategy, runtime.world_size, forced)
+    place = preparation.load_place(strategy, config.method, runtime.device)
+    base = preparation.load_base_model(model_dir, config.base_model, config.method, runtime.device, place)
     prepare_model(base, runtime.device)
     torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
     trainable = model.apply_method(base, config.method, config.lora)
@@ -211,7 +215,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if restored is not None:
         plan = restored_plan(restored, len(train_examples))
     else:
-        batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length)
+        # A model still on the host (FSDP) cannot be probed on the GPU: the memory plan's budget stands in.
+        on_host = progress.plan is not None and place != runtime.device
+        planned_tokens = progress.plan.get("microStepTokens") if on_host else None
+        batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length, planned_tokens)
         lengths = [len(e.input_ids) for e in train_examples]
         plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     batching = plan.batching
@@ -220,8 +227,6 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     )
 
     # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
-    planned = progress.plan.get("strategy") if progress.plan else None
-    strategy = run_strategy(planned, runtime.world_size, os.environ.get(FORCE_STRATEGY_ENV) or None)
     loss_model = (
         shard(trainable, runtime.device.type, runtime.world_size)
         if strategy == FSDP
@@ -350,7 +355,9 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
 
 
-def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_length: int) -> Any:
+def resolve_batching(
+    hp: Hyperparameters, model: Any, runtime: Any, max_seq_length: int, planned_tokens: int | None = None
+) -> Any:
     """Micro-batches by example count (microBatchSize per process x gradientAccumulation) or by a token
     budget sized to the device, with enough accumulation to reach batchTokens per optimizer step over all
     processes. With several processes each step holds a multiple of their count in micro-batches, so every
@@ -364,7 +371,8 @@ def resolve_batching(hp: Hyperparameters, model: Any, runtime: Any, max_seq_leng
     if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
         return Batching(None, hp.micro_batch_size or 1, (hp.gradient_accumulation or 1) * processes)
     step_tokens = hp.batch_tokens or DEFAULT_BATCH_TOKENS
-    budget = choose_token_budget(model, runtime.device, requested_micro_tokens(), max_seq_length)
+    requested = requested_micro_tokens() or planned_tokens
+    budget = choose_token_budget(model, runtime.device, requested, max_seq_length)
     # Every process must plan the same steps: the smallest device decides.
     budget = int(runtime.all_reduce(torch.tensor([budget], device=runtime.device), op="min").item())
     budget = min(budget, math.ceil(step_tokens / processes))
