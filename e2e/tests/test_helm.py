@@ -179,8 +179,10 @@ def access(
     group: str = "",
     namespace: str | None = None,
     subresource: str = "",
+    account: str = FULLNAME,
 ) -> bool:
-    """May the chart's service account do this? Asked the API server's authorizer (SubjectAccessReview)."""
+    """May the chart's service account (``account``, in the release namespace) do this? Asked the API
+    server's authorizer (SubjectAccessReview)."""
     sa_ns = release.system_namespace
     attributes: JSON = {"verb": verb, "group": group, "resource": resource, "subresource": subresource}
     if namespace:
@@ -191,7 +193,7 @@ def access(
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
             "spec": {
-                "user": f"system:serviceaccount:{sa_ns}:{FULLNAME}",
+                "user": f"system:serviceaccount:{sa_ns}:{account}",
                 "groups": [
                     "system:serviceaccounts",
                     f"system:serviceaccounts:{sa_ns}",

@@ -29,7 +29,7 @@ from e2e.tests.helpers import (
     pods_of,
     s3_secret,
 )
-from e2e.tests.test_helm import CHART, OPERATOR_SELECTOR, Release
+from e2e.tests.test_helm import CHART, OPERATOR_SELECTOR, Release, access
 from e2e.tests.test_operator_kwok import SUCCESS_SHA, end_pod, wait_phase, wait_trainer_pod
 from kubetune_trainer import contract
 
@@ -68,35 +68,9 @@ def release(cluster: ClusterInfo, kube: KubeClient, make_namespace: Callable[...
 
 
 def may(
-    kube: KubeClient,
-    rel: Release,
-    verb: str,
-    resource: str,
-    group: str = "",
-    ns: str | None = None,
-    sub: str = "",
+    kube: KubeClient, rel: Release, verb: str, resource: str, group: str, ns: str | None, sub: str
 ) -> bool:
-    sa_ns = rel.system_namespace
-    attributes: JSON = {"verb": verb, "group": group, "resource": resource, "subresource": sub}
-    if ns:
-        attributes["namespace"] = ns
-    review = kube.create(
-        "/apis/authorization.k8s.io/v1/subjectaccessreviews",
-        {
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {
-                "user": f"system:serviceaccount:{sa_ns}:{FULLNAME}",
-                "groups": [
-                    "system:serviceaccounts",
-                    f"system:serviceaccounts:{sa_ns}",
-                    "system:authenticated",
-                ],
-                "resourceAttributes": attributes,
-            },
-        },
-    )
-    return bool(review["status"].get("allowed"))
+    return access(kube, rel, verb, resource, group=group, namespace=ns, subresource=sub, account=FULLNAME)
 
 
 def test_the_chart_runs_cluster_wide_under_its_own_service_account(
