@@ -250,13 +250,7 @@ class OperatorUnderTest:
 
     def stop(self) -> None:
         self._sampling.set()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        procs.terminate(self.proc)
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------

@@ -106,13 +106,7 @@ class OperatorProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within 15 s (it is our own child: stopped by PID)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        procs.terminate(self.proc)
 
 
 def launch_operator(

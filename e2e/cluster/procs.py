@@ -146,6 +146,17 @@ def stop(records: Sequence[ProcessRecord], grace: float = 10.0) -> list[str]:
     return killed
 
 
+def terminate(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """Stop a child of ours: SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
