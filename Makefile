@@ -23,7 +23,7 @@ e2e:
 
 ## bench: trainer throughput, kubetune against the plain padded transformers+peft loop
 bench:
-	$(PY) -m kubetune_trainer.bench --model tiny
+	$(PY) -m kubetune_devtools.bench --model tiny
 
 ## lint: ruff on everything, mypy strict on the operator
 lint:

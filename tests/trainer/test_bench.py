@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from kubetune_trainer import bench
+from kubetune_devtools import bench
 
 
 def test_bench_smoke_reports_each_arm_and_the_ratio(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,3 +69,15 @@ def test_synthetic_examples_follow_the_spec() -> None:
 def test_unknown_arm_is_rejected() -> None:
     with pytest.raises(SystemExit):
         bench.main(["--arms", "baseline,fastest"])
+
+
+def test_the_runtime_package_ships_no_dev_tools() -> None:
+    root = Path(__file__).resolve().parents[2] / "trainer_image"
+    runtime = root / "kubetune_trainer"
+    assert not (runtime / "bench.py").exists() and not (runtime / "tiny.py").exists()
+    for module in runtime.glob("*.py"):
+        assert "kubetune_devtools" not in module.read_text(encoding="utf-8"), module.name
+    dockerfile = (root / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    copied = [line.split()[1] for line in dockerfile if line.startswith("COPY")]
+    assert "trainer_image/kubetune_trainer/" in copied
+    assert not any("kubetune_devtools" in path or path.rstrip("/") == "trainer_image" for path in copied)

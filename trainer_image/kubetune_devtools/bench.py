@@ -1,7 +1,7 @@
 """Trainer throughput: the kubetune step against the plain padded transformers + peft loop.
 
-    python -m kubetune_trainer.bench --model tiny                  # CPU, what `make bench` runs
-    python -m kubetune_trainer.bench --model llama-1b --out bench_results/h100.jsonl
+    python -m kubetune_devtools.bench --model tiny                  # CPU, what `make bench` runs
+    python -m kubetune_devtools.bench --model llama-1b --out bench_results/h100.jsonl
 
 Every arm starts from the same random weights (and the same LoRA initialisation), sees the same synthetic
 examples in the same order, 16 examples per optimizer step, and takes AdamW steps. Arms:
@@ -111,7 +111,7 @@ class BenchConfig:
 def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[nn.Module, int]:
     """A randomly initialised causal LM and its pad id."""
     if name == "tiny":
-        from kubetune_trainer.tiny import build_tiny_model
+        from kubetune_devtools.tiny import build_tiny_model
 
         model, tokenizer = build_tiny_model(seed=seed)
         return model.to(device=device, dtype=dtype), int(tokenizer.pad_token_id)
@@ -441,7 +441,7 @@ def run_dataset(
 def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, str | None]:
     """The run's settings, and the file to append the JSON lines to (``--out``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune_trainer.bench", description=__doc__.split("\n")[0]
+        prog="python -m kubetune_devtools.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", default="tiny", choices=["tiny", *MODEL_CONFIGS])
     parser.add_argument(
