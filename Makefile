@@ -21,7 +21,7 @@ e2e:
 	$(BUILD)
 	$(PY) -m pytest e2e -q
 
-## bench: trainer throughput, kubetune against the plain padded transformers+peft loop
+## bench: trainer throughput: its own optimizer step against the padded and the flattened transformers loops
 bench:
 	$(PY) -m kubetune_devtools.bench --model tiny
 
