@@ -21,9 +21,9 @@ e2e:
 	$(BUILD)
 	$(PY) -m pytest e2e -q
 
-## bench: trainer throughput, kubetune against the plain padded transformers+peft loop
+## bench: trainer throughput: its own optimizer step against the padded and the flattened transformers loops
 bench:
-	$(PY) -m kubetune_trainer.bench --model tiny
+	$(PY) -m kubetune_devtools.bench --model tiny
 
 ## lint: ruff on everything, mypy strict on the operator
 lint:

@@ -334,7 +334,7 @@ def s3_client(env: Environment) -> Any:
 def upload_inputs(s3: Any, run_id: str) -> dict[str, str]:
     """Upload the base model and the dataset; returns the URIs the FineTuneJob names."""
     from e2e.cluster.s3 import upload_directory
-    from kubetune_trainer.tiny import save_tiny_model
+    from kubetune_devtools.tiny import save_tiny_model
 
     with step(f"Uploading a tiny base model and an instruction dataset to s3://{BUCKET}/"):
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):

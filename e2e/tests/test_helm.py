@@ -114,7 +114,7 @@ def release(
 
 @pytest.fixture(scope="module")
 def inputs(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
-    from kubetune_trainer.tiny import save_tiny_model
+    from kubetune_devtools.tiny import save_tiny_model
 
     client = s3.client()
     client.create_bucket(Bucket=BUCKET)

@@ -73,7 +73,7 @@ def plugin(cluster: ClusterInfo, operator: Any) -> Plugin:
 def inputs(
     s3: S3Server, tmp_path_factory: pytest.TempPathFactory, kube: KubeClient, operator: Any
 ) -> S3Server:
-    from kubetune_trainer.tiny import save_tiny_model
+    from kubetune_devtools.tiny import save_tiny_model
 
     client = s3.client()
     for bucket in (MODELS, DATASETS, ADAPTERS):

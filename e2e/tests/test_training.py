@@ -22,7 +22,7 @@ JSON = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
-    from kubetune_trainer.tiny import save_tiny_model
+    from kubetune_devtools.tiny import save_tiny_model
 
     client = s3.client()
     for bucket in ("models", "datasets", "adapters"):

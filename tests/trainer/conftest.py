@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from e2e.cluster.s3 import S3Server, upload_directory
 
+from kubetune_devtools.tiny import build_tiny_tokenizer, save_tiny_model
 from kubetune_trainer.contract import (
     CONFIG_PATH_ENV,
     TERMINATION_LOG_ENV,
@@ -30,7 +31,6 @@ from kubetune_trainer.contract import (
     TerminationSummary,
     TrainerConfig,
 )
-from kubetune_trainer.tiny import build_tiny_tokenizer, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 _counter = itertools.count()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from conftest import Workspace, chat_records, jsonl
+from kubetune_devtools.tiny import build_tiny_model
 from kubetune_trainer import parallel
 from kubetune_trainer.contract import LoraConfig, TrainerReason
 from kubetune_trainer.errors import TrainerError
@@ -28,7 +29,6 @@ from kubetune_trainer.preparation import (
     enable_activation_checkpointing,
     use_activation_checkpointing,
 )
-from kubetune_trainer.tiny import build_tiny_model
 
 
 @contextmanager

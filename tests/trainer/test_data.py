@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kubetune_devtools.tiny import build_tiny_tokenizer
 from kubetune_trainer.data import (
     DEFAULT_CHAT_TEMPLATE,
     Record,
@@ -20,7 +21,6 @@ from kubetune_trainer.data import (
     tokenize_records,
 )
 from kubetune_trainer.packing import IGNORE_INDEX
-from kubetune_trainer.tiny import build_tiny_tokenizer
 
 IM_END = "<|im_end|>"
 

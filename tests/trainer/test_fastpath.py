@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetune_devtools.tiny import build_tiny_model
 from kubetune_trainer import fastpath
 from kubetune_trainer.packing import IGNORE_INDEX, Example, collate_packed, collate_padded
-from kubetune_trainer.tiny import build_tiny_model
 
 LENGTHS = (5, 23, 1, 40, 12)
 

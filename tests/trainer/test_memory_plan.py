@@ -161,10 +161,10 @@ def measure_training_step(
     profiler during the step, on top of the weights and optimizer state already held."""
     from torch.profiler import ProfilerActivity, profile
 
+    from kubetune_devtools.tiny import build_tiny_model
     from kubetune_trainer.fastpath import loss_sum, prepare_model
     from kubetune_trainer.model import apply_method
     from kubetune_trainer.packing import Example, collate_packed
-    from kubetune_trainer.tiny import build_tiny_model
     from kubetune_trainer.train import make_optimizer
 
     base, _ = build_tiny_model(seed=0)

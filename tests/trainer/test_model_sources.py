@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Workspace, chat_records, jsonl
+from kubetune_devtools.tiny import save_tiny_model
 from kubetune_trainer.contract import PVC_ROOT_ENV, JobRef, TrainerReason
 from kubetune_trainer.errors import EXIT_PERMANENT, TrainerError
 from kubetune_trainer.model import fetch_base_model
-from kubetune_trainer.tiny import save_tiny_model
 
 
 def test_local_and_pvc_paths_are_used_in_place(tmp_path: Path, monkeypatch) -> None:

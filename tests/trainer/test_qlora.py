@@ -123,9 +123,9 @@ def test_qlora_base_without_linear_layers_is_refused(tmp_path: Path) -> None:
     a full-precision base as if it were 4-bit (here the converted layers are taken out after loading)."""
     from torch import nn
 
+    from kubetune_devtools.tiny import save_tiny_model
     from kubetune_trainer.errors import TrainerError
     from kubetune_trainer.preparation import load_base_model
-    from kubetune_trainer.tiny import save_tiny_model
 
     local = save_tiny_model(tmp_path / "tiny", seed=0)
     from transformers import AutoModelForCausalLM

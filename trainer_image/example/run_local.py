@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT)]
 
 from e2e.cluster.s3 import S3Server, upload_directory  # noqa: E402
 
+from kubetune_devtools.tiny import save_tiny_model  # noqa: E402
 from kubetune_trainer.contract import TrainerConfig  # noqa: E402
-from kubetune_trainer.tiny import save_tiny_model  # noqa: E402
 
 
 def chat_dataset(count: int, seed: int) -> bytes:

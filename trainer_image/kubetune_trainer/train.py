@@ -261,7 +261,7 @@ class Trainer:
             lr = lr_at(step, self.total, self.settings.learning_rate, self.warmup, self.settings.scheduler)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, tokens, grad_norm = self._step(self.plan.steps[step])
+            loss, tokens, grad_norm = self.optimizer_step(self.plan.steps[step])
             self.step_rng = None
             self.state.step = step + 1
             self.state.trained_tokens += tokens
@@ -309,8 +309,10 @@ class Trainer:
                 optimizer=[int(o) for _, o in per_rank],
             )
 
-    def _step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
-        """One optimizer step; returns (mean loss over the step's label tokens, tokens, grad norm)."""
+    def optimizer_step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
+        """One optimizer step over ``micro_batches`` (lists of indices into the training examples); returns
+        (mean loss over the step's label tokens, tokens, grad norm). ``run`` calls it once per planned step;
+        the benchmark (``kubetune_devtools.bench``) times this same call."""
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
         batches = [self.collate(indices, self.examples) for indices in mine]
         counts = torch.tensor(

@@ -1,20 +1,24 @@
-"""Trainer throughput: the kubetune step against the plain padded transformers + peft loop.
+"""Trainer throughput: the trainer's own optimizer step against what a transformers + peft user runs today.
 
-    python -m kubetune_trainer.bench --model tiny                  # CPU, what `make bench` runs
-    python -m kubetune_trainer.bench --model llama-1b --out bench_results/h100.jsonl
+    python -m kubetune_devtools.bench --model tiny                  # CPU, what `make bench` runs
+    python -m kubetune_devtools.bench --model llama-1b --out bench_results/h100.jsonl
 
 Every arm starts from the same random weights (and the same LoRA initialisation), sees the same synthetic
-examples in the same order, 16 examples per optimizer step, and takes AdamW steps. Arms:
+examples in the same optimizer steps, 16 examples per step, and takes AdamW steps (the recipe's optimizer,
+gradients clipped to norm 1). Arms:
 
-- ``baseline``: right-padded micro-batches, ``sdpa`` attention, the model's own cross-entropy (with
-  ``num_items_in_batch`` so the loss is the mean over the step's label tokens, as the transformers Trainer
-  does).
-- ``kubetune``: the trainer's data path and step: ``packing.pack`` by token budget, ``collate_packed``,
-  ``fastpath.loss_sum`` (varlen attention, chunked fused cross-entropy over label positions only).
-- ``kubetune-plain-ce`` (ablation): packed, but full logits and ``F.cross_entropy`` at every position.
+- ``padded``: right-padded micro-batches of ``--baseline-micro-batch`` examples, ``sdpa`` attention, the
+  model's own cross-entropy with ``num_items_in_batch`` (the step's label tokens, as the transformers Trainer
+  passes it).
+- ``flattening``: the same micro-batches through transformers' ``DataCollatorWithFlattening`` (one row, no
+  padding, position ids restarting per example): the one flag a TRL user sets for padding-free training.
+- ``kubetune``: ``train.Trainer.optimizer_step``, the very call the trainer's loop makes: micro-batches packed
+  by token budget, varlen attention, chunked fused cross-entropy over label positions only.
 - ``kubetune-cap24`` (GPU only): ``kubetune`` with the process capped to 24 GiB; it picks its own budget.
 
-One JSON line per arm and data set, then one line with the ratio kubetune/baseline.
+One JSON line per arm and data set, each with its losses compared to the first arm's; then the tokens/s
+ratios of each kubetune arm over each baseline. MFU counts non-pad tokens only. The exit code is 1 when an
+arm's losses differ from the first arm's.
 """
 
 from __future__ import annotations
@@ -36,18 +40,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kubetune_trainer import fastpath
-from kubetune_trainer.packing import (
-    IGNORE_INDEX,
-    Example,
-    PackedBatch,
-    PaddedBatch,
-    collate_packed,
-    collate_padded,
-    pack,
+from kubetune_trainer.metrics import Metrics
+from kubetune_trainer.packing import IGNORE_INDEX, Example, collate_padded
+from kubetune_trainer.parallel import LossModel
+from kubetune_trainer.schedule import Batching, Plan
+from kubetune_trainer.train import (
+    MAX_GRAD_NORM,
+    LoopSettings,
+    Runtime,
+    StopFlag,
+    Trainer,
+    TrainState,
+    make_optimizer,
 )
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM and H200 SXM, dense
@@ -111,7 +118,7 @@ class BenchConfig:
 def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[nn.Module, int]:
     """A randomly initialised causal LM and its pad id."""
     if name == "tiny":
-        from kubetune_trainer.tiny import build_tiny_model
+        from kubetune_devtools.tiny import build_tiny_model
 
         model, tokenizer = build_tiny_model(seed=seed)
         return model.to(device=device, dtype=dtype), int(tokenizer.pad_token_id)
@@ -168,75 +175,156 @@ def apply_lora(model: nn.Module, seed: int) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Steps
+# Arms: one optimizer step each, over the same examples
 # ----------------------------------------------------------------------------------------------------
 
+ARM_NAMES = ("padded", "flattening", "kubetune", "kubetune-cap24")
+BASELINES = ("padded", "flattening")
+StepFn = Callable[[int], tuple[float, float]]  # step index -> (step loss, grad norm before clipping)
 
-@dataclass
-class StepPlan:
-    """One optimizer step: its micro-batches (already collated, on the device) and token counts."""
 
-    micro_batches: list[Any]
+@dataclass(frozen=True)
+class StepCounts:
+    """Tokens of one optimizer step, known before it runs."""
+
     label_tokens: int
     real_tokens: int
-    computed_tokens: int  # tokens the model actually runs (padding included)
+    computed_tokens: int  # tokens the model runs, padding included
+    micro_steps: int
 
 
-def plan_padded(
-    steps: Sequence[Sequence[Example]], micro_batch: int, pad_id: int, device: torch.device
-) -> list[StepPlan]:
-    plans = []
-    for step in steps:
-        batches = [
-            collate_padded(step[i : i + micro_batch], pad_id).to(device)
-            for i in range(0, len(step), micro_batch)
-        ]
-        plans.append(
-            StepPlan(
-                batches,
-                sum(b.num_label_tokens for b in batches),
-                sum(b.num_tokens for b in batches),
-                sum(b.padded_tokens for b in batches),
-            )
-        )
-    return plans
+def label_count(example: Example) -> int:
+    """Positions whose next token carries a label (the first token is never predicted)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
-def plan_packed(
-    steps: Sequence[Sequence[Example]], token_budget: int, device: torch.device
-) -> list[StepPlan]:
-    plans = []
-    for step in steps:
-        groups = pack([len(e.input_ids) for e in step], token_budget)
-        batches = [collate_packed([step[i] for i in group]).to(device) for group in groups]
-        tokens = sum(b.num_tokens for b in batches)
-        plans.append(StepPlan(batches, sum(b.num_label_tokens for b in batches), tokens, tokens))
-    return plans
-
-
-def baseline_micro_loss(model: nn.Module, batch: PaddedBatch, step_label_tokens: int) -> torch.Tensor:
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        labels=batch.labels,
-        num_items_in_batch=step_label_tokens,
+def step_counts(examples: Sequence[Example], micro_batches: list[list[int]], padded: bool) -> StepCounts:
+    lengths = [[len(examples[i].input_ids) for i in micro] for micro in micro_batches]
+    real = sum(sum(micro) for micro in lengths)
+    return StepCounts(
+        label_tokens=sum(label_count(examples[i]) for micro in micro_batches for i in micro),
+        real_tokens=real,
+        computed_tokens=sum(len(micro) * max(micro) for micro in lengths) if padded else real,
+        micro_steps=len(micro_batches),
     )
-    loss: torch.Tensor = out.loss
-    return loss
 
 
-def kubetune_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens: int) -> torch.Tensor:
-    summed, _ = fastpath.loss_sum(model, batch)
-    return summed / step_label_tokens
+def cut_steps(cfg: BenchConfig, examples: Sequence[Example], batching: Batching) -> list[list[list[int]]]:
+    """Every arm's steps hold the same examples (``examples_per_step`` consecutive ones); ``batching`` cuts
+    each step into micro-batches (by example count for the baselines, by token budget for kubetune)."""
+    lengths = [len(e.input_ids) for e in examples]
+    per_step = cfg.examples_per_step
+    return [
+        batching.micro_batches(lengths, range(start, start + per_step))
+        for start in range(0, len(examples), per_step)
+    ]
 
 
-def plain_ce_micro_loss(model: nn.Module, batch: PackedBatch, step_label_tokens: int) -> torch.Tensor:
-    out = model(**batch.model_inputs())
-    logits = out.logits[0, :-1].float()
-    return (
-        F.cross_entropy(logits, batch.labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
-        / step_label_tokens
+def baseline_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    examples: Sequence[Example],
+    steps: list[list[list[int]]],
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+) -> StepFn:
+    """The loop a transformers user writes (or the Trainer runs): collate each micro-batch, the model's own
+    loss with ``num_items_in_batch`` (the step's label tokens, as the Trainer passes it), clip to 1, AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(index: int) -> tuple[float, float]:
+        micro_batches = steps[index]
+        label_tokens = sum(label_count(examples[i]) for micro in micro_batches for i in micro)
+        step_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        for micro in micro_batches:
+            inputs = {k: v.to(runtime.device) for k, v in collate([examples[i] for i in micro]).items()}
+            with runtime.autocast():
+                loss = model(**inputs, num_items_in_batch=label_tokens, use_cache=False).loss
+            loss.backward()
+            step_loss += loss.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(step_loss), float(grad_norm)
+
+    return step
+
+
+def padded_collator(pad_id: int) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+        batch = collate_padded(examples, pad_id)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+
+    return collate
+
+
+def flattening_collator() -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    """transformers' ``DataCollatorWithFlattening``: the micro-batch as one row, position ids restarting at
+    each example, the first label of each example masked."""
+    from transformers import DataCollatorWithFlattening
+
+    collator = DataCollatorWithFlattening(return_position_ids=True)
+
+    def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+        features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        return dict(collator(features))
+
+    return collate
+
+
+def flattening_attention(device: torch.device) -> str:
+    """What the padding-free transformers path uses: flash-attention 2 where it is installed (it reads the
+    example boundaries from the position ids), else sdpa with a block-diagonal mask built from them."""
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def kubetune_step(
+    model: nn.Module,
+    runtime: Runtime,
+    examples: Sequence[Example],
+    steps: list[list[list[int]]],
+    batching: Batching,
+    cfg: BenchConfig,
+    pad_id: int,
+) -> StepFn:
+    """``train.Trainer.optimizer_step``, the call the trainer's loop makes once per step, on a Trainer set
+    up as the recipe sets it up (the model and its loss as one module, the recipe's optimizer)."""
+    plan = Plan(steps, [0] * len(steps), len(steps), batching)
+    settings = LoopSettings(
+        learning_rate=cfg.lr,
+        scheduler="Constant",
+        warmup_ratio=0.0,
+        packing=True,
+        pad_id=pad_id,
+        eval_every_steps=None,
+        checkpoint_every_steps=None,
+        checkpoint_every_minutes=None,
     )
+    trainer = Trainer(
+        LossModel(model),
+        make_optimizer(model, cfg.lr, weight_decay=0.0),
+        plan,
+        examples,
+        [],
+        [],
+        settings,
+        runtime,
+        None,
+        Metrics(),
+        StopFlag(),
+        TrainState(),
+    )
+
+    def step(index: int) -> tuple[float, float]:
+        loss, _tokens, grad_norm = trainer.optimizer_step(plan.steps[index])
+        return loss, grad_norm
+
+    return step
 
 
 def synchronize(device: torch.device) -> None:
@@ -245,40 +333,29 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_arm(
-    model: nn.Module,
-    plans: list[StepPlan],
-    micro_loss: Callable[[nn.Module, Any, int], torch.Tensor],
-    cfg: BenchConfig,
+    model: nn.Module, step: StepFn, counts: list[StepCounts], cfg: BenchConfig
 ) -> dict[str, Any]:
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """Every step of one arm, the first ``warmup`` untimed; throughput over the rest."""
     lora_b_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, fused=cfg.device.type == "cuda")
     model.train()
     losses: list[float] = []
     grad_norms: list[float] = []
     step_seconds: list[float] = []
     measured_start = 0.0
-    for index, plan in enumerate(plans):
+    for index in range(len(counts)):
         if index == cfg.warmup:
             synchronize(cfg.device)
             if cfg.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(cfg.device)
             measured_start = time.perf_counter()
         started = time.perf_counter()
-        step_loss = torch.zeros((), device=cfg.device)
-        for batch in plan.micro_batches:
-            loss = micro_loss(model, batch, plan.label_tokens)
-            loss.backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(step_loss))  # one sync per step, as a trainer logging its loss does
-        grad_norms.append(float(grad_norm))
+        loss, grad_norm = step(index)  # both are Python floats: one sync per step, as a logging trainer has
+        losses.append(loss)
+        grad_norms.append(grad_norm)
         step_seconds.append(time.perf_counter() - started)
     synchronize(cfg.device)
     elapsed = time.perf_counter() - measured_start
-    measured = plans[cfg.warmup :]
+    measured = counts[cfg.warmup :]
     moved = all(
         not torch.equal(p.detach(), lora_b_before[n]) for n, p in model.named_parameters() if "lora_B" in n
     )
@@ -286,9 +363,9 @@ def run_arm(
     return {
         "steps_measured": len(measured),
         "seconds": round(elapsed, 3),
-        "tokens_nonpad_per_s": sum(p.real_tokens for p in measured) / elapsed,
-        "label_tokens_per_s": sum(p.label_tokens for p in measured) / elapsed,
-        "computed_tokens_per_s": sum(p.computed_tokens for p in measured) / elapsed,
+        "tokens_nonpad_per_s": sum(c.real_tokens for c in measured) / elapsed,
+        "label_tokens_per_s": sum(c.label_tokens for c in measured) / elapsed,
+        "computed_tokens_per_s": sum(c.computed_tokens for c in measured) / elapsed,
         "step_time_p50_s": round(statistics.median(timed), 4),
         "step_time_p90_s": round(float(np.percentile(timed, 90)), 4),
         "losses": losses[:LOSS_WINDOW],
@@ -317,6 +394,8 @@ def peak_memory_gib(device: torch.device) -> tuple[float | None, float | None]:
 
 
 def arm_flops_per_token(model: nn.Module, lengths: list[int]) -> tuple[float, float]:
+    """Model FLOPs per non-pad token (forward and backward) at the examples' effective context: the same
+    figure for every arm, so MFU counts the useful work and never the padding a loop chose to compute."""
     config = fastpath.causal_lm(model).config
     matmul, lora = fastpath.matmul_param_counts(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -327,29 +406,40 @@ def arm_flops_per_token(model: nn.Module, lengths: list[int]) -> tuple[float, fl
     return flops, t_eff
 
 
-ARM_NAMES = ("baseline", "kubetune", "kubetune-plain-ce", "kubetune-cap24")
+def loss_tolerance(device: torch.device) -> float:
+    """Mean relative loss difference allowed between arms: float32 on the CPU only reorders sums; bf16 on a
+    GPU rounds differently in each kernel."""
+    return 1e-4 if device.type != "cuda" else 2e-2
 
 
 def run_dataset(
     cfg: BenchConfig, pristine: nn.Module, pad_id: int, dataset: str, emit: Callable[[dict[str, Any]], None]
-) -> None:
-    """Every arm on one synthetic data set: one line per arm, then the throughput ratios."""
+) -> bool:
+    """Every arm on one synthetic data set: one line per arm, then the throughput ratios of each kubetune
+    arm over each baseline. False when an arm's losses differ from the first arm's."""
     vocab = int(fastpath.causal_lm(pristine).config.vocab_size)
     examples = synthetic_examples(cfg.steps * cfg.examples_per_step, DATASETS[dataset], vocab, cfg.seed)
-    steps = [examples[i : i + cfg.examples_per_step] for i in range(0, len(examples), cfg.examples_per_step)]
     lengths = [len(e.input_ids) for e in examples[cfg.warmup * cfg.examples_per_step :]]
+    runtime = Runtime(cfg.device, 0, 1, torch.bfloat16 if cfg.device.type == "cuda" else None)
+    by_count = Batching(None, cfg.baseline_micro_batch, 1)
     results: dict[str, dict[str, Any]] = {}
+    losses_match = True
     for arm in cfg.arms:
         if arm == "kubetune-cap24" and cfg.device.type != "cuda":
             continue
         # The pristine weights wait on the CPU so they never count against a memory cap.
         model = apply_lora(copy.deepcopy(pristine).to(cfg.device), cfg.seed)
         cap = None
-        if arm == "baseline":
-            fastpath.causal_lm(model).set_attn_implementation("sdpa")
-            plans = plan_padded(steps, cfg.baseline_micro_batch, pad_id, cfg.device)
-            micro_loss: Callable[[nn.Module, Any, int], torch.Tensor] = baseline_micro_loss
-            budget = None
+        budget = None
+        if arm in BASELINES:
+            attention = "sdpa" if arm == "padded" else flattening_attention(cfg.device)
+            fastpath.causal_lm(model).set_attn_implementation(attention)
+            steps = cut_steps(cfg, examples, by_count)
+            collate = padded_collator(pad_id) if arm == "padded" else flattening_collator()
+            optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
+            step = baseline_step(model, optimizer, runtime, examples, steps, collate)
+            attn_impl = f"{attention}_padded" if arm == "padded" else f"{attention}_position_ids"
+            ce_impl = "transformers"
         else:
             if arm == "kubetune-cap24":
                 total = torch.cuda.get_device_properties(cfg.device).total_memory
@@ -358,12 +448,16 @@ def run_dataset(
             fastpath.prepare_model(model, cfg.device)
             requested = None if arm == "kubetune-cap24" else cfg.token_budget
             budget = fastpath.choose_token_budget(model, cfg.device, requested, max_seq_length=2048)
-            plans = plan_packed(steps, budget, cfg.device)
-            micro_loss = plain_ce_micro_loss if arm == "kubetune-plain-ce" else kubetune_micro_loss
+            batching = Batching(budget, None, 1)
+            steps = cut_steps(cfg, examples, batching)
+            step = kubetune_step(model, runtime, examples, steps, batching, cfg, pad_id)
+            attn_impl = fastpath.attention_backend(cfg.device, cfg.dtype)
+            ce_impl = "chunked_fused"
+        counts = [step_counts(examples, micro, padded=arm == "padded") for micro in steps]
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
         try:
-            result = run_arm(model, plans, micro_loss, cfg)
+            result = run_arm(model, step, counts, cfg)
         except torch.OutOfMemoryError as error:
             result = {"error": f"out of memory: {str(error).splitlines()[0]}"}
         finally:
@@ -379,16 +473,15 @@ def run_dataset(
             "dtype": str(cfg.dtype).removeprefix("torch."),
             "lora_r": 16,
             "examples_per_step": cfg.examples_per_step,
-            "micro_batch": cfg.baseline_micro_batch if arm == "baseline" else None,
+            "micro_batch": cfg.baseline_micro_batch if arm in BASELINES else None,
             "token_budget": budget,
             "memory_cap_gib": cap / GIB if cap else None,
-            "tokens_per_step": statistics.mean(p.real_tokens for p in plans),
-            "computed_tokens_per_step": statistics.mean(p.computed_tokens for p in plans),
-            "micro_steps_per_step": statistics.mean(len(p.micro_batches) for p in plans),
-            "attn_impl": "sdpa_padded"
-            if arm == "baseline"
-            else fastpath.attention_backend(cfg.device, cfg.dtype),
-            "ce_impl": "chunked_fused" if arm in ("kubetune", "kubetune-cap24") else "plain",
+            "tokens_per_step": statistics.mean(c.real_tokens for c in counts),
+            "label_tokens_per_step": statistics.mean(c.label_tokens for c in counts),
+            "computed_tokens_per_step": statistics.mean(c.computed_tokens for c in counts),
+            "micro_steps_per_step": statistics.mean(c.micro_steps for c in counts),
+            "attn_impl": attn_impl,
+            "ce_impl": ce_impl,
             "grad_ckpt": False,
             "flops_per_token": flops,
             "T_eff": round(t_eff, 1),
@@ -399,56 +492,53 @@ def run_dataset(
             ),
         }
         if "tokens_nonpad_per_s" in result:
+            # Non-pad tokens only: a padded loop's extra work is waste, not utilisation.
             line["mfu"] = (
                 result["tokens_nonpad_per_s"] * flops / PEAK_BF16_FLOPS if cfg.device.type == "cuda" else None
             )
-        baseline = results.get("baseline")
-        if baseline and "losses" in baseline and "losses" in result:
-            pairs = list(zip(baseline["losses"], result["losses"], strict=False))
-            line["loss_delta_vs_baseline_mean_abs"] = statistics.mean(abs(a - b) for a, b in pairs)
-            line["loss_delta_vs_baseline_mean_rel"] = statistics.mean(abs(a - b) / abs(a) for a, b in pairs)
+        reference = next(iter(results.values()), None)
+        if reference and "losses" in reference and "losses" in result:
+            pairs = list(zip(reference["losses"], result["losses"], strict=True))
+            line["loss_reference"] = reference["arm"]
+            line["loss_delta_mean_abs"] = statistics.mean(abs(a - b) for a, b in pairs)
+            line["loss_delta_mean_rel"] = statistics.mean(abs(a - b) / abs(a) for a, b in pairs)
+            line["losses_match"] = line["loss_delta_mean_rel"] <= loss_tolerance(cfg.device)
+            losses_match = losses_match and line["losses_match"]
         results[arm] = line
         emit(line)
-        del model, plans
+        del model, step
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-    if "baseline" in results and "tokens_nonpad_per_s" in results["baseline"]:
-        for arm, line in results.items():
-            if arm != "baseline" and "tokens_nonpad_per_s" in line:
-                emit(
-                    {
-                        "ratio": f"{arm}/baseline",
-                        "dataset": dataset,
-                        "model": cfg.model,
-                        "device": line["device"],
-                        "tokens_nonpad_per_s": line["tokens_nonpad_per_s"]
-                        / results["baseline"]["tokens_nonpad_per_s"],
-                    }
-                )
-    capped, uncapped = results.get("kubetune-cap24", {}), results.get("kubetune", {})
-    if "tokens_nonpad_per_s" in capped and "tokens_nonpad_per_s" in uncapped:
-        emit(
-            {
-                "ratio": "kubetune-cap24/kubetune",
-                "dataset": dataset,
-                "model": cfg.model,
-                "device": capped["device"],
-                "tokens_nonpad_per_s": capped["tokens_nonpad_per_s"] / uncapped["tokens_nonpad_per_s"],
-            }
-        )
+    ours = [arm for arm in results if arm not in BASELINES]
+    for numerator, denominator in [(arm, base) for arm in ours for base in BASELINES] + [
+        ("flattening", "padded"),
+        ("kubetune-cap24", "kubetune"),
+    ]:
+        top, bottom = results.get(numerator, {}), results.get(denominator, {})
+        if "tokens_nonpad_per_s" in top and "tokens_nonpad_per_s" in bottom:
+            emit(
+                {
+                    "ratio": f"{numerator}/{denominator}",
+                    "dataset": dataset,
+                    "model": cfg.model,
+                    "device": top["device"],
+                    "tokens_nonpad_per_s": top["tokens_nonpad_per_s"] / bottom["tokens_nonpad_per_s"],
+                }
+            )
+    return losses_match
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, str | None]:
     """The run's settings, and the file to append the JSON lines to (``--out``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune_trainer.bench", description=__doc__.split("\n")[0]
+        prog="python -m kubetune_devtools.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--model", default="tiny", choices=["tiny", *MODEL_CONFIGS])
     parser.add_argument(
         "--arms",
         default=None,
-        help=f"comma-separated, from {', '.join(ARM_NAMES)}; baseline first for the loss deltas "
-        "(default: baseline,kubetune, plus kubetune-cap24 on a GPU)",
+        help=f"comma-separated, from {', '.join(ARM_NAMES)}; losses are compared with the first one "
+        "(default: padded,flattening,kubetune, plus kubetune-cap24 on a GPU)",
     )
     parser.add_argument("--datasets", default="high-variance,low-variance", help=", ".join(DATASETS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm, warm-up included")
@@ -458,7 +548,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, str | None]:
         "--baseline-micro-batch",
         type=int,
         default=None,
-        help="examples per padded micro-batch (default: 4 on a GPU, 16 on the CPU)",
+        help="examples per micro-batch of the baselines (default: 4 on a GPU, 16 on the CPU)",
     )
     parser.add_argument(
         "--token-budget", type=int, default=None, help="tokens per packed micro-step (default: chosen)"
@@ -473,7 +563,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchConfig, str | None]:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    arms = tuple(a for a in (args.arms or "baseline,kubetune").split(",") if a)
+    arms = tuple(a for a in (args.arms or "padded,flattening,kubetune").split(",") if a)
     if args.arms is None and on_gpu:
         arms += ("kubetune-cap24",)
     datasets = tuple(d for d in args.datasets.split(",") if d)
@@ -535,11 +625,15 @@ def _run(argv: Sequence[str] | None) -> int:
     started = time.perf_counter()
     pristine, pad_id = build_model(cfg.model, cfg.device, cfg.dtype, cfg.seed)
     pristine.to("cpu")
+    losses_match = True
     for dataset in cfg.datasets:
-        run_dataset(cfg, pristine, pad_id, dataset, emit)
+        losses_match = run_dataset(cfg, pristine, pad_id, dataset, emit) and losses_match
     print(f"bench finished in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     if out_file:
         out_file.close()
+    if not losses_match:
+        print("the arms' losses differ on the same batches (see losses_match above)", file=sys.stderr)
+        return 1
     return 0
 
 
