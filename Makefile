@@ -4,7 +4,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)
 PY = "$$(bash scripts/venv.sh)/bin/python"
 BUILD = bash e2e/cluster/build.sh
 
-.PHONY: demo test e2e bench lint venv binaries
+.PHONY: demo test e2e bench gpu-check lint venv binaries
 
 ## demo: boot a local control plane (unless kubectl reaches a cluster), install the chart, train a tiny model
 demo:
@@ -24,6 +24,10 @@ e2e:
 ## bench: trainer throughput: its own optimizer step against the padded and the flattened transformers loops
 bench:
 	$(PY) -m kubetune_devtools.bench --model tiny
+
+## gpu-check: LoRA, QLoRA and Full on this machine's GPU (bf16, 20 steps each), SIGTERM + resume, fast paths
+gpu-check:
+	$(PY) -m kubetune_trainer.gpu_check
 
 ## lint: ruff on everything, mypy strict on the operator
 lint:

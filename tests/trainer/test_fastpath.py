@@ -253,3 +253,57 @@ def test_choose_token_budget_on_a_gpu_fits_the_probed_memory(
     assert budget % 256 == 0
     assert fixed + state + per_token * budget <= 0.85 * 24 * (1 << 30)
     assert fixed + state + per_token * (budget + 256) > 0.85 * 24 * (1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("weight_dtype", "autocast_dtype", "expected"),
+    [
+        (torch.float32, torch.bfloat16, torch.bfloat16),  # Full on a GPU: fp32 master weights, bf16 compute
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # LoRA on a GPU: a bf16 base under autocast
+        (torch.bfloat16, None, torch.bfloat16),
+        (torch.float32, None, torch.float32),  # CPU: float32 throughout
+    ],
+)
+def test_fused_loss_head_compute_dtype(
+    weight_dtype: torch.dtype, autocast_dtype: torch.dtype | None, expected: torch.dtype
+) -> None:
+    assert fastpath.head_compute_dtype(weight_dtype, autocast_dtype) == expected
+
+
+def test_fused_loss_backward_matmuls_run_in_the_autocast_dtype_over_fp32_weights() -> None:
+    """Under bf16 autocast (what a GPU step runs in) with float32 master weights, every matmul of the fused
+    loss, including the gradients against the hidden states and the head, multiplies bf16 operands; the
+    gradients come back in the parameters' own dtype and agree with a bf16 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, torch.dtype]] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.seen.extend((str(func), a.dtype) for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    head = nn.Linear(32, 53, bias=False)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    targets = torch.randint(0, 53, (40,))
+    recorder = MatmulDtypes()
+    with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastpath.chunked_cross_entropy_sum(hidden, targets, head, chunk_rows=16)
+    # Three chunks: logits, grad of hidden and grad of the weight each take one matmul per chunk.
+    assert len(recorder.seen) >= 3 * 3 * 2
+    assert {dtype for _, dtype in recorder.seen} == {torch.bfloat16}, recorder.seen
+    loss.backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+
+    reference_hidden = hidden.detach().bfloat16().float().requires_grad_(True)
+    reference_weight = head.weight.detach().bfloat16().float().requires_grad_(True)
+    expected = F.cross_entropy(reference_hidden @ reference_weight.t(), targets, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(head.weight.grad, reference_weight.grad, rtol=5e-2, atol=5e-2)

@@ -83,3 +83,63 @@ def test_fsdp_base_models_load_on_the_host_so_one_larger_than_a_gpu_still_loads(
     assert load_dtype(method, torch.device(device).type) == (
         torch.bfloat16 if device.startswith("cuda") and method != "Full" else torch.float32
     )
+
+
+def test_autocast_dtype_is_bf16_on_gpus_only() -> None:
+    from kubetune_trainer.parallel import autocast_dtype
+
+    assert autocast_dtype("cuda") == torch.bfloat16
+    assert autocast_dtype("cpu") is None
+
+
+def test_full_fine_tuning_in_one_process_computes_in_bf16_over_fp32_master_weights() -> None:
+    """One GPU process of Full fine-tuning, as the trainer sets it up (float32 weights from ``load_dtype``,
+    the step under the runtime's autocast), run here with CPU autocast: every matmul of the forward and
+    the backward (the fused loss's included) multiplies bf16 operands, while the weights, their gradients and
+    AdamW's moments are float32, and the step moves the float32 weights by less than one bf16 ulp can."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kubetune_devtools.tiny import build_tiny_model
+    from kubetune_trainer.fastpath import prepare_model
+    from kubetune_trainer.model import apply_method
+    from kubetune_trainer.packing import Example, collate_packed
+    from kubetune_trainer.parallel import LossModel, autocast_dtype
+    from kubetune_trainer.preparation import load_dtype
+    from kubetune_trainer.train import Runtime, make_optimizer
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.dtypes.extend(a.dtype for a in args[:3] if isinstance(a, torch.Tensor) and a.ndim >= 2)
+            return func(*args, **(kwargs or {}))
+
+    model, _ = build_tiny_model(seed=0)
+    model = apply_method(model.to(load_dtype("Full", "cuda")), "Full", None)
+    prepare_model(model, "cpu")
+    runtime = Runtime(torch.device("cpu"), 0, 1, autocast_dtype("cuda"))
+    optimizer = make_optimizer(model, 1e-6, 0.0)
+    ids = list(range(5, 45))
+    batch = collate_packed([Example(input_ids=ids, labels=ids), Example(ids[:17], ids[:17])])
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    recorder = MatmulDtypes()
+    with recorder:
+        with runtime.autocast():
+            loss, _ = LossModel(model)(batch)
+        loss.backward()
+    # forward, and backward's two matmuls per Linear: 7 per layer, 2 layers, plus the head.
+    assert len(recorder.dtypes) >= 3 * (7 * 2 + 1)
+    assert set(recorder.dtypes) == {torch.bfloat16}
+    optimizer.step()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    after = model.model.layers[0].mlp.up_proj.weight.detach()
+    # AdamW's first step moves each weight by about the learning rate, far below bf16's resolution there:
+    # bf16 weights would mostly not move at all; the float32 master weights all do.
+    assert (after != before).float().mean() > 0.9
+    assert (after.bfloat16() != before.bfloat16()).float().mean() < 0.05

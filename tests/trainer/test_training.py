@@ -250,3 +250,55 @@ def test_validation_split_holds_out_records_and_checkpoints_rotate(ws: Workspace
     assert "evalLoss" in (result.summary.metrics or {})
     # Checkpoints at steps 2 and 4 (not 6, the last): never more than `keep` complete ones in S3.
     assert seen == [["step-00000002"], ["step-00000004"]]
+
+
+@pytest.mark.parametrize(
+    ("config_json", "expected"),
+    [
+        ({"dtype": "bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "float16"}, "float16"),
+        ({"torch_dtype": "torch.bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "auto"}, None),
+        ({}, None),
+    ],
+)
+def test_base_dtype_is_read_from_config_json(config_json: dict, expected: str | None) -> None:
+    from kubetune_trainer.publish import base_dtype
+
+    assert base_dtype(config_json) == expected
+
+
+def test_full_fine_tuning_of_a_bf16_base_publishes_bf16_weights(
+    ws: Workspace, monkeypatch, tmp_path: Path
+) -> None:
+    """The base is stored in bf16; training runs over float32 master weights (CPU), and the published
+    model is written back in bf16, as its config.json says."""
+    from e2e.cluster.s3 import upload_directory
+    from safetensors import safe_open
+
+    from kubetune_devtools.tiny import build_tiny_model
+
+    base, tokenizer = build_tiny_model(seed=0)
+    local = tmp_path / "bf16-base"
+    base.to(torch.bfloat16).save_pretrained(local, safe_serialization=True)
+    tokenizer.save_pretrained(local)
+    upload_directory(ws.s3.client(), local, ws.bucket, "bf16-base/")
+    train = ws.put("data/train.jsonl", jsonl(chat_records(16)))
+    config = ws.config(
+        train,
+        base_model=f"s3://{ws.bucket}/bf16-base/",
+        method="Full",
+        lora=None,
+        output=OutputConfig(uri=f"s3://{ws.bucket}/full-bf16/"),
+    )
+    config = replace(config, hyperparameters=replace(config.hyperparameters, max_steps=2))
+    result = ws.run(config, monkeypatch)
+    assert result.code == 0, result.summary.message
+    out = tmp_path / "full-bf16"
+    download(ws, "full-bf16/", out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as weights:
+        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}  # noqa: SIM118
+        trained = weights.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert dtypes == {torch.bfloat16}
+    assert not torch.equal(trained, base.model.layers[0].self_attn.q_proj.weight)  # it did train
+    assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"

@@ -260,6 +260,22 @@ def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(64, budget // (6 * vocab_size))
 
 
+def head_compute_dtype(
+    weight_dtype: torch.dtype, autocast_dtype: torch.dtype | None
+) -> torch.dtype:
+    """The dtype the fused loss multiplies in, forward and backward (logits, their gradient against the
+    hidden states and against the head's weight): the autocast dtype when autocast is on (bf16 compute over
+    float32 master weights, as in Full fine-tuning on a GPU), else the head weight's own dtype. Softmax and
+    the loss itself are always float32."""
+    return autocast_dtype if autocast_dtype is not None else weight_dtype
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ W^T + b, target_i), with the gradient computed chunk by chunk during forward."""
 
@@ -273,6 +289,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         chunk_rows: int,
         needs_grad: bool,
     ) -> torch.Tensor:
+        compute = head_compute_dtype(weight.dtype, _autocast_dtype(hidden.device))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad and ctx.needs_input_grad[0] else None
         grad_weight = (
@@ -285,23 +302,27 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if needs_grad and bias is not None and ctx.needs_input_grad[2]
             else None
         )
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start : start + chunk_rows]
-            target = targets[start : start + chunk_rows]
-            logits = F.linear(rows, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            if not needs_grad:
-                continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0
-            grad_logits = probs.to(weight.dtype)
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().float(), rows.float())
-            if grad_bias is not None:
-                grad_bias += probs.sum(0)
+        # One cast of the head for all chunks; the matmuls below run in ``compute`` whatever autocast does.
+        weight_c = weight.to(compute)
+        bias_c = bias.to(compute) if bias is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = hidden[start : start + chunk_rows].to(compute)
+                target = targets[start : start + chunk_rows]
+                logits = F.linear(rows, weight_c, bias_c).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                if not needs_grad:
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0
+                grad_logits = probs.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_rows] = torch.mm(grad_logits, weight_c)
+                if grad_weight is not None:
+                    grad_weight += torch.mm(grad_logits.t(), rows)
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
         ctx.save_for_backward(
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )

@@ -83,6 +83,15 @@ GRADIENT = FP32  # gradients of trainable weights are accumulated (and reduced) 
 ADAMW_STATE = 2 * FP32  # exp_avg and exp_avg_sq
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype every step computes in under autocast: bf16 on GPUs, for one process and FSDP alike, None
+    (plain float32) on CPU. Fully fine-tuned weights load in float32 (``preparation.load_dtype``), so with one
+    process autocast multiplies bf16 copies of them in forward and backward while the float32 weights stay
+    the master copy the optimizer (float32 moments too) updates: what FSDP's ``MixedPrecisionPolicy`` does
+    with several (``sharding_precision``)."""
+    return torch.bfloat16 if device_type == "cuda" else None
+
+
 def precision_for(method: str, device_type: str) -> Precision:
     """GPUs: bf16 compute; LoRA on a bf16 base, QLoRA on an NF4 base, Full with bf16 weights and fp32
     master weights. CPU: everything in float32 (CPU kernels gain little from bf16 and the tests compare

@@ -19,6 +19,13 @@ MODEL_WEIGHTS = "model.safetensors"
 MERGED_DIR = "merged"
 
 
+def base_dtype(model_config: dict[str, Any]) -> str | None:
+    """The dtype the base model's weights are stored in, as its config.json names it ("bfloat16", ...);
+    None where it names none. Newer transformers write ``dtype``, older ones ``torch_dtype``."""
+    named = model_config.get("dtype") or model_config.get("torch_dtype")
+    return named.removeprefix("torch.") if isinstance(named, str) and named != "auto" else None
+
+
 def write_local(
     model: Any,
     tokenizer: Any,
@@ -27,11 +34,21 @@ def write_local(
     summary: dict[str, Any],
     dest: Path,
     merge_adapter: bool,
+    weights_dtype: str | None = None,
 ) -> None:
-    """Save the result into ``dest`` in Hugging Face / PEFT layout."""
+    """Save the result into ``dest`` in Hugging Face / PEFT layout. A fully fine-tuned model is written in
+    ``weights_dtype`` (the base's, see ``base_dtype``): it trained over float32 master weights, but its users
+    load it like the base it came from."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    if method not in ADAPTER_METHODS and weights_dtype is not None:
+        import torch
+
+        dtype = getattr(torch, weights_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"the base model's config.json names dtype {weights_dtype!r}, not a float type")
+        model = model.to(dtype)
     model.save_pretrained(dest, safe_serialization=True)
     if method in ADAPTER_METHODS:
         # Name the base model by its URI rather than the pod-local directory it was loaded from.

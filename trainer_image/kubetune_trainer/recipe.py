@@ -10,6 +10,7 @@ a checkpoint was written, restart me) or ``EXIT_RETRYABLE`` (anything else).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -338,6 +339,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             summary_file,
             local,
             config.output.merge_adapter,
+            publish.base_dtype(json.loads((model_dir / "config.json").read_text())),
         )
         record = publish.upload(
             storage,

@@ -22,7 +22,7 @@ from kubetune_trainer.errors import Interrupted, TrainerError
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
 from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
-from kubetune_trainer.parallel import LossModel, held_bytes, is_sharded, process_device
+from kubetune_trainer.parallel import LossModel, autocast_dtype, held_bytes, is_sharded, process_device
 from kubetune_trainer.schedule import Plan, lr_at, warmup_steps
 
 MAX_GRAD_NORM = 1.0
@@ -108,7 +108,7 @@ def setup_runtime(gpus: int, seed: int) -> Runtime:
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
         rank, world_size = 0, 1
-    return Runtime(device, rank, world_size, torch.bfloat16 if on_gpu else None)
+    return Runtime(device, rank, world_size, autocast_dtype(device.type))
 
 
 class StopFlag:
