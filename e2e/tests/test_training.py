@@ -85,6 +85,9 @@ def test_adapter_job_trains_on_the_node_agent_and_uploads_the_adapter(
     }
     assert {f"{name}/adapter_config.json", f"{name}/adapter_model.safetensors"} <= keys
     assert status["progress"]["step"] == 4
+    # The trainer's memory plan, planned before it fetched weights, passed the API server's schema.
+    plan = status["plan"]
+    assert (plan["strategy"], plan["worldSize"]) == ("Single", 1) and plan["perGpuGiB"]["total"] > 0
 
 
 def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(

@@ -192,6 +192,26 @@ class History(_Model):
     eval_loss: tuple[float, ...] = ()
 
 
+class PlanParts(_Model):
+    weights: float | None = None
+    gradients: float | None = None
+    optimizer: float | None = None
+    activations: float | None = None
+    workspace: float | None = None
+    total: float | None = None
+
+
+class MemoryPlan(_Model):
+    """The trainer's memory plan as it reported it (an estimate)."""
+
+    strategy: str | None = None
+    world_size: int | None = None
+    activation_checkpointing: bool | None = None
+    micro_step_tokens: int | None = None
+    gpu_gi_b: float | None = Field(default=None, alias="gpuGiB")
+    per_gpu_gi_b: PlanParts | None = Field(default=None, alias="perGpuGiB")
+
+
 class FineTuneJobStatus(_Model):
     conditions: tuple[Condition, ...] = ()
     phase: str | None = None
@@ -203,6 +223,7 @@ class FineTuneJobStatus(_Model):
     checkpoint: CheckpointRecord | None = None
     restarts: int | None = None
     no_progress_restarts: int | None = None
+    plan: MemoryPlan | None = None
     start_time: str | None = None
     completion_time: str | None = None
     observed_generation: int | None = None

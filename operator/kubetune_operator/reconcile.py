@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune_operator import conditions as cond
 from kubetune_operator import history, labels, observed, termination
 from kubetune_operator.builders import (
@@ -55,6 +57,7 @@ from kubetune_operator.models import (
     FineTuneJob,
     FineTuneJobSpec,
     FineTuneJobStatus,
+    MemoryPlan,
     Progress,
     TrainingMetrics,
 )
@@ -735,6 +738,31 @@ def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) 
     _record_checkpoint(st, summary)
     if summary.provenance:
         st.fields["provenance"] = {**(st.old.provenance or {}), **summary.provenance}
+    plan = _memory_plan(summary.plan)
+    if plan is not None:
+        st.fields["plan"] = plan
+
+
+STRATEGIES = frozenset({"Single", "DDP", "FSDP"})
+
+
+def _memory_plan(reported: Any) -> MemoryPlan | None:
+    """The trainer's memory plan, if it has the shape status.plan takes: a plan of any other shape is left
+    out (it is an estimate to show, never worth a status write the API server would refuse)."""
+    if not isinstance(reported, dict):
+        return None
+    try:
+        plan = MemoryPlan.model_validate(reported)
+    except ValidationError:
+        return None
+    numbers = [plan.gpu_gi_b, plan.world_size, plan.micro_step_tokens]
+    if plan.per_gpu_gi_b is not None:
+        numbers += list(plan.per_gpu_gi_b.model_dump().values())
+    if plan.strategy not in STRATEGIES or (plan.world_size is not None and plan.world_size < 1):
+        return None
+    if any(n is not None and (not math.isfinite(n) or n < 0) for n in numbers):
+        return None
+    return plan
 
 
 # --- small helpers ----------------------------------------------------------------------------------------

@@ -224,8 +224,8 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     }  # fmt: skip
     assert set(status) == {
         "conditions", "phase", "message", "progress", "metrics", "adapter", "model", "checkpoint",
-        "restarts", "noProgressRestarts", "startTime", "completionTime", "observedGeneration", "trainerJob",
-        "provenance",
+        "restarts", "noProgressRestarts", "plan", "startTime", "completionTime", "observedGeneration",
+        "trainerJob", "provenance",
         "history",
     }  # fmt: skip
     record = {"uri", "files", "sizeBytes", "sha256", "baseModel"}

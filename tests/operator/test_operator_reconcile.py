@@ -1262,3 +1262,40 @@ def test_watchdog_fails_the_job_past_the_backoff_limit_and_frees_the_gpus(config
     assert second.delete_pod is None and second.set_suspend is True
     assert second.status.no_progress_restarts == 2 and second.status.phase == "Failed"
     assert "more than backoffLimit 1" in (second.status.message or "")
+
+
+PLAN = {
+    "strategy": "FSDP",
+    "worldSize": 8,
+    "activationCheckpointing": True,
+    "microStepTokens": 8192,
+    "gpuGiB": 79.1,
+    "perGpuGiB": {"weights": 1.9, "gradients": 3.7, "optimizer": 7.5, "activations": 12.0, "workspace": 2.1,
+                  "total": 27.2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("reported", "recorded"),
+    [
+        (PLAN, True),
+        ({**PLAN, "strategy": "Mega"}, False),
+        ({**PLAN, "worldSize": 0}, False),
+        ({**PLAN, "perGpuGiB": {"total": -1}}, False),
+        ({**PLAN, "gpuGiB": "lots"}, False),
+    ],
+    ids=["plan", "unknown strategy", "no processes", "negative", "not a number"],
+)
+def test_the_trainers_memory_plan_reaches_status_when_it_has_the_shape(
+    reported: Any, recorded: bool, config: OperatorConfig
+) -> None:
+    summary = json.loads(success_summary())
+    summary["plan"] = reported
+    done = observed_children(
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, json.dumps(summary)))],
+    )
+    _, outcome = chain(make_job(), [CREATED, done], config)
+    assert conds(outcome.status)["Succeeded"] == (T, "Completed")  # a bad plan costs nothing else
+    plan = outcome.status.to_dict().get("plan")
+    assert (plan == PLAN) if recorded else plan is None
