@@ -164,7 +164,11 @@ def test_the_operator_wrote_a_bounded_history_the_api_server_accepted(trained: T
     assert history["step"][-1] == STEPS == trained.job["status"]["progress"]["step"]
     assert history["step"] == sorted(set(history["step"]))
     assert len(history["evalStep"]) == len(history["evalLoss"]) >= 2
-    assert history["trainLoss"][-1] == pytest.approx(trained.job["status"]["metrics"]["trainLoss"], rel=1e-4)
+    # The newest point is the mean over its bucket's samples, the final one included: exactly the final loss
+    # only when the bucket holds one step; otherwise close to it (neighbouring steps' losses differ by ~1%).
+    final = trained.job["status"]["metrics"]["trainLoss"]
+    one_step = history["step"][-1] - history["step"][-2] == 1
+    assert history["trainLoss"][-1] == pytest.approx(final, rel=1e-4 if one_step else 0.1)
 
 
 def test_list_shows_phase_method_model_progress_and_loss(plugin: Plugin, trained: Trained) -> None:
