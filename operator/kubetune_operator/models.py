@@ -43,6 +43,7 @@ class DatasetSpec(_Model):
     format: str = "Auto"
     column_map: dict[str, str] | None = None
     max_seq_length: int = 2048
+    text_mode: str = "Chunk"
 
 
 class LoraSpec(_Model):
@@ -67,11 +68,13 @@ class HyperparametersSpec(_Model):
     packing: bool = True
     activation_checkpointing: str = "Auto"
     eval_every_steps: int | None = None
+    early_stopping_patience: int | None = None
 
 
 class OutputSpec(_Model):
     uri: str
     merge_adapter: bool = False
+    select: str = "Last"
 
 
 class S3Spec(_Model):
@@ -164,6 +167,15 @@ class TrainingMetrics(_Model):
     grad_norm: float | None = None
     best_eval_loss: float | None = None
     best_step: int | None = None
+    eval_token_accuracy: float | None = None
+
+
+class SelectedStep(_Model):
+    """Which step's weights a published result holds (spec.output.select) and their validation loss."""
+
+    select: str = "Last"
+    step: int = 0
+    eval_loss: float | None = None
 
 
 class ArtifactRecord(_Model):
@@ -174,6 +186,7 @@ class ArtifactRecord(_Model):
     size_bytes: int = 0
     sha256: str = ""
     base_model: str = ""
+    selected: SelectedStep | None = None
 
 
 class CheckpointRecord(_Model):

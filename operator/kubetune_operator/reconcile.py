@@ -59,6 +59,7 @@ from kubetune_operator.models import (
     FineTuneJobStatus,
     MemoryPlan,
     Progress,
+    SelectedStep,
     TrainingMetrics,
 )
 from kubetune_operator.observed import Obj, Observed
@@ -601,6 +602,7 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
         grad_norm=_sig(sample.grad_norm, old_metrics.grad_norm),
         best_eval_loss=_sig(sample.best_eval_loss, old_metrics.best_eval_loss),
         best_step=_int(sample.best_step, old_metrics.best_step),
+        eval_token_accuracy=_sig(sample.eval_token_accuracy, old_metrics.eval_token_accuracy),
     )
     st.fields["history"] = history.add_sample(
         st.old.history, _int(sample.step, None), sample.train_loss, sample.eval_loss, sample.learning_rate
@@ -637,14 +639,43 @@ def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: 
         size_bytes=record.size_bytes,
         sha256=record.sha256,
         base_model=record.base_model or spec.base_model.uri,
+        selected=_selected_step(record.selected),
     )
     message = f"{kind} written to {record.uri}"
     if record.files_omitted:
         message += f" ({record.files_omitted} more files are listed in its manifest.json)"
+    message += _selection_note(kind, record.selected, summary.early_stop if summary else None)
     st.set(cond.SUCCEEDED, TRUE, Reason.COMPLETED, message)
     st.set(cond.RUNNING, FALSE, Reason.COMPLETED, "training finished")
     st.set(cond.RECONCILING, FALSE, Reason.FINISHED, "the job finished")
     st.set(cond.STALLED, FALSE, Reason.FINISHED, "")
+
+
+def _selected_step(selected: contract.Selection | None) -> SelectedStep | None:
+    """The trainer's record of which step's weights it published, if its values can be stored."""
+    if selected is None or selected.select not in contract.SELECT_POLICIES or selected.step < 0:
+        return None
+    loss = selected.eval_loss
+    return SelectedStep(
+        select=selected.select,
+        step=selected.step,
+        eval_loss=_sig(loss, None),
+    )
+
+
+def _selection_note(kind: str, selected: contract.Selection | None, stop: contract.EarlyStop | None) -> str:
+    """What the Succeeded message adds about an early stop and a result that is not the last step's."""
+    note = ""
+    if stop is not None:
+        note += (
+            f"; stopped early after step {stop.step} of {stop.total_steps}: the validation loss did not "
+            f"improve in {stop.patience} evaluations "
+            f"(best {stop.best_eval_loss:.4g} at step {stop.best_step})"
+        )
+    if selected is not None and selected.select == "BestEval":
+        loss = f", validation loss {selected.eval_loss:.4g}" if selected.eval_loss is not None else ""
+        note += f"; the {kind} holds the weights of step {selected.step} (output.select BestEval{loss})"
+    return note
 
 
 def _fail_from_job(
@@ -730,6 +761,7 @@ def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) 
             grad_norm=m.get("gradNorm"),
             best_eval_loss=m.get("bestEvalLoss"),
             best_step=m.get("bestStep"),
+            eval_token_accuracy=m.get("evalTokenAccuracy"),
         ),
     )
     if finished:

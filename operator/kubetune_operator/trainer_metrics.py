@@ -26,6 +26,7 @@ class TrainerSample:
     tokens_per_second: float | None = None
     trained_tokens: float | None = None
     eta_seconds: float | None = None
+    eval_token_accuracy: float | None = None
 
 
 _METRIC_FIELDS: dict[str, str] = {
@@ -41,6 +42,7 @@ _METRIC_FIELDS: dict[str, str] = {
     contract.METRIC_TOKENS_PER_SECOND: "tokens_per_second",
     contract.METRIC_TRAINED_TOKENS: "trained_tokens",
     contract.METRIC_ETA_SECONDS: "eta_seconds",
+    contract.METRIC_EVAL_TOKEN_ACCURACY: "eval_token_accuracy",
 }
 assert set(_METRIC_FIELDS.values()) == {f.name for f in fields(TrainerSample)}
 

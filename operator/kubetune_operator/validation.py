@@ -73,6 +73,17 @@ def validate(job: FineTuneJob) -> list[str]:
     ):
         if uri is not None and not uri.startswith("s3://"):
             problems.append(f"{field}: {uri!r} must be an s3:// URI")
+    if spec.dataset.validation is None and spec.dataset.validation_split is None:
+        if spec.output.select == "BestEval":
+            problems.append(
+                "spec.output.select: BestEval needs a validation set to pick the best step by; set "
+                "spec.dataset.validation or spec.dataset.validationSplit, or select Last"
+            )
+        if hp.early_stopping_patience is not None:
+            problems.append(
+                "spec.hyperparameters.earlyStoppingPatience: needs a validation set to judge improvement "
+                "by; set spec.dataset.validation or spec.dataset.validationSplit, or remove it"
+            )
     if not (spec.output.uri.startswith("s3://") and spec.output.uri.endswith("/")):
         problems.append(f"spec.output.uri: {spec.output.uri!r} must be an s3:// prefix ending in '/'")
     if spec.checkpointing.every_steps is not None and spec.checkpointing.every_minutes is not None:

@@ -327,6 +327,64 @@ CASES: list[CrdCase] = [
     ),
     CrdCase("memory-quantity", {"spec.resources.memory": "64Gi", "spec.resources.cpu": "7500m"}),
     CrdCase("cpu-as-integer", {"spec.resources.cpu": 8}),
+    # output.select, earlyStoppingPatience (need a validation set) and dataset.textMode
+    CrdCase("select-best-eval-with-validation-file", {"spec.output.select": "BestEval"}),
+    CrdCase(
+        "select-best-eval-with-validation-split",
+        {
+            "spec.output.select": "BestEval",
+            "spec.dataset.validation": None,
+            "spec.dataset.validationSplit": 0.1,
+        },
+    ),
+    CrdCase("select-last-without-validation", {"spec.output.select": "Last"}, base="full"),
+    CrdCase(
+        "select-best-eval-without-validation",
+        {"spec.output.select": "BestEval"},
+        "spec.output.select BestEval picks the step with the lowest validation loss and needs a",
+        field="spec",
+        base="full",
+    ),
+    CrdCase(
+        "select-unknown",
+        {"spec.output.select": "Best"},
+        'Unsupported value: "Best"',
+        "spec.output.select",
+        "enum",
+    ),
+    CrdCase(
+        "early-stopping-with-validation",
+        {"spec.hyperparameters.earlyStoppingPatience": 3, "spec.output.select": "BestEval"},
+    ),
+    CrdCase(
+        "early-stopping-without-validation",
+        {"spec.hyperparameters.earlyStoppingPatience": 3},
+        "spec.hyperparameters.earlyStoppingPatience stops when the validation loss stops improving",
+        field="spec",
+        base="full",
+    ),
+    CrdCase(
+        "early-stopping-patience-zero",
+        {"spec.hyperparameters.earlyStoppingPatience": 0},
+        "greater than or equal to 1",
+        "spec.hyperparameters.earlyStoppingPatience",
+        "minimum",
+    ),
+    CrdCase("text-mode-truncate", {"spec.dataset.format": "Text", "spec.dataset.textMode": "Truncate"}),
+    CrdCase(
+        "text-mode-unknown",
+        {"spec.dataset.textMode": "Split"},
+        'Unsupported value: "Split"',
+        "spec.dataset.textMode",
+        "enum",
+    ),
+    CrdCase(
+        "update-select",
+        {},
+        "spec.output is immutable: " + IMMUTABLE,
+        field="spec.output",
+        update={"spec.output.select": "BestEval"},
+    ),
     # immutability of the fields that define the run (updates)
     CrdCase("reapply-same-manifest", {}, update={}),
     CrdCase(

@@ -220,7 +220,11 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     assert set(spec["hyperparameters"]["properties"]) == {
         "epochs", "maxSteps", "learningRate", "batchTokens", "microBatchSize", "gradientAccumulation",
         "warmupRatio", "scheduler", "weightDecay", "seed", "trainOn", "packing", "activationCheckpointing",
-        "evalEverySteps",
+        "evalEverySteps", "earlyStoppingPatience",
+    }  # fmt: skip
+    assert set(spec["output"]["properties"]) == {"uri", "mergeAdapter", "select"}
+    assert set(spec["dataset"]["properties"]) == {
+        "train", "validation", "validationSplit", "format", "columnMap", "maxSeqLength", "textMode",
     }  # fmt: skip
     assert set(status) == {
         "conditions", "phase", "message", "progress", "metrics", "adapter", "model", "checkpoint",
@@ -228,8 +232,10 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
         "trainerJob", "provenance",
         "history",
     }  # fmt: skip
-    record = {"uri", "files", "sizeBytes", "sha256", "baseModel"}
+    record = {"uri", "files", "sizeBytes", "sha256", "baseModel", "selected"}
     assert set(status["adapter"]["properties"]) == set(status["model"]["properties"]) == record
+    assert set(status["adapter"]["properties"]["selected"]["properties"]) == {"select", "step", "evalLoss"}
+    assert "evalTokenAccuracy" in status["metrics"]["properties"]
     assert status["provenance"]["x-kubernetes-preserve-unknown-fields"] is True
 
 
@@ -252,7 +258,12 @@ def test_a_minimal_job_gets_the_documented_defaults() -> None:
     }
     assert check(minimal).ok
     spec = crd_helpers.apply_defaults(version_schema(), minimal)["spec"]
-    assert spec["dataset"] == {"train": "s3://data/train.jsonl", "format": "Auto", "maxSeqLength": 2048}
+    assert spec["dataset"] == {
+        "train": "s3://data/train.jsonl",
+        "format": "Auto",
+        "maxSeqLength": 2048,
+        "textMode": "Chunk",
+    }
     assert spec["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05}
     assert spec["hyperparameters"] == {
         "epochs": 1,
@@ -265,7 +276,7 @@ def test_a_minimal_job_gets_the_documented_defaults() -> None:
         "packing": True,
         "activationCheckpointing": "Auto",
     }
-    assert spec["output"] == {"uri": "s3://out/", "mergeAdapter": False}
+    assert spec["output"] == {"uri": "s3://out/", "mergeAdapter": False, "select": "Last"}
     assert spec["s3"] == {"region": "us-east-1", "forcePathStyle": False}
     # No schema default for gpuResourceName: unset means the operator's setting, which a default would hide.
     assert spec["resources"] == {"gpus": 1}

@@ -1,7 +1,8 @@
 """Checkpoints in S3 under ``<output.uri>checkpoints/step-<N>/``.
 
 A checkpoint is a ``torch.distributed.checkpoint`` directory (``dcp/``: the trainable weights and the AdamW
-moments, each process writing the shards it holds, so nothing is gathered on one process) and small JSON
+moments, each process writing the shards it holds, so nothing is gathered on one process; with output.select
+BestEval also the trainable weights of the best evaluation so far, under ``best``) and small JSON
 files: the training state (step, losses), the step plan (which examples each step trains on) and each
 process's RNG state, taken at the start of the step the restart runs first. ``manifest.json`` is written
 last, by rank 0 once every process has uploaded its files; a checkpoint without one is incomplete and
@@ -36,6 +37,7 @@ FORMAT = "kubetune-dcp-1"
 TENSORS = "dcp"  # the torch.distributed.checkpoint directory
 STATE = "state.json"
 STEP_PLAN = "step_plan.json"
+BEST = "best"  # the DCP entry holding the best evaluation's weights
 _STEP_DIR = re.compile(r"^step-(\d+)/$")
 _FILE_NAME = re.compile(r"^(dcp/)?[A-Za-z0-9_.-]+$")
 
@@ -90,10 +92,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def tensor_state(model: Any, optimizer: Any) -> dict[str, Any]:
+def tensor_state(model: Any, optimizer: Any, best: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tensors a checkpoint holds, by parameter name: the trainable weights and the optimizer's
-    per-parameter state (sharded DTensors under FSDP, whole tensors otherwise). The optimizer's
-    hyperparameters are left out: the job's config sets them again."""
+    per-parameter state (sharded DTensors under FSDP, whole tensors otherwise), and ``best``, a copy of the
+    trainable weights of another step, when given. The optimizer's hyperparameters are left out: the job's
+    config sets them again."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -101,15 +104,20 @@ def tensor_state(model: Any, optimizer: Any) -> dict[str, Any]:
     )
 
     options = StateDictOptions(ignore_frozen_params=True)
-    return {
+    state = {
         "model": get_model_state_dict(model, options=options),
         "optimizer": get_optimizer_state_dict(model, optimizer, options=options)["state"],
     }
+    if best is not None:
+        state[BEST] = best
+    return state
 
 
-def load_tensor_state(model: Any, optimizer: Any, directory: Path) -> None:
-    """Read the checkpoint's tensors into ``model`` and ``optimizer`` in place, whatever the number of
-    processes that wrote it."""
+def load_tensor_state(
+    model: Any, optimizer: Any, directory: Path, best: dict[str, Any] | None = None
+) -> None:
+    """Read the checkpoint's tensors into ``model`` and ``optimizer`` (and ``best``, when given) in place,
+    whatever the number of processes that wrote it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -119,7 +127,7 @@ def load_tensor_state(model: Any, optimizer: Any, directory: Path) -> None:
     )
 
     options = StateDictOptions(ignore_frozen_params=True)
-    target = tensor_state(model, optimizer)  # also creates the optimizer's state to read into
+    target = tensor_state(model, optimizer, best)  # also creates the optimizer's state to read into
     dcp.load(target, storage_reader=TensorOnlyReader(directory))
     set_model_state_dict(model, target["model"], options=StateDictOptions(strict=False))
     groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
@@ -229,13 +237,16 @@ class Checkpointer:
         state: dict[str, Any],
         rng: dict[str, Any],
         plan: Any,
+        best: dict[str, Any] | None = None,
     ) -> S3Uri:
         """Called by every process: each writes and uploads its shards and RNG state, then rank 0 the
-        training state, the step plan and, last, the manifest listing every process's files."""
+        training state, the step plan and, last, the manifest listing every process's files. ``best``:
+        the weights of the best evaluation, kept with the rest (output.select BestEval)."""
         import torch.distributed.checkpoint as dcp
 
         local = self.work_dir / f"checkpoint-{step}-rank-{self.rank}"
-        dcp.save(tensor_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(local / TENSORS)))
+        writer = dcp.FileSystemWriter(str(local / TENSORS))
+        dcp.save(tensor_state(model, optimizer, best), storage_writer=writer)
         (local / rng_file(self.rank)).write_text(json.dumps(rng))
         if self.rank == 0:
             (local / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -313,14 +324,17 @@ class Checkpointer:
                 )
         return Found(step=step, uri=str(source), local=local, world_size=world_size)
 
-    def restore(self, found: Found, model: Any, optimizer: Any) -> dict[str, Any]:
-        """Load ``found`` into the model, the optimizer and this process's RNG; returns the training
-        state. A process the writing run did not have keeps its seeded RNG."""
+    def restore(
+        self, found: Found, model: Any, optimizer: Any, best: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Load ``found`` into the model, the optimizer, ``best`` (tensors shaped like the trainable
+        weights, for the best evaluation's copy the checkpoint keeps; see ``keeps_best``) and this process's
+        RNG; returns the training state. A process the writing run did not have keeps its seeded RNG."""
         from torch.distributed.checkpoint.api import CheckpointException
 
         TensorOnlyReader(found.local / TENSORS).read_metadata()  # refused here, not inside DCP's wrapping
         try:
-            load_tensor_state(model, optimizer, found.local / TENSORS)
+            load_tensor_state(model, optimizer, found.local / TENSORS, best)
         except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
             raise TrainerError(
                 TrainerReason.INVALID_CONFIG,
@@ -333,6 +347,12 @@ class Checkpointer:
         if not isinstance(state, dict):
             raise TrainerError(TrainerReason.STORAGE_ERROR, f"checkpoint {found.uri}{STATE} is malformed")
         return state
+
+
+def keeps_best(found: Found) -> bool:
+    """Whether the checkpoint holds a copy of the best evaluation's weights besides the current ones."""
+    state = found.read_json(STATE)
+    return isinstance(state, dict) and isinstance(state.get("best_weights_step"), int)
 
 
 def _remove(directory: Path) -> None:

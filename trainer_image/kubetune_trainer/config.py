@@ -12,6 +12,8 @@ from kubetune_trainer.contract import (
     CONFIG_MOUNT_DIR,
     CONFIG_PATH_ENV,
     METHODS,
+    SELECT_POLICIES,
+    TEXT_MODES,
     TrainerConfig,
     TrainerReason,
 )
@@ -92,6 +94,10 @@ def validate(config: TrainerConfig) -> list[str]:
         f"dataset.maxSeqLength must be in [16, 131072], got {data.max_seq_length}",
     )
     need(
+        data.text_mode in TEXT_MODES,
+        f"dataset.textMode {data.text_mode!r} must be one of {', '.join(TEXT_MODES)}",
+    )
+    need(
         all(isinstance(k, str) and isinstance(v, str) for k, v in (data.column_map or {}).items()),
         "dataset.columnMap must map strings to strings",
     )
@@ -131,6 +137,10 @@ def validate(config: TrainerConfig) -> list[str]:
         "hyperparameters.evalEverySteps must be >= 1",
     )
     need(
+        hp.early_stopping_patience is None or hp.early_stopping_patience >= 1,
+        f"hyperparameters.earlyStoppingPatience must be >= 1, got {hp.early_stopping_patience}",
+    )
+    need(
         hp.activation_checkpointing in ACTIVATION_CHECKPOINTING_SETTINGS,
         f"hyperparameters.activationCheckpointing {hp.activation_checkpointing!r} must be one of "
         + ", ".join(ACTIVATION_CHECKPOINTING_SETTINGS),
@@ -142,10 +152,34 @@ def validate(config: TrainerConfig) -> list[str]:
         f"output.uri {out.uri!r} must be an s3:// prefix ending in '/', e.g. s3://adapters/my-job/",
     )
     need(not (out.merge_adapter and config.method != "LoRA"), "output.mergeAdapter applies only to LoRA")
+    need(
+        out.select in SELECT_POLICIES,
+        f"output.select {out.select!r} must be one of {', '.join(SELECT_POLICIES)}",
+    )
+    problems.extend(evaluation_problems(config))
 
     ckpt = config.checkpointing
     need(ckpt.every_steps is None or ckpt.every_steps >= 1, "checkpointing.everySteps must be >= 1")
     need(ckpt.every_minutes is None or ckpt.every_minutes > 0, "checkpointing.everyMinutes must be > 0")
     need(ckpt.keep >= 1, f"checkpointing.keep must be >= 1, got {ckpt.keep}")
     need(0 <= config.gpus <= 16, f"gpus must be in [0, 16], got {config.gpus}")
+    return problems
+
+
+def evaluation_problems(config: TrainerConfig) -> list[str]:
+    """The settings that act on evaluations, set on a job that has no validation set to evaluate on."""
+    data, hp = config.dataset, config.hyperparameters
+    if data.validation is not None or data.validation_split is not None:
+        return []
+    problems = []
+    if config.output.select == "BestEval":
+        problems.append(
+            "output.select BestEval picks the step with the lowest validation loss, but the job has no "
+            "validation set: set dataset.validation or dataset.validationSplit, or output.select Last"
+        )
+    if hp.early_stopping_patience is not None:
+        problems.append(
+            "hyperparameters.earlyStoppingPatience stops when the validation loss stops improving, but the "
+            "job has no validation set: set dataset.validation or dataset.validationSplit, or remove it"
+        )
     return problems

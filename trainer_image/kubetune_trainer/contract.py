@@ -53,6 +53,7 @@ METRIC_GRAD_NORM = "kubetune_trainer_grad_norm"
 METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
 METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
+METRIC_EVAL_TOKEN_ACCURACY = "kubetune_trainer_eval_token_accuracy"
 
 # Training methods. The adapter methods train LoRA adapters on a frozen base (QLoRA: a 4-bit NF4 base) and
 # publish the adapter; Full trains every weight and publishes the model.
@@ -60,6 +61,12 @@ ADAPTER_METHODS = ("LoRA", "QLoRA")
 METHODS = (*ADAPTER_METHODS, "Full")
 # hyperparameters.activationCheckpointing: Auto follows the memory plan.
 ACTIVATION_CHECKPOINTING_SETTINGS = ("Auto", "Always", "Never")
+# output.select: which weights are published. Last: those after the last step; BestEval: those of the
+# evaluation with the lowest validation loss (needs a validation set).
+SELECT_POLICIES = ("Last", "BestEval")
+# dataset.textMode: what happens to a Text record longer than maxSeqLength. Chunk: cut into windows that
+# together train on every token once; Truncate: keep its first maxSeqLength tokens.
+TEXT_MODES = ("Chunk", "Truncate")
 
 
 # Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
@@ -231,7 +238,8 @@ class DatasetConfig:
     validation_split: float | None = None  # fraction of train held out for eval
     format: str = "Auto"  # Auto | Messages | PromptCompletion | Alpaca | ShareGPT | Text
     column_map: dict[str, str] | None = None  # our key -> the dataset's key, e.g. {"prompt": "question"}
-    max_seq_length: int = 2048  # longer examples are truncated, and counted
+    max_seq_length: int = 2048  # longer examples are truncated (Text records: see text_mode), and counted
+    text_mode: str = "Chunk"  # Chunk | Truncate: how Text records longer than max_seq_length are cut
 
 
 @dataclass(frozen=True)
@@ -260,12 +268,15 @@ class Hyperparameters:
     # (Auto: when the memory plan needs it to fit)
     activation_checkpointing: str = "Auto"
     eval_every_steps: int | None = None  # None: about ten evaluations per run
+    # Stop after this many evaluations in a row without a lower validation loss (None: never stop early).
+    early_stopping_patience: int | None = None
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     uri: str = ""  # s3:// prefix, ends with "/"
     merge_adapter: bool = False
+    select: str = "Last"  # Last | BestEval: which step's weights are published
 
 
 @dataclass(frozen=True)
@@ -326,6 +337,26 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which step's weights a result holds (output.select), and their validation loss."""
+
+    select: str = "Last"  # Last | BestEval
+    step: int = 0
+    eval_loss: float | None = None  # None: no evaluation ran at that step
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Why a run ended before its planned steps (hyperparameters.earlyStoppingPatience)."""
+
+    step: int = 0  # the last step trained
+    total_steps: int = 0  # the steps planned
+    patience: int = 0  # evaluations in a row without a lower validation loss
+    best_step: int = 0
+    best_eval_loss: float = 0.0
+
+
+@dataclass(frozen=True)
 class AdapterRecord:
     uri: str = ""
     files: list[str] = field(default_factory=list)
@@ -333,6 +364,7 @@ class AdapterRecord:
     sha256: str = ""  # of adapter_model.safetensors (LoRA, QLoRA) or model.safetensors (Full, first shard)
     base_model: str = ""
     files_omitted: int | None = None  # files under uri left out of `files` to fit the termination message
+    selected: Selection | None = None  # which step's weights these are
 
     def missing(self) -> list[str]:
         """What this record lacks to prove a result exists: empty when it names the object and its digest."""
@@ -367,6 +399,7 @@ class TerminationSummary:
     provenance: dict[str, Any] | None = None
     # The memory plan: strategy, worldSize, activationCheckpointing, microStepTokens, perGpuGiB, gpuGiB.
     plan: dict[str, Any] | None = None
+    early_stop: EarlyStop | None = None  # set when the run stopped before its planned steps
 
     def to_json(self) -> str:
         """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes. The outcome, the reason and the result record

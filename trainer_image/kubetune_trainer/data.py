@@ -441,6 +441,8 @@ class TokenizeStats:
     tokens: int = 0
     label_tokens: int = 0
     truncated: int = 0
+    chunked: int = 0  # long Text records cut into windows (dataset.textMode Chunk)
+    windows: int = 0  # the examples those records became
     dropped_no_labels: int = 0  # truncation left nothing to learn from
 
     def as_dict(self) -> dict[str, int]:
@@ -536,11 +538,33 @@ def _concat(segments: Sequence[tuple[str, bool]]) -> tuple[str, list[tuple[int, 
     return text, spans
 
 
+def text_windows(length: int, max_seq_length: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges that cut a sequence of ``length`` tokens into examples of at most
+    ``max_seq_length`` tokens. Consecutive windows share one token: a window's first token is never a
+    prediction target (nothing in the window precedes it), so it repeats the previous window's last token
+    as context, and every token after the sequence's first is a target in exactly one window."""
+    if max_seq_length < 2:
+        raise ValueError(f"text_windows: max_seq_length must be >= 2, got {max_seq_length}")
+    if length <= max_seq_length:
+        return [(0, length)]
+    stride = max_seq_length - 1
+    windows = []
+    start = 0
+    while True:
+        end = min(start + max_seq_length, length)
+        windows.append((start, end))
+        if end == length:
+            return windows
+        start += stride
+
+
 def tokenize_records(
-    records: Sequence[Record], tokenize: Tokenize, source: str
+    records: Sequence[Record], tokenize: Tokenize, source: str, chunk_long: bool = False
 ) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize, truncate to ``max_seq_length`` and drop examples left with no label; returns the examples
-    and counts for provenance."""
+    """Tokenize, fit to ``max_seq_length`` and drop examples left with no label; returns the examples and
+    counts for provenance. A longer example is truncated, or with ``chunk_long`` (Text records under
+    dataset.textMode Chunk) cut into windows (``text_windows``), each an example of its own, so continued
+    pretraining learns from the whole text."""
     examples: list[Example] = []
     stats = TokenizeStats()
     problems: list[tuple[str, str]] = []
@@ -553,18 +577,26 @@ def tokenize_records(
         except Exception as err:  # a template that raises on this conversation (e.g. role order rules)
             problems.append((record.where, f"the chat template failed: {err}"))
             continue
+        pieces = [example]
         if len(example.input_ids) > tokenize.max_seq_length:
-            stats.truncated += 1
-            cut = tokenize.max_seq_length
-            example = Example(example.input_ids[:cut], example.labels[:cut])
-        # The first token's label is never scored (nothing predicts it).
-        if all(label == IGNORE_INDEX for label in example.labels[1:]):
-            stats.dropped_no_labels += 1
-            continue
-        examples.append(example)
-        stats.examples += 1
-        stats.tokens += len(example.input_ids)
-        stats.label_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+            if chunk_long:
+                stats.chunked += 1
+                spans = text_windows(len(example.input_ids), tokenize.max_seq_length)
+                pieces = [Example(example.input_ids[a:b], example.labels[a:b]) for a, b in spans]
+                stats.windows += len(pieces)
+            else:
+                stats.truncated += 1
+                cut = tokenize.max_seq_length
+                pieces = [Example(example.input_ids[:cut], example.labels[:cut])]
+        for piece in pieces:
+            # The first token's label is never scored (nothing predicts it).
+            if all(label == IGNORE_INDEX for label in piece.labels[1:]):
+                stats.dropped_no_labels += 1
+                continue
+            examples.append(piece)
+            stats.examples += 1
+            stats.tokens += len(piece.input_ids)
+            stats.label_tokens += sum(1 for label in piece.labels[1:] if label != IGNORE_INDEX)
     if problems:
         raise TrainerError(TrainerReason.INVALID_DATASET, describe_problems(problems, source))
     if not examples:

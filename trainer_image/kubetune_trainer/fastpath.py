@@ -391,6 +391,46 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
     Divide by the label-token count of the whole optimizer step, not of the micro-step, so every label
     token weighs the same however the examples were grouped.
     """
+    selected, head, config = _label_hidden_states(model, batch)
+    return chunked_cross_entropy_sum(
+        selected, batch.prediction_targets, head, config
+    ), batch.num_label_tokens
+
+
+@torch.no_grad()
+def eval_sums(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """For evaluation: the summed cross-entropy over the batch's label tokens (as ``loss_sum``), how many
+    there are, and how many of them the model predicts exactly (the arg-max of its logits at the position
+    before each one). Chunked like the loss, so all [N, vocab] logits never exist at once."""
+    hidden, head, config = _label_hidden_states(model, batch)
+    targets = batch.prediction_targets
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+    vocab = getattr(config, "vocab_size", None) or getattr(head, "out_features", 32768)
+    chunk_rows = loss_chunk_rows(int(vocab), hidden.device)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows, target = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if isinstance(head, nn.Linear) and _head_is_plain_linear(head, config):
+            # The same products as the fused training loss (``_LinearCrossEntropySum``).
+            compute = head_compute_dtype(head.weight.dtype, _autocast_dtype(hidden.device))
+            bias = head.bias.to(compute) if head.bias is not None else None
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = F.linear(rows.to(compute), head.weight.to(compute), bias).float()
+        else:
+            logits = head(rows).float()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+        total += F.cross_entropy(logits, target, reduction="sum")
+        correct += (logits.argmax(dim=-1) == target).sum()
+    return total, batch.num_label_tokens, correct
+
+
+def _label_hidden_states(
+    model: nn.Module, batch: PackedBatch | PaddedBatch
+) -> tuple[torch.Tensor, nn.Module, Any]:
+    """The decoder's last hidden states at the positions whose next token carries a label ([N, d], in the
+    order of ``batch.prediction_targets``), the output head and the model config."""
     decoder = _decoder(model)
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
@@ -402,9 +442,7 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
         raise TypeError(f"loss_sum expects a PackedBatch or PaddedBatch, got {type(batch).__name__}")
     hidden = outputs.last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.prediction_positions)
-    return chunked_cross_entropy_sum(
-        selected, batch.prediction_targets, head, lm.config
-    ), batch.num_label_tokens
+    return selected, head, lm.config
 
 
 # ----------------------------------------------------------------------------------------------------

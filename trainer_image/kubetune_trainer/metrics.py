@@ -30,6 +30,10 @@ GAUGES = {
         "Tokens trained on so far (this run and resumed ones)",
     ),
     "eta_seconds": (contract.METRIC_ETA_SECONDS, "Estimated seconds until the last step"),
+    "eval_token_accuracy": (
+        contract.METRIC_EVAL_TOKEN_ACCURACY,
+        "Share of the validation set's label tokens predicted exactly (arg-max), at the last evaluation",
+    ),
 }
 
 

@@ -147,9 +147,13 @@ class LossModel(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: object) -> tuple[torch.Tensor, int]:
-        from kubetune_trainer.fastpath import loss_sum
+    def forward(self, batch: object, evaluate: bool = False) -> tuple[torch.Tensor | int, ...]:
+        """(summed loss, label tokens); with ``evaluate``, also the label tokens predicted exactly
+        (``fastpath.eval_sums``), computed without gradients."""
+        from kubetune_trainer.fastpath import eval_sums, loss_sum
 
+        if evaluate:
+            return eval_sums(self.model, batch)  # type: ignore[arg-type]
         return loss_sum(self.model, batch)  # type: ignore[arg-type]
 
 

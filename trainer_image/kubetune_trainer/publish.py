@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.contract import ADAPTER_METHODS, AdapterRecord
+from kubetune_trainer.contract import ADAPTER_METHODS, AdapterRecord, Selection
 from kubetune_trainer.storage import S3Uri, Storage, sha256_file
 
 OUTPUT_MANIFEST = "manifest.json"
@@ -112,7 +112,18 @@ def record_from_manifest(manifest: dict[str, Any], output_uri: str) -> AdapterRe
         size_bytes=sum(int(f["bytes"]) for f in files.values()),
         sha256=str(files.get(weights, {}).get("sha256", "")),
         base_model=str(manifest.get("baseModel", "")),
+        selected=_selection(manifest.get("selected")),
     )
+
+
+def _selection(value: Any) -> Selection | None:
+    """The manifest's record of which step's weights it holds (absent in results published before it)."""
+    if not isinstance(value, dict):
+        return None
+    step, loss = value.get("step"), value.get("evalLoss")
+    if not isinstance(step, int) or not isinstance(value.get("select"), str):
+        return None
+    return Selection(str(value["select"]), step, float(loss) if isinstance(loss, int | float) else None)
 
 
 def published(storage: Storage, output_uri: str, job_uid: str) -> tuple[AdapterRecord, dict[str, Any]] | None:

@@ -29,8 +29,10 @@ from kubetune_trainer.contract import (
     TERMINATION_LOG_ENV,
     WORK_DIR_ENV,
     AdapterRecord,
+    EarlyStop,
     Hyperparameters,
     LoraConfig,
+    Selection,
     TerminationSummary,
     TrainerConfig,
     TrainerReason,
@@ -115,7 +117,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     import torch
 
     from kubetune_trainer import data, model, preparation, publish
-    from kubetune_trainer.checkpoint import Checkpointer
+    from kubetune_trainer.checkpoint import Checkpointer, keeps_best
     from kubetune_trainer.fastpath import prepare_model
     from kubetune_trainer.parallel import (
         FORCE_STRATEGY_ENV,
@@ -126,7 +128,15 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         shard,
     )
     from kubetune_trainer.schedule import build_plan, warmup_steps
-    from kubetune_trainer.train import LoopSettings, Trainer, TrainState, make_optimizer, setup_runtime
+    from kubetune_trainer.train import (
+        LoopSettings,
+        Trainer,
+        TrainState,
+        load_snapshot,
+        make_optimizer,
+        setup_runtime,
+        snapshot_weights,
+    )
 
     runtime = setup_runtime(config.gpus, hp.seed)
     if runtime.is_main:
@@ -183,14 +193,18 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     model_dir, model_provenance = runtime.from_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
-    train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
+    # Long Text records (continued pretraining) become several windows rather than losing their tail.
+    chunk = train_parsed.format == "Text" and config.dataset.text_mode == "Chunk"
+    train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train, chunk)
     eval_examples: list[Any] = []
     eval_stats = None
     if val_records:
         source = config.dataset.validation or f"{config.dataset.train} (validationSplit)"
-        eval_examples, eval_stats = data.tokenize_records(val_records, tokenize, source)
+        eval_examples, eval_stats = data.tokenize_records(val_records, tokenize, source, chunk)
     if train_stats.truncated:
         log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
+    if train_stats.chunked:
+        log_event("chunked", records=train_stats.chunked, windows=train_stats.windows)
 
     # 4. Model: weights onto the device (QLoRA: quantized to NF4), attention for packed batches, LoRA adapters
     # or full training, activation checkpointing where the memory plan (or the job) asks for it.
@@ -234,7 +248,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         else LossModel(trainable)
     )
     optimizer = make_optimizer(trainable, hp.learning_rate, hp.weight_decay)
-    restored_state = checkpointer.restore(restored, trainable, optimizer) if restored else None
+    keep_best = config.output.select == "BestEval"
+    # The best evaluation's weights a checkpoint kept (BestEval) are read into a copy of the weights' shape.
+    best_weights = snapshot_weights(trainable) if keep_best and restored and keeps_best(restored) else None
+    restored_state = checkpointer.restore(restored, trainable, optimizer, best_weights) if restored else None
     state = TrainState.from_dict(restored_state) if restored_state else TrainState()
     progress.provenance = {
         "dataset": {
@@ -283,6 +300,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         eval_every_steps=hp.eval_every_steps,
         checkpoint_every_steps=config.checkpointing.every_steps,
         checkpoint_every_minutes=config.checkpointing.every_minutes,
+        keep_best=keep_best,
+        early_stopping_patience=hp.early_stopping_patience,
     )
     trainer = Trainer(
         loss_model,
@@ -297,11 +316,16 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         metrics,
         stop,
         state,
+        best_weights,
     )
     progress.trainer = trainer
     started, tokens_before = time.monotonic(), state.trained_tokens
     trainer.run()
     seconds = time.monotonic() - started
+    selected = selection(config.output.select, state)
+    if keep_best and trainer.best_weights is not None:
+        load_snapshot(trainable, trainer.best_weights)  # every rank: each holds its shards under FSDP
+    log_event("selected", select=selected.select, step=selected.step, eval_loss=selected.eval_loss)
 
     # 8. Save: files first, manifest last; then the checkpoints are no longer needed.
     final_metrics = _metrics(state)
@@ -327,6 +351,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "metrics": final_metrics,
             "progress": final_progress,
             "losses": state.losses,
+            "selected": dataclasses.asdict(selected),
             "trainSeconds": round(seconds, 3),
             "provenance": progress.provenance,
         }
@@ -348,13 +373,40 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             config.base_model,
             config.method,
             job,
-            {"metrics": final_metrics, "progress": final_progress},
+            {"metrics": final_metrics, "progress": final_progress, "selected": _camel_keys(selected)},
         )
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
     # 9. Report.
-    return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
+    early_stop = early_stop_of(state, trainer.total, hp.early_stopping_patience)
+    return _success(record, final_metrics, final_progress, progress.provenance, progress.plan, early_stop)
+
+
+def selection(select: str, state: Any) -> Selection:
+    """Which step's weights the result holds: the best evaluation's under BestEval (once one ran), else
+    the last step's, with the validation loss measured on them (None where no evaluation ran there)."""
+    if select == "BestEval" and state.best_weights_step is not None:
+        return Selection("BestEval", int(state.best_weights_step), state.best_eval_loss)
+    last_eval = state.eval_loss if state.best_step is not None else None
+    # The loop evaluates at its last step (planned or early-stopped) whenever it evaluates at all.
+    return Selection("Last", int(state.step), last_eval)
+
+
+def early_stop_of(state: Any, total_steps: int, patience: int | None) -> EarlyStop | None:
+    if not state.stopped_early or patience is None:
+        return None
+    return EarlyStop(
+        step=int(state.step),
+        total_steps=int(total_steps),
+        patience=patience,
+        best_step=int(state.best_step or 0),
+        best_eval_loss=float(state.best_eval_loss or 0.0),
+    )
+
+
+def _camel_keys(selected: Selection) -> dict[str, Any]:
+    return {"select": selected.select, "step": selected.step, "evalLoss": selected.eval_loss}
 
 
 def resolve_batching(
@@ -476,6 +528,7 @@ def _metrics(state: Any) -> dict[str, float]:
         "evalLoss": state.eval_loss,
         "bestEvalLoss": state.best_eval_loss,
         "bestStep": state.best_step,
+        "evalTokenAccuracy": state.eval_token_accuracy,
         "learningRate": state.learning_rate,
         "gradNorm": state.grad_norm,
     }
@@ -497,16 +550,24 @@ def _success(
     progress: dict[str, float],
     provenance: dict[str, Any],
     plan: dict[str, Any] | None,
+    early_stop: EarlyStop | None = None,
 ) -> TerminationSummary:
+    message = f"written to {record.uri}"
+    if early_stop is not None:
+        message += (
+            f"; stopped early after step {early_stop.step} of {early_stop.total_steps}: the validation loss "
+            f"did not improve in {early_stop.patience} evaluations"
+        )
     return TerminationSummary(
         outcome="Succeeded",
         reason="Completed",
-        message=f"written to {record.uri}",
+        message=message,
         adapter=record,
         metrics=metrics,
         progress=progress,
         provenance=_compact(provenance),
         plan=plan,
+        early_stop=early_stop,
     )
 
 

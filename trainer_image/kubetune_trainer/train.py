@@ -1,6 +1,7 @@
 """The training loop, in plain sight: for each planned step, run its micro-batches, normalise the summed loss
-by the step's label tokens, clip, step the optimizer; evaluate, log and checkpoint at intervals; stop cleanly
-on SIGTERM."""
+by the step's label tokens, clip, step the optimizer; evaluate, log and checkpoint at intervals; keep the
+weights of the best evaluation and stop when evaluations stop improving, where the job asks for it; stop
+cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -160,6 +161,12 @@ class TrainState:
     learning_rate: float | None = None
     grad_norm: float | None = None
     losses: list[float] = field(default_factory=list)  # per step, for the summary and the tests
+    eval_token_accuracy: float | None = None  # share of the label tokens predicted exactly, last evaluation
+    evals_without_improvement: int = 0  # evaluations in a row since the best one
+    stopped_early: bool = False  # earlyStoppingPatience ended the run before its planned steps
+    # The step whose trainable weights the checkpoint keeps besides the current ones (output.select
+    # BestEval); None: it keeps none.
+    best_weights_step: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +186,8 @@ class LoopSettings:
     eval_every_steps: int | None
     checkpoint_every_steps: int | None
     checkpoint_every_minutes: float | None
+    keep_best: bool = False  # output.select BestEval: hold a copy of the weights of the best evaluation
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
 
 
 def make_optimizer(
@@ -191,6 +200,45 @@ def make_optimizer(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The best weights (output.select BestEval)
+# ----------------------------------------------------------------------------------------------------
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by the names a model state dict gives them (DTensors under FSDP)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights: in host memory where a parameter is a whole tensor; a sharded
+    parameter (FSDP) keeps its 1/N shard on its device, as a DTensor, so a checkpoint saves and reshards it
+    like the weights themselves."""
+    copies = {}
+    for name, param in trainable_tensors(model).items():
+        value = param.detach()
+        copies[name] = value.clone() if hasattr(value, "device_mesh") else value.to("cpu", copy=True)
+    return copies
+
+
+def update_snapshot(snapshot: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Overwrite ``snapshot`` (from ``snapshot_weights``) with the model's current trainable weights."""
+    for name, param in trainable_tensors(model).items():
+        snapshot[name].copy_(param.detach())
+
+
+@torch.no_grad()
+def load_snapshot(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Put the weights of ``snapshot`` back into the model's trainable parameters."""
+    params = trainable_tensors(model)
+    if set(params) != set(snapshot):
+        raise ValueError(
+            f"the kept weights name {len(snapshot)} tensors, the model trains {len(params)}: they differ"
+        )
+    for name, param in params.items():
+        param.copy_(snapshot[name].to(param.device) if not hasattr(param, "device_mesh") else snapshot[name])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,6 +264,7 @@ class Trainer:
         metrics: Metrics,
         stop: StopFlag,
         state: TrainState,
+        best_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.sharded = is_sharded(model)
@@ -240,6 +289,9 @@ class Trainer:
         # The RNG state at the start of the step being run: a stop between its micro-batches checkpoints
         # the step before it, so the restart must draw that step's random numbers (dropout) again.
         self.step_rng: dict[str, Any] | None = None
+        # With keep_best: the trainable weights after step state.best_weights_step (restored with a
+        # checkpoint, or taken at the first evaluation).
+        self.best_weights = best_weights
 
     def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
         chosen = [pool[i] for i in indices]
@@ -273,6 +325,13 @@ class Trainer:
                 self.state.step % self.eval_every == 0 or self.state.step == self.total
             ):
                 self._evaluate()
+            patience = self.settings.early_stopping_patience
+            if (
+                patience is not None
+                and self.state.evals_without_improvement >= patience
+                and self.state.step < self.total
+            ):
+                self.state.stopped_early = True
             now = time.monotonic()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             eta = (self.total - self.state.step) * (now - run_start) / (self.state.step - start_step)
@@ -286,10 +345,13 @@ class Trainer:
                 tokens_per_second=tokens_per_s,
                 eta_seconds=eta,
             )
-            last = self.state.step == self.total
+            last = self.state.step == self.total or self.state.stopped_early
             if self.state.step % self.log_every == 0 or last or now - window_start > 60:
                 self._log_progress(tokens_per_s, eta)
                 window_start, window_tokens = now, 0
+            if self.state.stopped_early:
+                self._log_early_stop()
+                break
             if self._checkpoint_due():
                 self.save_checkpoint()
             hang_for_tests(self.state.step, start_step, self.stop)
@@ -369,42 +431,72 @@ class Trainer:
             param.grad = reduced
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over every label token of the validation set."""
+    def evaluate(self) -> tuple[float, float]:
+        """Over every label token of the validation set: the mean loss, and the share of those tokens the
+        model predicts exactly (token accuracy)."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)
         mine = self.eval_batches[self.runtime.rank :: self.runtime.world_size]
         for position in range(self._forwards(len(self.eval_batches))):
             counted = position < len(mine)
             batch = self.collate(mine[position] if counted else self.eval_batches[0], self.eval_examples)
             with self.runtime.autocast():
-                summed, count = self.model(batch)
+                summed, count, correct = self.model(batch, evaluate=True)
             if counted:
                 totals[0] += summed.double()
                 totals[1] += count
+                totals[2] += correct.double()
         if self.sharded:
             # The root unit stays gathered after a forward (its backward would need it): free it, as no
             # backward follows.
             self.model.reshard()  # type: ignore[operator]
         self.model.train()
-        summed_all, count_all = self.runtime.all_reduce(totals).tolist()
-        return summed_all / max(1.0, count_all)
+        summed_all, count_all, correct_all = self.runtime.all_reduce(totals).tolist()
+        return summed_all / max(1.0, count_all), correct_all / max(1.0, count_all)
 
     def _evaluate(self) -> None:
-        loss = self.evaluate()
-        self.state.eval_loss = loss
+        loss, accuracy = self.evaluate()
+        self.state.eval_loss, self.state.eval_token_accuracy = loss, accuracy
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = loss, self.state.step
+            self.state.evals_without_improvement = 0
+            if self.settings.keep_best:
+                self._keep_best_weights()
+        else:
+            self.state.evals_without_improvement += 1
         self.metrics.set(
-            eval_loss=loss, best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step
+            eval_loss=loss,
+            eval_token_accuracy=accuracy,
+            best_eval_loss=self.state.best_eval_loss,
+            best_step=self.state.best_step,
         )
         if self.runtime.is_main:
             log_event(
                 "eval",
                 step=self.state.step,
                 eval_loss=round(loss, 6),
+                eval_token_accuracy=round(accuracy, 6),
                 best_eval_loss=round(self.state.best_eval_loss, 6),
                 best_step=self.state.best_step,
+            )
+
+    def _keep_best_weights(self) -> None:
+        trainable = self.model.model
+        if self.best_weights is None:
+            self.best_weights = snapshot_weights(trainable)
+        else:
+            update_snapshot(self.best_weights, trainable)
+        self.state.best_weights_step = self.state.step
+
+    def _log_early_stop(self) -> None:
+        if self.runtime.is_main:
+            log_event(
+                "early_stop",
+                step=self.state.step,
+                total_steps=self.total,
+                patience=self.settings.early_stopping_patience,
+                best_step=self.state.best_step,
+                best_eval_loss=self.state.best_eval_loss,
             )
 
     def epoch(self) -> float:
@@ -451,6 +543,7 @@ class Trainer:
             self.state.as_dict(),
             self.step_rng or capture_rng(),  # stopped mid-step: that step's start
             self.plan,
+            self.best_weights if self.state.best_weights_step is not None else None,
         )
         if self.runtime.is_main:
             log_event(

@@ -48,6 +48,7 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
             format=spec.dataset.format,
             column_map=dict(spec.dataset.column_map) if spec.dataset.column_map else None,
             max_seq_length=spec.dataset.max_seq_length,
+            text_mode=spec.dataset.text_mode,
         ),
         hyperparameters=contract.Hyperparameters(
             epochs=float(hp.epochs) if hp.epochs is not None else None,
@@ -64,10 +65,13 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
             packing=hp.packing,
             activation_checkpointing=hp.activation_checkpointing,
             eval_every_steps=hp.eval_every_steps,
+            early_stopping_patience=hp.early_stopping_patience,
         ),
         # A merged model is written for LoRA only (a 4-bit QLoRA base and Full have nothing to merge into).
         output=contract.OutputConfig(
-            uri=spec.output.uri, merge_adapter=spec.output.merge_adapter and spec.method == "LoRA"
+            uri=spec.output.uri,
+            merge_adapter=spec.output.merge_adapter and spec.method == "LoRA",
+            select=spec.output.select,
         ),
         s3=contract.S3Config(
             endpoint=spec.s3.endpoint or config.default_s3_endpoint,
