@@ -322,7 +322,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     started, tokens_before = time.monotonic(), state.trained_tokens
     trainer.run()
     seconds = time.monotonic() - started
-    selected = selection(config.output.select, state)
+    selected = selection(config.output.select, state, trainer.best_weights is not None)
     if keep_best and trainer.best_weights is not None:
         load_snapshot(trainable, trainer.best_weights)  # every rank: each holds its shards under FSDP
     log_event("selected", select=selected.select, step=selected.step, eval_loss=selected.eval_loss)
@@ -383,10 +383,11 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     return _success(record, final_metrics, final_progress, progress.provenance, progress.plan, early_stop)
 
 
-def selection(select: str, state: Any) -> Selection:
-    """Which step's weights the result holds: the best evaluation's under BestEval (once one ran), else
-    the last step's, with the validation loss measured on them (None where no evaluation ran there)."""
-    if select == "BestEval" and state.best_weights_step is not None:
+def selection(select: str, state: Any, holds_best: bool) -> Selection:
+    """Which step's weights the result holds: the best evaluation's under BestEval (once one ran and its
+    weights are held), else the last step's, with the validation loss measured on them (None where no
+    evaluation ran there)."""
+    if select == "BestEval" and holds_best and state.best_weights_step is not None:
         return Selection("BestEval", int(state.best_weights_step), state.best_eval_loss)
     last_eval = state.eval_loss if state.best_step is not None else None
     # The loop evaluates at its last step (planned or early-stopped) whenever it evaluates at all.
