@@ -19,18 +19,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import Workspace, jsonl, log_events
+from kubetune_trainer import launch, parallel
 from kubetune_trainer.contract import (
     DatasetConfig,
     Hyperparameters,
     LoraConfig,
     OutputConfig,
     Selection,
+    TerminationSummary,
     TrainerConfig,
     TrainerReason,
 )
 from kubetune_trainer.data import Tokenize, parse_records
 from kubetune_trainer.errors import EXIT_INTERRUPTED
 from kubetune_trainer.packing import IGNORE_INDEX
+from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV
 from kubetune_trainer.train import TEST_HANG_ENV
 
 EVAL_EVERY = 3
@@ -240,3 +243,83 @@ def test_without_a_validation_set_best_eval_and_patience_are_refused(ws: Workspa
     assert "output.select BestEval" in result.summary.message
     assert "earlyStoppingPatience" in result.summary.message
     assert "set dataset.validation or dataset.validationSplit" in result.summary.message
+
+
+def test_qlora_best_eval_publishes_the_adapter_of_the_best_step(ws: Workspace, monkeypatch) -> None:
+    """QLoRA (a 4-bit NF4 base, on the CPU here): the early-stopped BestEval run publishes, tensor for
+    tensor, the adapter of a run that simply trained up to the best step."""
+    config = overfit_config(ws, "best", "QLoRA", max_steps=200, early_stopping_patience=2)
+    config = replace(config, lora=LoraConfig(r=8, alpha=16, dropout=0.0))
+    result = ws.run(config, monkeypatch)
+    assert result.code == 0, result.summary.message
+    assert result.summary.metrics is not None and result.summary.progress is not None
+    best_step = int(result.summary.metrics["bestStep"])
+    assert best_step < result.summary.progress["step"] < 200
+    assert result.summary.adapter is not None and result.summary.adapter.selected is not None
+    assert result.summary.adapter.selected.step == best_step
+
+    short = replace(
+        config,
+        hyperparameters=replace(config.hyperparameters, max_steps=best_step, early_stopping_patience=None),
+        output=OutputConfig(uri=f"s3://{ws.bucket}/short/", select="Last"),
+    )
+    assert ws.run(short, monkeypatch).code == 0
+    published = published_file(ws, "best/adapter_model.safetensors")
+    reference = published_file(ws, "short/adapter_model.safetensors")
+    assert published.keys() == reference.keys() and len(reference) > 0
+    for name, tensor in reference.items():
+        torch.testing.assert_close(published[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_keeps_the_best_shards_through_a_restart(ws: Workspace, monkeypatch) -> None:
+    """Full fine-tuning sharded over two CPU processes: each keeps its shard of the best weights, writes it
+    into the checkpoint, reads it back after SIGTERM and a restart, and the gathered result is the best
+    step's, as one process holding the model whole publishes it."""
+    micro = {MICRO_BATCH_TOKENS_ENV: "128"}
+    config = overfit_config(ws, "one", "Full", max_steps=200, early_stopping_patience=2)
+    one = ws.run(config, monkeypatch, **micro)
+    assert one.code == 0, one.summary.message
+    assert one.summary.metrics is not None and one.summary.progress is not None
+    best_step, stopped = int(one.summary.metrics["bestStep"]), int(one.summary.progress["step"])
+
+    sharded = replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/two/", select="BestEval"))
+    two_processes = {
+        **micro,
+        launch.CPU_PROCESSES_ENV: "2",
+        parallel.FORCE_STRATEGY_ENV: parallel.FSDP,
+    }
+    process, _ = ws.subprocess(sharded, "two", **two_processes, **{TEST_HANG_ENV: str(best_step + 1)})
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("{") and json.loads(line)["event"] == "test_hang":
+            process.send_signal(signal.SIGTERM)
+            break
+    out, _ = process.communicate(timeout=300)
+    lines += out.splitlines()
+    assert process.returncode == EXIT_INTERRUPTED, "\n".join(lines[-20:])
+    checkpoint = [e for e in log_events(lines) if e["event"] == "checkpoint"][-1]["step"]
+    assert checkpoint == best_step + 1
+    manifest = ws.read_json(f"two/checkpoints/step-{checkpoint:08d}/manifest.json")
+    assert manifest["worldSize"] == 2 and {"dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(manifest["files"])
+
+    process, termination_log = ws.subprocess(sharded, "two-resumed", **two_processes)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-4000:]
+    summary = TerminationSummary.from_json(termination_log.read_text())
+    assert summary.progress is not None and summary.progress["step"] == stopped
+    assert summary.adapter is not None and summary.adapter.selected is not None
+    assert summary.adapter.selected.step == best_step
+    assert ws.read_json("two/training_summary.json")["provenance"]["resolved"]["strategy"] == "FSDP"
+    one_weights = published_file(ws, "one/model.safetensors")
+    two_weights = published_file(ws, "two/model.safetensors")
+    assert one_weights.keys() == two_weights.keys() and one_weights
+    difference = max(float((one_weights[k] - two_weights[k]).abs().max()) for k in one_weights)
+    assert difference < 1e-5
+
+
+def published_file(ws: Workspace, key: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(ws.s3.client().get_object(Bucket=ws.bucket, Key=key)["Body"].read())
