@@ -101,3 +101,30 @@ def test_the_output_manifest_records_the_selection_for_a_restart_after_success()
     assert record_from_manifest(manifest, "s3://out/job/").selected is None
     del manifest["selected"]  # published before selections were recorded
     assert record_from_manifest(manifest, "s3://out/job/").selected is None
+
+
+def test_the_memory_plan_counts_the_kept_best_shard_under_fsdp_only() -> None:
+    from kubetune_trainer.memory_plan import GIB, Request, estimate, model_shape
+    from kubetune_trainer.parallel import FSDP, SINGLE
+
+    shape = model_shape(
+        {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "tie_word_embeddings": True,
+        }
+    )
+
+    def plan(strategy: str, processes: int, keep_best: bool) -> int:
+        request = Request("Full", processes, 2048, "cuda", 80 * GIB, keep_best=keep_best)
+        return estimate(shape, request, strategy, checkpointing=False).optimizer
+
+    # Full trains float32 weights: 4 bytes a parameter, split over the processes.
+    assert plan(FSDP, 4, True) - plan(FSDP, 4, False) == shape.parameters * 4 // 4
+    assert plan(SINGLE, 1, True) == plan(SINGLE, 1, False)  # one process keeps the copy in host memory

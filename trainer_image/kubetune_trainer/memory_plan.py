@@ -6,7 +6,9 @@ Bytes per GPU:
 
     weights      the base model (bf16; NF4 for QLoRA; fp32 on CPU) and the trainable weights
     gradients    float32, one per trainable weight
-    optimizer    AdamW's two float32 moments, and a float32 master copy of weights that train in bf16
+    optimizer    AdamW's two float32 moments, and a float32 master copy of weights that train in bf16; under
+                 FSDP with output.select BestEval also the shard of the best evaluation's weights (one
+                 process holding the model whole keeps that copy in host memory)
     activations  what autograd keeps for backward at the planned tokens per micro-step
     workspace    the larger transient: the loss's chunk of logits, or the optimizer step's temporaries
 
@@ -159,6 +161,7 @@ class Request:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] | None = None  # None: every Linear of the decoder layers
     activation_checkpointing: str = "Auto"  # Auto: only where needed to fit | Always | Never
+    keep_best: bool = False  # output.select BestEval: a copy of the trainable weights is kept
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ def estimate(shape: ModelShape, request: Request, strategy: str, checkpointing: 
         gradients = gradients // shards + (shape.largest_layer_parameters * precision.compute if full else 0)
         optimizer //= shards
         optimizer_temporaries //= shards
+        if request.keep_best:  # each process keeps its shard of the best weights beside its own
+            optimizer += trainable * FP32 // shards
     elif strategy == DDP:
         gradients *= 2  # the flat buffer the all-reduce sums into
 

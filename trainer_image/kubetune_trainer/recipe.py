@@ -497,6 +497,7 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
         lora_dropout=lora.dropout,
         lora_targets=tuple(lora.target_modules) if lora.target_modules else None,
         activation_checkpointing=hp.activation_checkpointing,
+        keep_best=config.output.select == "BestEval",
     )
     return memory_plan.choose(shape, request, model=config.base_model)
 
