@@ -602,7 +602,7 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
         grad_norm=_sig(sample.grad_norm, old_metrics.grad_norm),
         best_eval_loss=_sig(sample.best_eval_loss, old_metrics.best_eval_loss),
         best_step=_int(sample.best_step, old_metrics.best_step),
-        eval_token_accuracy=_sig(sample.eval_token_accuracy, old_metrics.eval_token_accuracy),
+        eval_token_accuracy=_share(sample.eval_token_accuracy, old_metrics.eval_token_accuracy),
     )
     st.fields["history"] = history.add_sample(
         st.old.history, _int(sample.step, None), sample.train_loss, sample.eval_loss, sample.learning_rate
@@ -866,6 +866,12 @@ def _int(value: Any, fallback: int | None) -> int | None:
 def _num(value: Any, fallback: float | None, digits: int) -> float | None:
     number = _finite(value)
     return round(max(0.0, number), digits) if number is not None else fallback
+
+
+def _share(value: Any, fallback: float | None) -> float | None:
+    """A fraction (0 to 1, as the CRD bounds it) to five significant digits; anything else is not taken."""
+    number = _finite(value)
+    return _sig(number, fallback) if number is not None and 0.0 <= number <= 1.0 else fallback
 
 
 def _sig(value: Any, fallback: float | None) -> float | None:

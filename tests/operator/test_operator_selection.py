@@ -167,3 +167,19 @@ def test_best_eval_and_early_stopping_without_a_validation_set_are_refused() -> 
         )
     )
     assert validate(with_split) == []
+
+
+def test_an_accuracy_outside_0_to_1_is_not_written(config: OperatorConfig) -> None:
+    body = make_job()
+    outcome = reconcile(parse(body), observed(), config)
+    for reported, kept in ((0.75, 0.75), (1.5, 0.75), (-0.1, 0.75), (1.0, 1.0)):
+        text = metrics_text(**{contract.METRIC_STEP: 10, contract.METRIC_EVAL_TOKEN_ACCURACY: reported})
+        running = _children(
+            trainer_job=make_trainer_job(active=1),
+            pods=[make_pod(phase="Running", ip="10.0.0.7", running_since=ts(30))],
+            sample=parse_trainer_metrics(text),
+        )
+        body = with_status(body, outcome.status)
+        outcome = reconcile(parse(body), running, config)
+        assert outcome.status.metrics is not None
+        assert outcome.status.metrics.eval_token_accuracy == kept, reported
