@@ -263,6 +263,7 @@ def _metrics_line(job: dict[str, Any]) -> str:
     names = [
         ("trainLoss", "train loss"),
         ("evalLoss", "eval loss"),
+        ("evalTokenAccuracy", "eval token accuracy"),
         ("learningRate", "lr"),
         ("gradNorm", "grad norm"),
     ]
@@ -307,7 +308,18 @@ def _artifact(record: dict[str, Any]) -> list[str]:
         f"  Size:       {_size(size) if size is not None else NONE}",
         f"  SHA-256:    {text_at(record, 'sha256') or NONE}",
         f"  Base model: {text_at(record, 'baseModel') or NONE}",
+        f"  Weights:    {_selected(record)}",
     ]
+
+
+def _selected(record: dict[str, Any]) -> str:
+    """Which step's weights the result holds (spec.output.select), as status.<kind>.selected says."""
+    step = number_at(record, "selected", "step")
+    if step is None:
+        return NONE
+    loss = number_at(record, "selected", "evalLoss")
+    how = text_at(record, "selected", "select") or NONE
+    return f"step {int(step)} ({how}" + (f", eval loss {loss:.4g})" if loss is not None else ")")
 
 
 def _key_values(obj: dict[str, Any], indent: str = "  ") -> list[str]:

@@ -97,7 +97,8 @@ def test_describe_shows_conditions_adapter_and_the_loss_chart() -> None:
              "lastTransitionTime": "2026-01-02T03:00:05Z"}
         ],
         adapter={"uri": "s3://adapters/a/", "files": ["adapter_model.safetensors"], "sizeBytes": 2048,
-                 "sha256": "ab" * 32},
+                 "sha256": "ab" * 32, "selected": {"select": "BestEval", "step": 20, "evalLoss": 2.2}},
+        metrics={"evalLoss": 2.5, "evalTokenAccuracy": 0.4375, "bestEvalLoss": 2.2, "bestStep": 20},
         history={"step": [10, 20, 30], "trainLoss": [3.0, 2.0, 1.5], "learningRate": [1e-4] * 3,
                  "evalStep": [20, 30], "evalLoss": [2.5, 2.2]},
     )  # fmt: skip
@@ -105,6 +106,8 @@ def test_describe_shows_conditions_adapter_and_the_loss_chart() -> None:
     assert "Succeeded   True     Completed   4m    adapter written" in text
     assert "SHA-256:    " + "ab" * 32 in text
     assert "Size:       2.0 KiB" in text
+    assert "Weights:    step 20 (BestEval, eval loss 2.2)" in text
+    assert "eval token accuracy 0.4375" in text and "best eval 2.2 at step 20" in text
     assert "* train loss   o eval loss" in text
 
 
