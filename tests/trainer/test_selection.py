@@ -135,6 +135,10 @@ def test_full_best_eval_publishes_the_best_steps_weights(ws: Workspace, monkeypa
     download(ws, "best/", local)
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
     loss, _ = plain_eval(model, AutoTokenizer.from_pretrained(local))
+    print(
+        f"Full BestEval: best step {best_step} of 40, eval loss {best_loss:.4f} "
+        f"(last {summary.metrics['evalLoss']:.4f}); published model re-evaluated {loss:.4f}"
+    )
     assert loss == pytest.approx(best_loss, abs=1e-4)
 
     # Tensor for tensor, the weights of a run that trained exactly best_step steps and kept its last.
@@ -199,6 +203,10 @@ def test_lora_early_stop_keeps_the_best_adapter_across_a_restart(
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, local).eval()
     loss, _ = plain_eval(adapted, AutoTokenizer.from_pretrained(base_dir))
+    print(
+        f"LoRA early stop: stopped after step {stopped} of 200, best step {best_step} "
+        f"({summary.metrics['bestEvalLoss']:.4f}); PEFT-loaded adapter re-evaluated {loss:.4f}"
+    )
     assert loss == pytest.approx(summary.metrics["bestEvalLoss"], abs=1e-4)
 
     # The same job, stopped by SIGTERM one step after its best evaluation, then restarted: the checkpoint
