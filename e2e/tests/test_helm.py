@@ -379,6 +379,7 @@ def test_kueue_admits_the_queued_trainer_job_and_it_trains(
         if '"f:suspend"' in json.dumps(entry.get("fieldsV1", {})) and entry["operation"] == "Update"
     ]
     assert writers and all(w.startswith("kueue") for w in writers), trainer_job["metadata"]["managedFields"]
+    print(f"spec.suspend last written by {writers}; {admitted['message']}")
     assert trainer_job["spec"]["suspend"] is False
 
 

@@ -155,6 +155,7 @@ def test_a_second_job_waits_for_quota_in_kueues_words_and_starts_when_the_first_
     waiting = queued_with(kube, ns, "second", kueue_says)
     suspended = condition(waiting, "Suspended")
     assert suspended is not None and suspended["status"] == "True"
+    print(f"second, Suspended={suspended['status']}/{suspended['reason']}: {suspended['message']}")
     assert suspended["message"].startswith(f"waiting for Kueue to admit the trainer Job (queue {queue})")
     assert waiting["status"]["phase"] == "Suspended" and waiting["status"]["message"] == suspended["message"]
     stays_without_pods(kube, ns, "second", 3)
@@ -188,6 +189,7 @@ def test_a_job_larger_than_the_cluster_queue_stays_queued_and_kstatus_never_call
     assert GPU in kueue_says and "maximum capacity" in kueue_says, kueue_says
     held = queued_with(kube, ns, "too-big", kueue_says)
     verdict = kstatus_verdict(held)
+    print(f"too-big: {condition(held, 'Suspended')['message']}\nkstatus: {verdict}")
     assert verdict["status"] == "InProgress", verdict
     stays_without_pods(kube, ns, "too-big", 3)
     again = kstatus_verdict(kube.get(ftj_path(ns, "too-big")))
