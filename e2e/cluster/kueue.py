@@ -255,11 +255,13 @@ def local_queue(name: str, namespace: str, cluster_queue_name: str) -> JSON:
     }
 
 
-def make_queue(kube: KubeClient, namespace: str, quota: dict[str, str], prefix: str = "q") -> str:
-    """A ClusterQueue with ``quota`` and a LocalQueue in ``namespace`` pointing at it, both Active; the
-    LocalQueue's name (what spec.queueName takes)."""
+def make_queue(
+    kube: KubeClient, namespace: str, quota: dict[str, str], prefix: str = "q", name: str | None = None
+) -> str:
+    """A ClusterQueue with ``quota`` and a LocalQueue in ``namespace`` pointing at it (both named ``name``, or
+    ``prefix``-<random>), once both are Active; the LocalQueue's name (what spec.queueName takes)."""
     kube.server_side_apply(f"{API}/resourceflavors", resource_flavor())
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    name = name or f"{prefix}-{uuid.uuid4().hex[:6]}"
     kube.create(f"{API}/clusterqueues", cluster_queue(name, quota))
     kube.create(f"{API}/namespaces/{namespace}/localqueues", local_queue(name, namespace, name))
     for path in (f"{API}/clusterqueues/{name}", f"{API}/namespaces/{namespace}/localqueues/{name}"):

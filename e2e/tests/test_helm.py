@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,17 +340,34 @@ def test_reapplying_the_finished_manifest_changes_nothing(
 def test_kueue_admits_the_queued_trainer_job_and_it_trains(
     kube: KubeClient, release: Release, inputs: S3Server, kueue: KueueProcess
 ) -> None:
-    """Kueue's own controller, not the test, admits the trainer Job: it reserves the pod's cpu and memory in
-    a ClusterQueue, unsuspends the Job, and the FineTuneJob trains to Succeeded."""
+    """Kueue's own controller, not the test, admits the trainer Job. Queued first into a LocalQueue that does
+    not exist yet: the Job stays suspended, and the chart's operator (with the chart's RBAC) shows Kueue's
+    Inadmissible message. Once the queue exists Kueue reserves the pod's cpu and memory in its ClusterQueue,
+    unsuspends the Job, and the FineTuneJob trains to Succeeded."""
     ns = release.namespace
-    queue = kueue_harness.make_queue(kube, ns, {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"})
+    queue = f"helm-{uuid.uuid4().hex[:6]}"
     kube.apply_yaml(f"/api/v1/namespaces/{ns}/secrets", s3_secret(inputs.access_key, inputs.secret_key))
     manifest = tiny_job("queued", inputs, queueName=queue)
     manifest["spec"]["resources"].update({"cpu": "500m", "memory": "1Gi"})
     kube.create(ftj_path(ns), manifest)
     job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer"
     created = kube.wait_for(job_path, bool, timeout=30, what="the trainer Job to be created")
+    assert created["spec"]["suspend"] is True
     assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
+    kueue_says = f"LocalQueue {queue} doesn't exist"
+    held = kube.wait_for(
+        ftj_path(ns, "queued"),
+        lambda o: kueue_says in str((condition(o, "Suspended") or {}).get("message")),
+        timeout=60,
+        what=f"Suspended=True/Queued with Kueue's {kueue_says!r}",
+    )
+    waiting = condition(held, "Suspended")
+    assert (waiting["status"], waiting["reason"]) == ("True", "Queued")
+    assert waiting["message"].endswith(f"(Inadmissible): {kueue_says}")
+    assert not pods_of(kube, ns, "kubetune.io/job-name=queued")
+    assert kube.get(job_path)["spec"]["suspend"] is True
+
+    kueue_harness.make_queue(kube, ns, {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}, name=queue)
     done = kube.wait_for(
         ftj_path(ns, "queued"),
         lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
@@ -379,7 +397,7 @@ def test_kueue_admits_the_queued_trainer_job_and_it_trains(
         if '"f:suspend"' in json.dumps(entry.get("fieldsV1", {})) and entry["operation"] == "Update"
     ]
     assert writers and all(w.startswith("kueue") for w in writers), trainer_job["metadata"]["managedFields"]
-    print(f"spec.suspend last written by {writers}; {admitted['message']}")
+    print(f"held: {waiting['message']}\nspec.suspend last written by {writers}; {admitted['message']}")
     assert trainer_job["spec"]["suspend"] is False
 
 
