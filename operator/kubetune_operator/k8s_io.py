@@ -215,7 +215,8 @@ class KubeIO:
             return [dict(item) for item in items if isinstance(item, dict)] if isinstance(items, list) else []
         raise kueue.KueueUnavailable(
             f"the API server serves no {kueue.PLURAL}.{kueue.GROUP}: Kueue is not installed in this cluster, "
-            "so nothing will admit the trainer Job; install Kueue or remove spec.queueName"
+            "so nothing will admit the trainer Job; install Kueue, or remove spec.queueName to start it "
+            "unqueued"
         )
 
     def create(self, obj: Obj) -> None:

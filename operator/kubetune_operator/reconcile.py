@@ -480,14 +480,16 @@ def _restart_stuck(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, pod: Ob
 
 
 RECHECK_SECONDS = 15.0
+"""How often a job is looked at again while it waits on something the operator does not watch: a trainer Job
+without a pod (FailedCreate Events), an object in the way of a child (ChildConflict)."""
 QUEUED_RECHECK_SECONDS = 10.0
 """How often a queued job's Workload is read again for Kueue's latest explanation. Admission itself needs no
 poll: Kueue unsuspends the trainer Job, and the Job's event wakes the operator at once."""
-"""How often a job is looked at again while it waits on something the operator does not watch: a trainer Job
-without a pod (FailedCreate Events), an object in the way of a child (ChildConflict)."""
 
 
-def _needs_a_person(st: _Status, spec: FineTuneJobSpec, reason: str, pod: Obj | None, seen: Observed) -> bool:
+def _needs_a_person(
+    st: _Status, spec: FineTuneJobSpec, reason: str, pod: Obj | None, seen: Observed
+) -> bool:
     """Whether the job waits on something that retrying alone will not fix. The operator keeps following
     the job either way; Stalled clears on the first pass after the cause goes away."""
     if reason == Reason.POD_CREATION_REFUSED:

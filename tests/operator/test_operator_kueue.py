@@ -397,6 +397,24 @@ def test_without_kueue_the_job_stays_queued_and_says_so(cluster: FakeCluster, me
     assert trainer_job(cluster)["spec"]["suspend"] is True
 
 
+def test_removing_the_queue_name_starts_a_job_that_no_kueue_admits(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    """What the "Kueue is not installed" message tells a user to do works: without spec.queueName the
+    operator unsuspends the trainer Job itself."""
+    cluster.kueue_unavailable = "Kueue is not installed in this cluster"
+    cluster.put(make_job(queue_name="team-a"))
+    fire(memo)
+    assert trainer_job(cluster)["spec"]["suspend"] is True
+    ftj = cluster.get("FineTuneJob", NAMESPACE, "a")
+    assert ftj is not None and suspended(cluster)["reason"] == "Queued"
+    del ftj["spec"]["queueName"]
+    ftj["metadata"]["generation"] = 2
+    fire(memo)
+    assert trainer_job(cluster)["spec"]["suspend"] is False
+    assert suspended(cluster)["status"] == "False"
+
+
 def test_jobs_without_a_queue_never_list_workloads(cluster: FakeCluster, memo: kopf.Memo) -> None:
     cluster.put(make_job())
     fire(memo)
