@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from e2e.cluster import kueue as kueue_harness
 from e2e.cluster import procs
 from e2e.cluster.cluster import REPO_ROOT, Cluster, ClusterInfo
 from e2e.cluster.kube import KubeClient
@@ -83,6 +84,21 @@ def make_namespace(kube: KubeClient) -> Iterator[Callable[..., str]]:
     yield make
     for name in created:
         kube.delete_if_exists(f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster: ClusterInfo, kube: KubeClient) -> Iterator[kueue_harness.KueueProcess]:
+    """Kueue's controller manager (built from its Go module) with its CRDs installed; stopped by PID at the
+    end. Fails, not skips, when it is not built: `make e2e` builds it."""
+    why_not = kueue_harness.missing()
+    if why_not:
+        pytest.fail(why_not)
+    running = kueue_harness.start(cluster, kube)
+    try:
+        yield running
+    finally:
+        running.stop()
+        assert not procs.port_is_listening(running.ports["webhook"]), "kueue's webhook port outlived it"
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ KWOK_VERSION=v0.8.0
 HELM_VERSION=v4.3.1
 VERSITYGW_VERSION=v1.8.0
 PROMETHEUS_OPERATOR_VERSION=v0.85.0
+KUEUE_VERSION=v0.17.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$(cd "$here/../tools" && pwd)"
@@ -132,6 +133,20 @@ fetch_prometheus_crds() {
   touch "$out/.complete"
 }
 
+# kueue_crds: Kueue's CRDs from its module source (config/components/crd/bases, the same files its release
+# manifests are generated from), next to the binary's version so the two never disagree.
+kueue_crds() {
+  local out="$cache/crds/kueue-$KUEUE_VERSION" dir
+  if [[ -f "$out/.complete" ]]; then return; fi
+  dir=$(cd "$tools/kueue" && go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$out"
+  cp "$dir"/config/components/crd/bases/kueue.x-k8s.io_*.yaml "$out/"
+  chmod u+w "$out"/*.yaml
+  touch "$out/.complete"
+  say "kueue CRDs $KUEUE_VERSION in $out"
+}
+
 # go build -v prints one package per line; show a running count instead of thousands of lines.
 progress() {
   local n=0 line
@@ -146,8 +161,8 @@ progress() {
   say "  $n packages compiled"
 }
 
-# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl kstatus promcrds), or all.
-targets=("${@:-etcd kwok helm versitygw k8s kubectl kstatus promcrds}")
+# Build what is named on the command line (etcd kwok helm versitygw k8s kubectl kstatus promcrds kueue), or all.
+targets=("${@:-etcd kwok helm versitygw k8s kubectl kstatus promcrds kueue}")
 targets=(${targets[*]})
 start=$(date +%s)
 for t in "${targets[@]}"; do
@@ -162,7 +177,11 @@ for t in "${targets[@]}"; do
     kubectl) build_kubectl ;;
     kstatus) build_own kstatus ;;
     promcrds) fetch_prometheus_crds ;;
-    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl kstatus promcrds)" >&2; exit 2 ;;
+    kueue) build_one kueue kueue sigs.k8s.io/kueue "$KUEUE_VERSION" sigs.k8s.io/kueue/cmd/kueue \
+             "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION -X sigs.k8s.io/kueue/pkg/version.GitCommit=gomodule"
+           kueue_crds ;;
+    *) echo "unknown target $t (expected: etcd kwok helm versitygw k8s kubectl kstatus promcrds kueue)" >&2
+       exit 2 ;;
   esac
 done
 say "ready in $bin: ${targets[*]} ($(( $(date +%s) - start )) s)"

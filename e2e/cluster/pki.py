@@ -133,6 +133,16 @@ class PKI:
                 )
             )
 
+    def serving_cert(self, stem: str, common_name: str) -> tuple[Path, Path]:
+        """(certificate, key) of a serving certificate for a local server (SANs: 127.0.0.1, localhost and the
+        API server's names), signed by the cluster's CA; created once."""
+        if not self.cert(stem).exists():
+            ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password=None)
+            assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+            ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+            self._issue(ca_cert, ca_key, stem, common_name, (), server=True)
+        return self.cert(stem), self.key(stem)
+
     def _create_ca(self) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune-local-ca")])

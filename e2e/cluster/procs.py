@@ -103,8 +103,12 @@ def start(
     pidfile: PidFile,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    exe: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session (so a terminal's Ctrl-C does not reach it) with output to ``log``."""
+    """Start ``argv`` in its own session (so a terminal's Ctrl-C does not reach it) with output to ``log``.
+
+    ``exe``: the program the PID runs once started, when ``argv`` is a wrapper that execs it (``unshare ...
+    sh -c 'exec prog'``); recorded so ``is_alive`` recognises the PID. Default ``argv[0]``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -116,7 +120,7 @@ def start(
             cwd=cwd,
             start_new_session=True,
         )
-    pidfile.add(ProcessRecord(name=name, pid=proc.pid, exe=argv[0], log=str(log)))
+    pidfile.add(ProcessRecord(name=name, pid=proc.pid, exe=exe or argv[0], log=str(log)))
     return proc
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,31 @@ def test_pki_identities_and_sans(tmp_path: Path) -> None:
     before = pki.ca_cert.read_bytes()
     pki.ensure(list(IDENTITIES.values()))
     assert pki.ca_cert.read_bytes() == before, "a second ensure must keep the CA"
+
+
+def test_a_local_serving_cert_passes_a_tls_handshake_verified_against_the_cluster_ca(tmp_path: Path) -> None:
+    """What Kueue's webhook and metrics servers are given: Python's TLS client, checking the chain and the
+    host name 127.0.0.1, accepts a server presenting it."""
+    pki = PKI(tmp_path)
+    pki.ensure([])
+    cert, key = pki.serving_cert("kueue-serving", "kueue-webhook")
+    assert pki.serving_cert("kueue-serving", "kueue-webhook") == (cert, key)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.recv(2) == b"ok"
+        thread.join(timeout=5)

@@ -9,9 +9,11 @@ watchNamespaces (namespaced Roles), so it never competes with the suite's other 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.cluster import kueue as kueue_harness
 from e2e.cluster.cluster import REPO_ROOT, ClusterInfo, bin_dir
 from e2e.cluster.kube import ApiError, KubeClient
+from e2e.cluster.kueue import KueueProcess
 from e2e.cluster.s3 import S3Server, upload_directory
 from e2e.demo import instruction_dataset, to_jsonl
 from e2e.tests.helpers import (
@@ -247,6 +251,7 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more(kube: KubeClient, r
         ("watch", "pods", "", ns, ""),
         ("create", "events", "", ns, ""),
         ("list", "customresourcedefinitions", "apiextensions.k8s.io", None, ""),
+        ("list", "workloads", "kueue.x-k8s.io", ns, ""),
     ]
     denied = [
         ("get", "secrets", "", ns, ""),
@@ -260,6 +265,8 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more(kube: KubeClient, r
         ("list", "finetunejobs", "kubetune.io", "default", ""),
         ("create", "clusterrolebindings", "rbac.authorization.k8s.io", None, ""),
         ("impersonate", "serviceaccounts", "", ns, ""),
+        ("patch", "workloads", "kueue.x-k8s.io", ns, ""),  # Kueue's objects are read, never written
+        ("list", "workloads", "kueue.x-k8s.io", "default", ""),
     ]
     for verb, resource, group, namespace, sub in allowed:
         assert access(kube, release, verb, resource, group=group, namespace=namespace, subresource=sub), (
@@ -330,36 +337,68 @@ def test_reapplying_the_finished_manifest_changes_nothing(
     assert len(jobs["items"]) == 1
 
 
-def test_queue_name_holds_the_job_suspended_until_kueue_admits_it(
-    kube: KubeClient, release: Release, inputs: S3Server
+def test_kueue_admits_the_queued_trainer_job_and_it_trains(
+    kube: KubeClient, release: Release, inputs: S3Server, kueue: KueueProcess
 ) -> None:
+    """Kueue's own controller, not the test, admits the trainer Job. Queued first into a LocalQueue that does
+    not exist yet: the Job stays suspended, and the chart's operator (with the chart's RBAC) shows Kueue's
+    Inadmissible message. Once the queue exists Kueue reserves the pod's cpu and memory in its ClusterQueue,
+    unsuspends the Job, and the FineTuneJob trains to Succeeded."""
     ns = release.namespace
+    queue = f"helm-{uuid.uuid4().hex[:6]}"
     kube.apply_yaml(f"/api/v1/namespaces/{ns}/secrets", s3_secret(inputs.access_key, inputs.secret_key))
-    kube.create(ftj_path(ns), tiny_job("queued", inputs, queueName="team-a"))
+    manifest = tiny_job("queued", inputs, queueName=queue)
+    manifest["spec"]["resources"].update({"cpu": "500m", "memory": "1Gi"})
+    kube.create(ftj_path(ns), manifest)
     job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer"
-    trainer_job = kube.wait_for(job_path, bool, timeout=30, what="the trainer Job to be created")
-    assert trainer_job["spec"]["suspend"] is True
-    assert trainer_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    queued = kube.wait_for(
+    created = kube.wait_for(job_path, bool, timeout=30, what="the trainer Job to be created")
+    assert created["spec"]["suspend"] is True
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
+    kueue_says = f"LocalQueue {queue} doesn't exist"
+    held = kube.wait_for(
         ftj_path(ns, "queued"),
-        lambda o: (condition(o, "Suspended") or {}).get("reason") == "Queued",
-        timeout=30,
-        what="Suspended=True/Queued",
+        lambda o: kueue_says in str((condition(o, "Suspended") or {}).get("message")),
+        timeout=60,
+        what=f"Suspended=True/Queued with Kueue's {kueue_says!r}",
     )
-    assert condition(queued, "Suspended")["status"] == "True"
-    assert queued["status"]["phase"] == "Suspended"
+    waiting = condition(held, "Suspended")
+    assert (waiting["status"], waiting["reason"]) == ("True", "Queued")
+    assert waiting["message"].endswith(f"(Inadmissible): {kueue_says}")
     assert not pods_of(kube, ns, "kubetune.io/job-name=queued")
-    # Kueue admits a Job by setting spec.suspend=false on it; the operator must not undo that.
-    kube.patch(job_path, {"spec": {"suspend": False}})
-    admitted = kube.wait_for(
+    assert kube.get(job_path)["spec"]["suspend"] is True
+
+    kueue_harness.make_queue(kube, ns, {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}, name=queue)
+    done = kube.wait_for(
         ftj_path(ns, "queued"),
-        lambda o: (condition(o, "Suspended") or {}).get("status") == "False",
-        timeout=30,
-        what="Suspended=False after admission",
+        lambda o: (o.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+        timeout=300,
+        what="the queued FineTuneJob to be admitted and finish",
     )
-    assert condition(admitted, "Suspended")["reason"] == "Admitted"
-    assert kube.get(job_path)["spec"]["suspend"] is False
-    kube.delete(ftj_path(ns, "queued"), {"propagationPolicy": "Background"})
+    assert done["status"]["phase"] == "Succeeded", (
+        f"{condition(done, 'Failed')}\n{operator_debug(kube, release)}"
+    )
+    admitted = condition(done, "Suspended")
+    assert (admitted["status"], admitted["reason"]) == ("False", "Admitted")
+    assert (
+        admitted["message"] == f"Kueue admitted the trainer Job from queue {queue} into ClusterQueue {queue}"
+    )
+
+    trainer_job = kube.get(job_path)
+    (workload,) = kueue_harness.workloads_of_job(kube, ns, trainer_job)
+    assert (kueue_harness.workload_condition(workload, "Admitted") or {}).get("status") == "True"
+    (assignment,) = workload["status"]["admission"]["podSetAssignments"]
+    assert assignment["resourceUsage"] == {"cpu": "500m", "memory": "1Gi"}
+    assert workload["status"]["admission"]["clusterQueue"] == queue
+    # The API server's record of who wrote spec.suspend last: Kueue's manager (update), never the operator
+    # (which created the Job with suspend: true) nor this test.
+    writers = [
+        entry["manager"]
+        for entry in trainer_job["metadata"]["managedFields"]
+        if '"f:suspend"' in json.dumps(entry.get("fieldsV1", {})) and entry["operation"] == "Update"
+    ]
+    assert writers and all(w.startswith("kueue") for w in writers), trainer_job["metadata"]["managedFields"]
+    print(f"held: {waiting['message']}\nspec.suspend last written by {writers}; {admitted['message']}")
+    assert trainer_job["spec"]["suspend"] is False
 
 
 def test_helm_test_passes(release: Release) -> None:

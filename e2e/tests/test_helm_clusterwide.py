@@ -104,6 +104,7 @@ def test_cluster_wide_rbac_allows_what_the_operator_does_and_nothing_more(
         ("create", "jobs", "batch", ns, ""),
         ("create", "configmaps", "", ns, ""),
         ("create", "events", "", ns, ""),
+        ("list", "workloads", "kueue.x-k8s.io", None, ""),  # Kueue's reason for a queued job, read-only
     ]
     denied = [
         ("get", "secrets", "", ns, ""),
@@ -114,6 +115,7 @@ def test_cluster_wide_rbac_allows_what_the_operator_does_and_nothing_more(
         ("update", "finetunejobs", "kubetune.io", ns, ""),
         ("create", "leases", "coordination.k8s.io", ns, ""),  # one replica: no leader election
         ("create", "clusterrolebindings", "rbac.authorization.k8s.io", None, ""),
+        ("update", "workloads", "kueue.x-k8s.io", ns, ""),
     ]
     for verb, resource, group, namespace, sub in allowed:
         assert may(kube, release, verb, resource, group, namespace, sub), f"may not {verb} {resource}/{sub}"

@@ -25,7 +25,8 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator import labels, observed, termination
+from kubetune_operator import conditions as cond
+from kubetune_operator import kueue, labels, observed, termination
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import (
     ClusterIO,
@@ -249,6 +250,7 @@ def observe(
     job_events: tuple[Obj, ...] = ()
     if trainer_job is not None and observed.may_have_refused_pods(trainer_job, pods):
         job_events = tuple(io.list_failed_create_events(job.namespace, str(trainer_job["metadata"]["uid"])))
+    workload, kueue_unavailable = _read_workload(io, job, trainer_job)
     sample = None
     target = scrape_target(job.name, job.metadata.uid, trainer_job, pods) if scrape else None
     if target is not None:
@@ -257,7 +259,38 @@ def observe(
             sample = parse_trainer_metrics(io.scrape(ip, contract.METRICS_PORT))
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
-    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events)
+    return Observed(
+        config_map,
+        trainer_job,
+        pods,
+        datetime.now(UTC),
+        sample,
+        job_events=job_events,
+        workload=workload,
+        kueue_unavailable=kueue_unavailable,
+    )
+
+
+def _read_workload(
+    io: ClusterIO, job: FineTuneJob, trainer_job: Obj | None
+) -> tuple[kueue.WorkloadState | None, str | None]:
+    """Kueue's Workload for a queued trainer Job of this FineTuneJob: read while the Job waits for admission,
+    and once more on the pass that sees it admitted (for the ClusterQueue's name). Never otherwise: a
+    running or finished job costs no Workload list."""
+    if job.spec is None or not job.spec.queue_name or job.spec.suspend or trainer_job is None:
+        return None, None
+    if controller_uid(trainer_job) != job.metadata.uid:
+        return None, None
+    was = cond.find(job.status.conditions, cond.SUSPENDED)
+    just_admitted = was is not None and was.status == cond.TRUE and was.reason == cond.Reason.QUEUED
+    if not observed.job_suspended(trainer_job) and not just_admitted:
+        return None, None
+    job_uid = str((trainer_job.get("metadata") or {}).get("uid") or "")
+    try:
+        workloads = io.list_workloads(job.namespace, job_uid)
+    except kueue.KueueUnavailable as exc:
+        return None, str(exc)
+    return kueue.workload_for_job(workloads, job_uid), None
 
 
 def _apply_children(

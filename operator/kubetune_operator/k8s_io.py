@@ -21,7 +21,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_operator import labels
+from kubetune_operator import kueue, labels
 from kubetune_operator.conditions import now_rfc3339
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.observed import Obj
@@ -46,6 +46,11 @@ class ClusterIO(Protocol):
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]: ...
     def list_failed_create_events(self, namespace: str, job_uid: str) -> list[Obj]:
         """The FailedCreate Events the Job controller recorded on the Job with this uid."""
+        ...
+
+    def list_workloads(self, namespace: str, job_uid: str) -> list[Obj]:
+        """The Kueue Workloads labelled with this Job uid (kueue.LABEL_JOB_UID). Raises KueueUnavailable
+        when the Workload API is not served (no Kueue) or not permitted."""
         ...
 
     def create(self, obj: Obj) -> None:
@@ -190,6 +195,29 @@ class KubeIO:
         query = [("fieldSelector", selector), ("limit", "20")]
         items = self._request("GET", _path("Event", namespace), query=query).get("items") or []
         return [dict(item) for item in items]
+
+    def list_workloads(self, namespace: str, job_uid: str) -> list[Obj]:
+        query = [("labelSelector", f"{kueue.LABEL_JOB_UID}={job_uid}"), ("limit", str(kueue.LIST_LIMIT))]
+        for version in kueue.VERSIONS:
+            path = f"/apis/{kueue.GROUP}/{version}/namespaces/{quote(namespace, safe='')}/{kueue.PLURAL}"
+            try:
+                items = self._request("GET", path, query=query).get("items")
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue  # this version is not served; an older Kueue may serve the next one
+                if exc.status == 403:
+                    raise kueue.KueueUnavailable(
+                        f"the operator may not list Kueue Workloads in namespace {namespace} "
+                        f"({_api_message(exc)}); grant it list on {kueue.PLURAL}.{kueue.GROUP} "
+                        "(the chart does)"
+                    ) from exc
+                raise
+            return [dict(item) for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+        raise kueue.KueueUnavailable(
+            f"the API server serves no {kueue.PLURAL}.{kueue.GROUP}: Kueue is not installed in this cluster, "
+            "so nothing will admit the trainer Job; install Kueue, or remove spec.queueName to start it "
+            "unqueued"
+        )
 
     def create(self, obj: Obj) -> None:
         namespace = str(obj["metadata"]["namespace"])

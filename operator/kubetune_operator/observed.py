@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetune_operator import labels
+from kubetune_operator.kueue import WorkloadState
 from kubetune_operator.trainer_metrics import TrainerSample
 
 Obj = dict[str, Any]
@@ -31,6 +32,11 @@ class Observed:
     job_events: tuple[Obj, ...] = ()
     """The trainer Job's FailedCreate Events (pod creation refused by a quota, Pod Security admission, a
     webhook); read only while the Job runs and has no pod."""
+    workload: WorkloadState | None = None
+    """The Workload Kueue made for the trainer Job; read only while a queued Job waits (or was just
+    admitted), None when there is none yet or it could not be read."""
+    kueue_unavailable: str | None = None
+    """Why Workloads could not be read (Kueue not installed, or not permitted); None when they could."""
 
 
 def _get(obj: Obj | None, *path: str) -> Any:

@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune_operator import conditions as cond
-from kubetune_operator import history, labels, observed, termination
+from kubetune_operator import history, kueue, labels, observed, termination
 from kubetune_operator.builders import (
     build_config_map,
     build_trainer_job,
@@ -209,7 +209,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         if old.provenance is None:
             st.fields["provenance"] = _operator_provenance(job, config)
         if desired_suspend(job):
-            _suspended(st, spec)
+            _suspended(st, spec, seen)
         else:
             st.set(cond.SUSPENDED, FALSE, Reason.NOT_SUSPENDED, "the job is not suspended")
             st.set(
@@ -289,17 +289,14 @@ def _follow_job(
     elif not spec.suspend and suspended and not spec.queue_name:
         set_suspend, suspended = False, False
     if suspended:
-        _suspended(st, spec)
+        _suspended(st, spec, seen)
         return set_suspend
 
     was = cond.find(st.old.conditions, cond.SUSPENDED)
     if was is not None and was.status == TRUE:
-        if was.reason == Reason.QUEUED and not spec.suspend:
+        if was.reason == Reason.QUEUED and spec.queue_name and not spec.suspend:
             st.set(
-                cond.SUSPENDED,
-                FALSE,
-                Reason.ADMITTED,
-                f"Kueue admitted the trainer Job from queue {spec.queue_name}",
+                cond.SUSPENDED, FALSE, Reason.ADMITTED, kueue.admitted_message(spec.queue_name, seen.workload)
             )
         else:
             st.set(
@@ -364,12 +361,14 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-def _suspended(st: _Status, spec: FineTuneJobSpec) -> None:
-    if spec.suspend:
+def _suspended(st: _Status, spec: FineTuneJobSpec, seen: Observed) -> None:
+    if spec.suspend or not spec.queue_name:
         reason, message = Reason.SUSPENDED, "spec.suspend is true; the trainer is stopped and holds no GPU"
     else:
         reason = Reason.QUEUED
-        message = f"waiting for Kueue to admit the trainer Job (queue {spec.queue_name})"
+        message = kueue.queued_message(spec.queue_name, seen.workload, seen.kueue_unavailable)
+        # Kueue writes its reasons on the Workload, which the operator does not watch: look again soon.
+        st.recheck_after_seconds = QUEUED_RECHECK_SECONDS
     st.set(cond.SUSPENDED, TRUE, reason, message)
     st.set(cond.RUNNING, FALSE, reason, message)
     # Suspended by the user is a steady state (kstatus Current); queued is on its way (InProgress).
@@ -484,6 +483,9 @@ def _restart_stuck(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, pod: Ob
 RECHECK_SECONDS = 15.0
 """How often a job is looked at again while it waits on something the operator does not watch: a trainer Job
 without a pod (FailedCreate Events), an object in the way of a child (ChildConflict)."""
+QUEUED_RECHECK_SECONDS = 10.0
+"""How often a queued job's Workload is read again for Kueue's latest explanation. Admission itself needs no
+poll: Kueue unsuspends the trainer Job, and the Job's event wakes the operator at once."""
 
 
 def _needs_a_person(

@@ -93,6 +93,7 @@ def operator_api_grants() -> Grants:
     io.get_job(NAMESPACE, "a-trainer")
     io.list_pods(NAMESPACE, {labels.LABEL_JOB_NAME: "a"})
     io.list_failed_create_events(NAMESPACE, "job-uid")
+    io.list_workloads(NAMESPACE, "job-uid")
     io.create(config_map)
     io.create(trainer_job)
     io.replace(config_map)
@@ -115,7 +116,7 @@ def operator_api_grants() -> Grants:
         "Created",
         "created",
     )
-    assert len(api.requests) == 15
+    assert len(api.requests) == 16
     return grants_of_requests(api.requests) | owner_deletion_grants([config_map, trainer_job])
 
 
@@ -176,6 +177,7 @@ def test_the_derivation_sees_the_operator_at_work() -> None:
     assert api[("kubetune.io", "finetunejobs/status")] == {"patch"}
     assert api[("batch", "jobs")] >= {"create", "patch"}
     assert api[("kubetune.io", "finetunejobs/finalizers")] == {"update"}
+    assert api[("kueue.x-k8s.io", "workloads")] == {"list"}
     assert ("", "secrets") not in api and ("", "secrets") not in kopf_grants()
     assert {("kubetune.io", "finetunejobs"), ("batch", "jobs"), ("", "pods")} <= set(kopf_grants())
 

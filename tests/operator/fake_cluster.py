@@ -11,6 +11,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.k8s_io import Forbidden, Rejected
+from kubetune_operator.kueue import LABEL_JOB_UID, KueueUnavailable
 
 Obj = dict[str, Any]
 _uids = itertools.count(1)
@@ -36,6 +37,8 @@ class FakeCluster:
         """Kinds whose creation the API server forbids (HTTP 403), with its message."""
         self.fail_with: ApiException | None = None
         self.metrics_pages: dict[str, str] = {}
+        self.kueue_unavailable: str | None = None
+        """Set: list_workloads raises KueueUnavailable with this text (no Kueue, or no RBAC for it)."""
 
     # --- test setup ---------------------------------------------------------------------------------------
     def put(self, obj: Obj) -> Obj:
@@ -87,6 +90,18 @@ class FakeCluster:
             and ns == namespace
             and obj.get("reason") == "FailedCreate"
             and (obj.get("involvedObject") or {}).get("uid") == job_uid
+        ]
+
+    def list_workloads(self, namespace: str, job_uid: str) -> list[Obj]:
+        self._check("list_workloads")
+        if self.kueue_unavailable is not None:
+            raise KueueUnavailable(self.kueue_unavailable)
+        return [
+            copy.deepcopy(obj)
+            for (kind, ns, _), obj in self.objects.items()
+            if kind == "Workload"
+            and ns == namespace
+            and (obj["metadata"].get("labels") or {}).get(LABEL_JOB_UID) == job_uid
         ]
 
     def create(self, obj: Obj) -> None:

@@ -105,4 +105,10 @@ on: owner references let the garbage collector remove a FineTuneJob's ConfigMap 
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
+# Kueue's Workload for a queued trainer Job (spec.queueName), read-only: its QuotaReserved/Admitted message
+# goes into the FineTuneJob's Queued condition. Harmless where Kueue is not installed (the operator reads a
+# 404 as "no Kueue" and says so in the condition).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- end }}
