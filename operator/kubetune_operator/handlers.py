@@ -26,6 +26,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator import labels, observed, termination
+from kubetune_operator.builders import is_multi_node
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import (
     ClusterIO,
@@ -239,6 +240,9 @@ def observe(
     if is_finished(job.status):  # reconcile() never looks at a finished job's children again
         return Observed(None, None, (), datetime.now(UTC))
     config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
+    service = None
+    if job.spec is not None and is_multi_node(job):
+        service = io.get_service(job.namespace, labels.trainer_service_name(job.name))
     trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
     pods: tuple[Obj, ...] = ()
     if trainer_job is not None:
@@ -257,7 +261,9 @@ def observe(
             sample = parse_trainer_metrics(io.scrape(ip, contract.METRICS_PORT))
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
-    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events)
+    return Observed(
+        config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events, service=service
+    )
 
 
 def _apply_children(
