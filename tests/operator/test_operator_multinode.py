@@ -5,10 +5,12 @@ cause reported)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from fake_cluster import FakeCluster
 from operator_factories import (
     job_condition,
     make_job,
@@ -26,6 +28,8 @@ from kubetune_operator import observed as seen_helpers
 from kubetune_operator import termination
 from kubetune_operator.builders import build_trainer_job, build_trainer_service
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.handlers import Runtime, sync
+from kubetune_operator.operator_metrics import OperatorMetrics
 from kubetune_operator.reconcile import reconcile
 from kubetune_operator.validation import validate
 from kubetune_trainer import contract
@@ -329,3 +333,23 @@ def test_each_index_keeps_its_newest_ended_attempt_until_the_outcome_is_recorded
     follower_done = held(phase="Succeeded", terminated=terminated(0), index=1, created=9)
     releasable = termination.releasable_pods((leader_done, follower_old, follower_done), finished=False)
     assert [p["metadata"]["name"] for p in releasable] == ["a-trainer-3"]
+
+
+# --- the handler path, on an in-memory cluster --------------------------------------------------------------
+
+
+def test_sync_creates_the_service_and_the_indexed_job_once(config: OperatorConfig) -> None:
+    cluster = FakeCluster()
+    runtime = Runtime(config=config, metrics=OperatorMetrics(), io=cluster)
+    cluster.put(multi_node_job())
+    for _ in range(2):  # a second pass (an operator restart) creates nothing more
+        sync(runtime, "ml", "a", scrape=False, logger=logging.getLogger("test"))
+    assert cluster.calls["create:Service"] == 1 and cluster.calls["create:Job"] == 1
+    svc = cluster.get("Service", "ml", "a-trainer")
+    job = cluster.get("Job", "ml", "a-trainer")
+    assert svc is not None and job is not None
+    assert svc["spec"]["clusterIP"] == "None" and job["spec"]["parallelism"] == 2
+    assert cluster.calls["get_service"] == 2
+    cluster.put(make_job("b"))
+    sync(runtime, "ml", "b", scrape=False, logger=logging.getLogger("test"))
+    assert cluster.calls["get_service"] == 2 and cluster.get("Service", "ml", "b-trainer") is None
