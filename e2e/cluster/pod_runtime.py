@@ -448,14 +448,17 @@ class PodWorker(threading.Thread):
             c.next_start = time.monotonic() + 1.0
             return
         full_env = {**image_env, **env}
-        script = ["set -e", f"hostname {shlex.quote(pod_hostname(pod))}", *self._mount_script(c)]
+        host_network = bool(pod["spec"].get("hostNetwork"))
+        # A hostNetwork pod keeps the node's name and hosts file, as under a kubelet.
+        naming = [] if host_network else [f"hostname {shlex.quote(pod_hostname(pod))}"]
+        script = ["set -e", *naming, *self._mount_script(c)]
         workdir = c.spec.get("workingDir") or "/"
         script.append(f"cd {shlex.quote(workdir)}")
         script.append('exec "$@"')
         wrapper = [
             "unshare",
             "--mount",
-            "--uts",
+            *([] if host_network else ["--uts"]),
             "--propagation",
             "private",
             "--",
@@ -727,7 +730,8 @@ class PodWorker(threading.Thread):
             mounts.append((src, m["mountPath"], read_only))
         term_path = c.spec.get("terminationMessagePath", DEFAULT_TERMINATION_PATH)
         mounts.append((self._termination_file(c.name), term_path, False))
-        if not any(dst == "/etc/hosts" for _, dst, _ in mounts):
+        host_network = bool(self._current()["spec"].get("hostNetwork"))
+        if not host_network and not any(dst == "/etc/hosts" for _, dst, _ in mounts):
             mounts.append((self.hosts_path, "/etc/hosts", True))
         mounts.sort(key=lambda m: len(Path(m[1]).parts))
         for src, dst, _ in mounts:
