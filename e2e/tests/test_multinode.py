@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from e2e.cluster.cluster import ClusterInfo
-from e2e.cluster.kube import KubeClient
+from e2e.cluster.kube import ApiError, KubeClient
 from e2e.cluster.procs import pid_running
 from e2e.cluster.s3 import S3Server, upload_directory
 from e2e.demo import instruction_dataset, to_jsonl
@@ -117,8 +117,6 @@ def test_one_node_job_has_no_service(kube: KubeClient, operator: Any) -> None:
 
 
 def test_multi_node_without_gpus_is_refused_by_the_crd(kube: KubeClient, operator: Any) -> None:
-    from e2e.cluster.kube import ApiError
-
     manifest = make_ftj("mn-cpu", gpus=0, placement=ON_KWOK)
     manifest["spec"]["resources"]["nodes"] = 2
     with pytest.raises(ApiError) as err:
