@@ -98,7 +98,7 @@ def test_nodes_gives_a_headless_service_and_an_indexed_job(kube: KubeClient, ope
     assert [p["metadata"]["annotations"][INDEX] for p in pods] == ["0", "1", "2"]
     assert [p["spec"]["hostname"] for p in pods] == [f"{name}-trainer-{i}" for i in range(3)]
     assert {p["spec"]["subdomain"] for p in pods} == {f"{name}-trainer"}
-    assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2 for p in pods)
+    assert all(p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2" for p in pods)
 
     kube.delete(ftj_path(ns, name))
     kube.wait_gone(svc_path, timeout=120)
