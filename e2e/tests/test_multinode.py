@@ -37,6 +37,7 @@ from e2e.tests.helpers import (
     make_ftj,
     pods_of,
     s3_secret,
+    wait_pod,
 )
 
 JSON = dict[str, Any]
@@ -416,10 +417,13 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
         timeout=600,
         what="the group to pass step 2",
     )
-    victim = next(
-        p
-        for p in job_pods(kube, ns, name)
-        if p["metadata"]["annotations"][INDEX] == "1" and p["status"]["phase"] == "Running"
+    victim = wait_pod(
+        kube,
+        ns,
+        f"kubetune.io/job-name={name}",
+        lambda p: p["metadata"]["annotations"][INDEX] == "1" and p["status"].get("phase") == "Running",
+        timeout=120,
+        what="the pod with completion index 1 running",
     )
     pid = int(victim["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
     os.killpg(pid, signal.SIGKILL)
