@@ -25,6 +25,7 @@ from typing import Any
 
 from e2e.cluster.cluster import AGENT_NODE_LABEL, GPU_RESOURCE
 from e2e.cluster.kube import STRATEGIC_MERGE_PATCH, ApiError, KubeClient, load_kubeconfig
+from e2e.cluster.pod_dns import PodRecord, records
 from e2e.cluster.pod_runtime import ImageMap, NodeContext, PodWorker, now
 
 log = logging.getLogger("node-agent")
@@ -221,6 +222,7 @@ class NodeAgent:
     def sync(self) -> None:
         pods = self.client.get("/api/v1/pods", fieldSelector=f"spec.nodeName={self.name}").get("items", [])
         seen = set()
+        new: list[PodWorker] = []
         for pod in pods:
             uid = pod["metadata"]["uid"]
             seen.add(uid)
@@ -243,14 +245,38 @@ class NodeAgent:
                     release_ip=self.ips.release,
                 )
                 self.workers[uid] = worker
-                worker.start()
+                new.append(worker)
             else:
                 worker.update(pod)
+        # Names first: a new pod's containers start with the hosts file that names its peers.
+        self.publish_names(pods)
+        for worker in new:
+            worker.start()
         for uid, worker in list(self.workers.items()):
             if uid not in seen:
                 worker.mark_gone()
             if not worker.is_alive():
                 del self.workers[uid]
+
+    def publish_names(self, pods: list[JSON]) -> None:
+        """Give every pod the hosts file cluster DNS would answer from (pod_dns). Services are read only
+        while some pod here has a subdomain."""
+        known: list[PodRecord] = []
+        if any((pod.get("spec") or {}).get("subdomain") for pod in pods):
+            services = self.client.get("/api/v1/services").get("items", [])
+            with_ips = [
+                (pod, self.workers[pod["metadata"]["uid"]].pod_ip)
+                for pod in pods
+                if pod["metadata"]["uid"] in self.workers
+            ]
+            known = records(with_ips, services)
+        for pod in pods:
+            worker = self.workers.get(pod["metadata"]["uid"])
+            if worker is not None and not worker.gone:
+                try:
+                    worker.set_hosts(known)
+                except OSError as e:
+                    log.warning("hosts file of %s: %s", pod["metadata"]["name"], e)
 
     def run(self) -> None:
         version = self.client.get("/version").get("gitVersion", "v0.0.0")

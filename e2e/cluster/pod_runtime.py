@@ -2,7 +2,9 @@
 
 Each container runs in its own mount namespace (``unshare --mount``) where the pod's volumes and the
 termination-message file are bind-mounted at their real paths, so the program under test opens
-``/etc/kubetune/config.json`` and writes ``/dev/termination-log`` exactly as it would in a container.
+``/etc/kubetune/config.json`` and writes ``/dev/termination-log`` exactly as it would in a container. Its
+UTS namespace carries the pod's hostname, and its /etc/hosts is the pod's hosts file (pod_dns), which the
+agent rewrites in place as the pods that share a headless Service come and go.
 Mount points that do not exist on the host are created there once (empty directories or files).
 Not enforced: runAsUser/runAsNonRoot/readOnlyRootFilesystem/capabilities (the agent runs as root),
 resource limits, liveness and startup probes, image pulls.
@@ -35,6 +37,7 @@ import requests
 import yaml
 
 from e2e.cluster.kube import STRATEGIC_MERGE_PATCH, ApiError, KubeClient
+from e2e.cluster.pod_dns import PodRecord, hosts_file, pod_hostname, write_in_place
 
 log = logging.getLogger("node-agent")
 
@@ -335,6 +338,16 @@ class PodWorker(threading.Thread):
         self.gone = True
         self.wake.set()
 
+    @property
+    def hosts_path(self) -> Path:
+        return self.dir / "etc-hosts"
+
+    def set_hosts(self, known: list[PodRecord]) -> None:
+        """Rewrite the pod's /etc/hosts for the published pods the agent knows of (pod_dns)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if write_in_place(self.hosts_path, hosts_file(self._current(), self.pod_ip, known)):
+            log.info("hosts of %s/%s: %d peer names", self.ns, self.pod_name, len(known))
+
     # -- the loop --
 
     def run(self) -> None:
@@ -354,6 +367,8 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "pod.json").write_text(json.dumps({"uid": self.uid, "podIP": self.pod_ip}))
+        if not self.hosts_path.exists():
+            self.set_hosts([])
         self._post_status()
         while True:
             pod = self._current()
@@ -433,13 +448,17 @@ class PodWorker(threading.Thread):
             c.next_start = time.monotonic() + 1.0
             return
         full_env = {**image_env, **env}
-        script = ["set -e", *self._mount_script(c)]
+        host_network = bool(pod["spec"].get("hostNetwork"))
+        # A hostNetwork pod keeps the node's name and hosts file, as under a kubelet.
+        naming = [] if host_network else [f"hostname {shlex.quote(pod_hostname(pod))}"]
+        script = ["set -e", *naming, *self._mount_script(c)]
         workdir = c.spec.get("workingDir") or "/"
         script.append(f"cd {shlex.quote(workdir)}")
         script.append('exec "$@"')
         wrapper = [
             "unshare",
             "--mount",
+            *([] if host_network else ["--uts"]),
             "--propagation",
             "private",
             "--",
@@ -711,6 +730,9 @@ class PodWorker(threading.Thread):
             mounts.append((src, m["mountPath"], read_only))
         term_path = c.spec.get("terminationMessagePath", DEFAULT_TERMINATION_PATH)
         mounts.append((self._termination_file(c.name), term_path, False))
+        host_network = bool(self._current()["spec"].get("hostNetwork"))
+        if not host_network and not any(dst == "/etc/hosts" for _, dst, _ in mounts):
+            mounts.append((self.hosts_path, "/etc/hosts", True))
         mounts.sort(key=lambda m: len(Path(m[1]).parts))
         for src, dst, _ in mounts:
             self.node.ensure_mount_point(Path(dst), directory=src.is_dir())
@@ -726,7 +748,7 @@ class PodWorker(threading.Thread):
         env: dict[str, str] = {
             "PATH": BASE_PATH,
             "HOME": "/root",
-            "HOSTNAME": self.pod_name,
+            "HOSTNAME": pod_hostname(pod),
             "PYTHONPATH": self.node.pythonpath,
             **self.node.service_env,
         }

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
+from e2e.cluster import pod_dns
 from e2e.cluster.cluster import IDENTITIES
 from e2e.cluster.pki import PKI
 from e2e.cluster.pod_runtime import ConfigError, ImageMap, expand, field_value, quantity, resource_value
@@ -109,3 +112,74 @@ def test_a_local_serving_cert_passes_a_tls_handshake_verified_against_the_cluste
         ):
             assert tls.recv(2) == b"ok"
         thread.join(timeout=5)
+
+
+# --- the cluster DNS stand-in (pod_dns) -----------------------------------------------------------------
+
+
+def _pod(name: str, index: int | None = None, **status: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if index is not None:
+        spec = {"hostname": f"job-trainer-{index}", "subdomain": "job-trainer"}
+    return {
+        "metadata": {"name": name, "namespace": "ml", "uid": name, "labels": {"app": "t"}},
+        "spec": spec,
+        "status": status,
+    }
+
+
+HEADLESS = {
+    "metadata": {"name": "job-trainer", "namespace": "ml"},
+    "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "t"}},
+}
+
+
+def test_a_pod_under_a_headless_service_gets_the_names_cluster_dns_gives_it() -> None:
+    pods = [(_pod("job-trainer-0-abcde", 0), "127.0.0.5"), (_pod("job-trainer-1-fghij", 1), "127.0.0.6")]
+    known = pod_dns.records(pods, [HEADLESS])
+    text = pod_dns.hosts_file(pods[1][0], "127.0.0.6", known)
+    lines = text.splitlines()
+    assert "127.0.0.1\tlocalhost" in lines
+    assert "127.0.0.6\tjob-trainer-1.job-trainer.ml.svc.cluster.local job-trainer-1" in lines
+    assert (
+        "127.0.0.5\tjob-trainer-0.job-trainer job-trainer-0.job-trainer.ml job-trainer-0.job-trainer.ml.svc "
+        "job-trainer-0.job-trainer.ml.svc.cluster.local"
+    ) in lines
+
+
+@pytest.mark.parametrize(
+    ("change", "published"),
+    [
+        ({}, True),
+        ({"service": {"publishNotReadyAddresses": False}}, False),  # not Ready yet
+        ({"service": {"clusterIP": "10.96.0.9"}}, False),  # not headless
+        ({"service": {"selector": {"app": "other"}}}, False),
+        ({"service_namespace": "other"}, False),
+        ({"phase": "Failed"}, False),
+        ({"deleted": True}, False),
+    ],
+)
+def test_only_published_pods_have_a_record(change: dict[str, Any], published: bool) -> None:
+    service = copy.deepcopy(HEADLESS)
+    service["spec"].update(change.get("service", {}))
+    service["metadata"]["namespace"] = change.get("service_namespace", "ml")
+    pod = _pod("p", 0, phase=change.get("phase", "Running"))
+    if change.get("deleted"):
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_dns.published(pod, [service]) is published
+
+
+def test_a_pod_without_subdomain_knows_only_itself() -> None:
+    pod = _pod("plain-pod")
+    assert pod_dns.pod_hostname(pod) == "plain-pod"
+    assert pod_dns.records([(pod, "127.0.0.9")], [HEADLESS]) == []
+    assert pod_dns.hosts_file(pod, "127.0.0.9", []).splitlines()[-1] == "127.0.0.9\tplain-pod"
+
+
+def test_hosts_are_rewritten_in_place_so_a_bind_mount_sees_the_change(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    assert pod_dns.write_in_place(path, "a much longer first text\n")
+    inode = path.stat().st_ino
+    assert pod_dns.write_in_place(path, "short\n")
+    assert not pod_dns.write_in_place(path, "short\n")
+    assert path.stat().st_ino == inode and path.read_text() == "short\n"

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator import conditions as cond
 from kubetune_operator import kueue, labels, observed, termination
+from kubetune_operator.builders import is_multi_node
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.k8s_io import (
     ClusterIO,
@@ -240,6 +241,9 @@ def observe(
     if is_finished(job.status):  # reconcile() never looks at a finished job's children again
         return Observed(None, None, (), datetime.now(UTC))
     config_map = io.get_config_map(job.namespace, labels.config_map_name(job.name))
+    service = None
+    if job.spec is not None and is_multi_node(job):
+        service = io.get_service(job.namespace, labels.trainer_service_name(job.name))
     trainer_job = io.get_job(job.namespace, labels.trainer_job_name(job.name))
     pods: tuple[Obj, ...] = ()
     if trainer_job is not None:
@@ -268,6 +272,7 @@ def observe(
         job_events=job_events,
         workload=workload,
         kueue_unavailable=kueue_unavailable,
+        service=service,
     )
 
 

@@ -43,6 +43,7 @@ class ClusterIO(Protocol):
     def get_finetunejob(self, namespace: str, name: str) -> Obj | None: ...
     def get_config_map(self, namespace: str, name: str) -> Obj | None: ...
     def get_job(self, namespace: str, name: str) -> Obj | None: ...
+    def get_service(self, namespace: str, name: str) -> Obj | None: ...
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]: ...
     def list_failed_create_events(self, namespace: str, job_uid: str) -> list[Obj]:
         """The FailedCreate Events the Job controller recorded on the Job with this uid."""
@@ -86,6 +87,7 @@ def _path(obj_or_kind: Obj | str, namespace: str, name: str | None = None) -> st
     base = {
         "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
         "Pod": f"/api/v1/namespaces/{namespace}/pods",
+        "Service": f"/api/v1/namespaces/{namespace}/services",
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
         "Lease": f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
@@ -184,6 +186,9 @@ class KubeIO:
 
     def get_job(self, namespace: str, name: str) -> Obj | None:
         return self._get_or_none(_path("Job", namespace, name))
+
+    def get_service(self, namespace: str, name: str) -> Obj | None:
+        return self._get_or_none(_path("Service", namespace, name))
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]

@@ -43,6 +43,14 @@ a later pass can name the fields edited since (they cannot reach an existing Job
 
 TRAINER_CONTAINER: Final = "trainer"
 METRICS_PORT_NAME: Final = "metrics"
+RENDEZVOUS_PORT_NAME: Final = "rendezvous"
+RENDEZVOUS_PORT: Final = 29400
+"""With spec.resources.nodes > 1: the port the trainer pods gather on, at the pod with completion index 0."""
+ANNOTATION_COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
+"""Set by the Job controller on the pods of an Indexed Job: the pod's index, its node rank."""
+MAX_MULTI_NODE_NAME_LENGTH: Final = 52
+"""Longest FineTuneJob name with spec.resources.nodes > 1: pod i's hostname is <name>-trainer-<i>, a DNS
+label of at most 63 characters, and i has up to two digits."""
 
 
 def config_map_name(job_name: str) -> str:
@@ -51,6 +59,26 @@ def config_map_name(job_name: str) -> str:
 
 def trainer_job_name(job_name: str) -> str:
     return job_name + TRAINER_JOB_SUFFIX
+
+
+def trainer_service_name(job_name: str) -> str:
+    """The headless Service of a multi-node job: its name is the trainer pods' subdomain."""
+    return job_name + TRAINER_JOB_SUFFIX
+
+
+def trainer_pod_hostname(job_name: str, index: int) -> str:
+    """The hostname the Job controller gives pod ``index`` of a multi-node trainer Job."""
+    return f"{trainer_job_name(job_name)}-{index}"
+
+
+def rendezvous_endpoint(job_name: str) -> str:
+    """host:port of the pod with completion index 0, as the other trainer pods reach it."""
+    return f"{trainer_pod_hostname(job_name, 0)}.{trainer_service_name(job_name)}:{RENDEZVOUS_PORT}"
+
+
+def trainer_selector(job_name: str) -> dict[str, str]:
+    """The labels that select a FineTuneJob's trainer pods (the multi-node Service's selector)."""
+    return {LABEL_JOB_NAME: job_name, LABEL_COMPONENT: TRAINER_COMPONENT}
 
 
 def child_labels(job_name: str) -> dict[str, str]:

@@ -85,6 +85,7 @@ class S3Spec(_Model):
 
 
 class ResourcesSpec(_Model):
+    nodes: int = 1
     gpus: int = 1
     gpu_resource_name: str | None = None  # None: the operator's KUBETUNE_GPU_RESOURCE_NAME
     cpu: str | None = None
@@ -96,6 +97,7 @@ class ResourcesSpec(_Model):
     affinity: dict[str, Any] | None = None
     topology_spread_constraints: tuple[dict[str, Any], ...] = ()
     ephemeral_storage: str | None = None
+    extra_resources: dict[str, int] | None = None
 
 
 class CheckpointingSpec(_Model):
@@ -130,6 +132,7 @@ class FineTuneJobSpec(_Model):
     scheduling_timeout_seconds: int = 600
     progress_deadline_seconds: int = 1800
     startup_deadline_seconds: int = 3600
+    peer_timeout_seconds: int = 60
     ttl_seconds_after_finished: int | None = None
     queue_name: str | None = None
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)

@@ -13,6 +13,7 @@ from typing import Any
 from kubetune_operator import labels
 from kubetune_operator.kueue import WorkloadState
 from kubetune_operator.trainer_metrics import TrainerSample
+from kubetune_trainer import contract
 
 Obj = dict[str, Any]
 
@@ -37,6 +38,8 @@ class Observed:
     admitted), None when there is none yet or it could not be read."""
     kueue_unavailable: str | None = None
     """Why Workloads could not be read (Kueue not installed, or not permitted); None when they could."""
+    service: Obj | None = None
+    """The headless Service of a multi-node job (spec.resources.nodes > 1); None for one node, or missing."""
 
 
 def _get(obj: Obj | None, *path: str) -> Any:
@@ -86,6 +89,52 @@ def current_pod(pods: tuple[Obj, ...]) -> Obj | None:
     return max(live, key=_created) if live else None
 
 
+def is_indexed(trainer_job: Obj | None) -> bool:
+    """The trainer Job runs several pods that train together (a multi-node job: completionMode Indexed)."""
+    return bool(_get(trainer_job, "spec", "completionMode") == "Indexed")
+
+
+def completion_index(pod: Obj) -> str | None:
+    """The pod's completion index in an Indexed Job (its node rank), as the Job controller annotated it."""
+    value = (_get(pod, "metadata", "annotations") or {}).get(labels.ANNOTATION_COMPLETION_INDEX)
+    return str(value) if value is not None else None
+
+
+def leader_pods(pods: tuple[Obj, ...]) -> tuple[Obj, ...]:
+    """The pods with completion index 0 (global rank 0): only they publish the result and serve the
+    group's metrics."""
+    return tuple(p for p in pods if completion_index(p) == "0")
+
+
+def group_pod(pods: tuple[Obj, ...]) -> Obj | None:
+    """The pod that speaks for a multi-node group still on its way: one that cannot start (unschedulable,
+    or its container waits on something), since the group cannot train without it; else the current pod
+    of index 0; else the newest live pod."""
+    live = tuple(
+        p
+        for p in pods
+        if _get(p, "status", "phase") in ("Pending", "Running", None)
+        and not _get(p, "metadata", "deletionTimestamp")
+    )
+    blocked = [p for p in live if unschedulable_message(p) is not None or stuck_waiting(p) is not None]
+    if blocked:
+        return min(blocked, key=lambda p: (completion_index(p) or "", _created(p)))
+    return current_pod(leader_pods(live)) or current_pod(live)
+
+
+def last_failed_pod(pods: tuple[Obj, ...], *, indexed: bool) -> Obj | None:
+    """The newest Failed pod; of a multi-node group, the newest one whose failure was its own (not a pod
+    that stopped because a peer was lost), so the reported cause is the one that started the restart."""
+    if indexed:
+        own = tuple(
+            p for p in pods if (terminated_state(p) or {}).get("exitCode") != contract.EXIT_CODE_PEER_LOST
+        )
+        found = last_finished_pod(own, "Failed")
+        if found is not None:
+            return found
+    return last_finished_pod(pods, "Failed")
+
+
 def newest_pod(pods: tuple[Obj, ...]) -> Obj | None:
     """The most recently created pod, whatever its phase."""
     return max(pods, key=_created) if pods else None
@@ -131,11 +180,13 @@ def scrape_target(
 ) -> tuple[str, str] | None:
     """(pod name, pod IP) of the trainer pod to scrape, if any: the current pod of this FineTuneJob's own
     trainer Job (the Job's controller is the FineTuneJob ``job_uid``, the pod's controller is the Job), with
-    its trainer container running. The operator connects to whatever IP this returns, so nothing that a
+    its trainer container running; of a multi-node Job, the pod with completion index 0 (rank 0 reports
+    the group's metrics). The operator connects to whatever IP this returns, so nothing that a
     foreign pod or Job could claim is enough."""
     if trainer_job is None or not job_uid or controller_uid(trainer_job) != job_uid:
         return None
-    pod = current_pod(tuple(p for p in pods if is_trainer_pod_of(p, job_name, trainer_job)))
+    own = tuple(p for p in pods if is_trainer_pod_of(p, job_name, trainer_job))
+    pod = current_pod(leader_pods(own) if is_indexed(trainer_job) else own)
     if pod is None or _get(pod, "status", "phase") != "Running":
         return None
     container = trainer_container_status(pod)

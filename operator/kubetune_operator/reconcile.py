@@ -43,7 +43,9 @@ from kubetune_operator import history, kueue, labels, observed, termination
 from kubetune_operator.builders import (
     build_config_map,
     build_trainer_job,
+    build_trainer_service,
     desired_suspend,
+    is_multi_node,
     render_trainer_config,
 )
 from kubetune_operator.builders.trainer_job import built_from, trainer_image, updatable_job_fields
@@ -203,6 +205,8 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         )
         create = []
     elif trainer_job is None:
+        if is_multi_node(job) and seen.service is None:
+            create.append(build_trainer_service(job))  # first: the pods look their peers up through it
         create.append(build_trainer_job(job, config))
         st.fields["trainer_job"] = labels.trainer_job_name(job.name)
         st.fields["restarts"] = 0
@@ -225,6 +229,8 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         set_suspend = _follow_job(st, job, spec, trainer_job, seen)
         if not is_finished(st.build()):
             job_spec_patch, spec_events = _spec_edits(job, trainer_job)
+            if observed.is_indexed(trainer_job) and seen.service is None:
+                create.append(build_trainer_service(job))  # deleted under a running group: names come back
     return _outcome(st, old, tuple(create), tuple(replace), set_suspend, job_spec_patch, spec_events)
 
 
@@ -233,7 +239,7 @@ def _conflicting_child(job: FineTuneJob, seen: Observed) -> str | None:
     another uid, or none); None when every existing child is ours. Such an object is never used, patched or
     adopted: it may be another tenant's, or the previous run's of a FineTuneJob deleted and re-applied under
     the same name, whose result must not be taken for this one's."""
-    for kind, child in (("ConfigMap", seen.config_map), ("Job", seen.trainer_job)):
+    for kind, child in (("ConfigMap", seen.config_map), ("Service", seen.service), ("Job", seen.trainer_job)):
         if child is None:
             continue
         owner = observed.controller_uid(child)
@@ -388,8 +394,9 @@ def _reconciling(st: _Status) -> None:
 
 def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed) -> None:
     pods = seen.pods
-    pod = observed.current_pod(pods)
-    last_failed = observed.last_finished_pod(pods, "Failed")
+    indexed = observed.is_indexed(trainer_job)
+    pod = observed.group_pod(pods) if indexed else observed.current_pod(pods)
+    last_failed = observed.last_failed_pod(pods, indexed=indexed)
     started_at = observed.running_since(pod) if pod is not None else None
     if pod is not None and started_at is not None:
         if st.old.start_time is None:
@@ -399,14 +406,18 @@ def _trainer_progress(st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, seen
         training = (step is not None and step > 0) or (
             seen.sample is None and previous is not None and previous.reason == Reason.TRAINING
         )
+        where = f"pod {observed.pod_name(pod)}"
+        if indexed:
+            nodes = (trainer_job.get("spec") or {}).get("parallelism")
+            where = f"{nodes} pods, rank 0 in {where}"
         if training:
-            st.set(cond.RUNNING, TRUE, Reason.TRAINING, f"training in pod {observed.pod_name(pod)}")
+            st.set(cond.RUNNING, TRUE, Reason.TRAINING, f"training in {where}")
         else:
             st.set(
                 cond.RUNNING,
                 TRUE,
                 Reason.TRAINER_STARTING,
-                f"trainer started in pod {observed.pod_name(pod)}; preparing data and model",
+                f"trainer started in {where}; preparing data and model",
             )
         if seen.sample is not None:
             _apply_sample(st, seen.sample)
@@ -488,9 +499,7 @@ QUEUED_RECHECK_SECONDS = 10.0
 poll: Kueue unsuspends the trainer Job, and the Job's event wakes the operator at once."""
 
 
-def _needs_a_person(
-    st: _Status, spec: FineTuneJobSpec, reason: str, pod: Obj | None, seen: Observed
-) -> bool:
+def _needs_a_person(st: _Status, spec: FineTuneJobSpec, reason: str, pod: Obj | None, seen: Observed) -> bool:
     """Whether the job waits on something that retrying alone will not fix. The operator keeps following
     the job either way; Stalled clears on the first pass after the cause goes away."""
     if reason == Reason.POD_CREATION_REFUSED:
@@ -616,8 +625,10 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
 
 def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: Obj, seen: Observed) -> None:
     """The trainer Job completed. Success needs the trainer's result record: without one the job fails
-    with NoResult, so nothing downstream deploys an adapter that may not exist."""
-    pod = observed.last_finished_pod(seen.pods, "Succeeded")
+    with NoResult, so nothing downstream deploys an adapter that may not exist. Of a multi-node group, the
+    record is the one the pod with completion index 0 (global rank 0) wrote."""
+    pods = observed.leader_pods(seen.pods) if observed.is_indexed(trainer_job) else seen.pods
+    pod = observed.last_finished_pod(pods, "Succeeded")
     summary, problem = termination.read_summary(pod)
     record, missing = termination.result_record(summary, problem)
     if summary is not None:
@@ -683,7 +694,7 @@ def _selection_note(kind: str, selected: contract.Selection | None, stop: contra
 def _fail_from_job(
     st: _Status, spec: FineTuneJobSpec, trainer_job: Obj, job_failed: Obj, seen: Observed
 ) -> None:
-    pod = observed.last_finished_pod(seen.pods, "Failed")
+    pod = observed.last_failed_pod(seen.pods, indexed=observed.is_indexed(trainer_job))
     summary, _ = termination.read_summary(pod)
     attempts = observed.job_failed_count(trainer_job)
     detail = termination.attempt_detail(pod) if pod is not None else "no trainer pod is left to inspect"

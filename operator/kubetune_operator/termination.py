@@ -118,17 +118,25 @@ def releasable_pods(pods: tuple[Obj, ...], *, finished: bool) -> list[Obj]:
     pass has written what it saw into status: all of them when the job is finished; otherwise an ended pod
     that a newer attempt has replaced, one stopped from outside (its checkpoint is recorded, and the Job's
     failure policy ignores it), and a pod deleted before its container ran. The newest ended attempt keeps
-    its result until the job's outcome is recorded, because it may be the one that decides it."""
+    its result until the job's outcome is recorded, because it may be the one that decides it; in a
+    multi-node group, the newest ended attempt of each completion index (index 0's holds the result)."""
     held = [p for p in pods if labels.RESULT_FINALIZER in ((p.get("metadata") or {}).get("finalizers") or [])]
     if finished:
         return held
-    newest = observed.newest_pod(pods)
+    newest = {
+        index: observed.newest_pod(tuple(p for p in pods if observed.completion_index(p) == index))
+        for index in {observed.completion_index(p) for p in pods}
+    }
     releasable = []
     for pod in held:
         phase = (pod.get("status") or {}).get("phase")
         deleted = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
         if phase in ("Succeeded", "Failed"):
-            if pod is not newest or interrupted(pod) or observed.was_disrupted(pod):
+            if (
+                pod is not newest[observed.completion_index(pod)]
+                or interrupted(pod)
+                or observed.was_disrupted(pod)
+            ):
                 releasable.append(pod)
         elif deleted and observed.running_since(pod) is None and observed.terminated_state(pod) is None:
             releasable.append(pod)

@@ -90,4 +90,39 @@ def validate(job: FineTuneJob) -> list[str]:
         problems.append("spec.checkpointing: set everySteps or everyMinutes, not both")
     if not 0 <= spec.resources.gpus <= 16:
         problems.append(f"spec.resources.gpus: {spec.resources.gpus} is outside 0..16")
+    problems += _multi_node_problems(job)
+    return problems
+
+
+MAX_NODES = 64
+_EXTENDED_RESOURCE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _multi_node_problems(job: FineTuneJob) -> list[str]:
+    assert job.spec is not None
+    resources, problems = job.spec.resources, []
+    if not 1 <= resources.nodes <= MAX_NODES:
+        problems.append(f"spec.resources.nodes: {resources.nodes} is outside 1..{MAX_NODES}")
+    if resources.nodes > 1 and resources.gpus < 1:
+        problems.append(
+            "spec.resources.nodes greater than 1 needs spec.resources.gpus of at least 1 (GPUs per pod); "
+            "train on the CPU with nodes 1, or ask for GPUs"
+        )
+    if resources.nodes > 1 and len(job.name) > labels.MAX_MULTI_NODE_NAME_LENGTH:
+        problems.append(
+            f"metadata.name: {len(job.name)} characters, at most {labels.MAX_MULTI_NODE_NAME_LENGTH} allowed "
+            f"when spec.resources.nodes is greater than 1 (trainer pod i is named <name>-trainer-<i>, a DNS "
+            "label); choose a shorter name"
+        )
+    if job.spec.peer_timeout_seconds < 5:
+        problems.append(f"spec.peerTimeoutSeconds: {job.spec.peer_timeout_seconds} is below the minimum 5")
+    for name, count in sorted((resources.extra_resources or {}).items()):
+        where = f"spec.resources.extraResources[{name!r}]"
+        if len(name) > 253 or not _EXTENDED_RESOURCE.match(name) or "kubernetes.io/" in name:
+            problems.append(
+                f"{where}: not an extended resource name with a domain, such as rdma/ib or "
+                "vendor.example.com/hca (cpu, memory and kubernetes.io names are not extended resources)"
+            )
+        if not 1 <= count <= 1024:
+            problems.append(f"{where}: {count} is outside 1..1024")
     return problems

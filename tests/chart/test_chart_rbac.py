@@ -12,7 +12,7 @@ import pytest
 from chart_helpers import CHART, find, one, render, rules_as_grants
 
 from kubetune_operator import labels
-from kubetune_operator.builders import build_config_map, build_trainer_job
+from kubetune_operator.builders import build_config_map, build_trainer_job, build_trainer_service
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import register_handlers
 from kubetune_operator.k8s_io import KubeIO
@@ -88,13 +88,16 @@ def operator_api_grants() -> Grants:
     api = RecordingApiClient()
     io = KubeIO(api, config)  # type: ignore[arg-type]
     config_map, trainer_job = build_config_map(job, config), build_trainer_job(job, config)
+    service = build_trainer_service(job)  # a multi-node job's headless Service
     io.get_finetunejob(NAMESPACE, "a")
     io.get_config_map(NAMESPACE, "a-config")
+    io.get_service(NAMESPACE, "a-trainer")
     io.get_job(NAMESPACE, "a-trainer")
     io.list_pods(NAMESPACE, {labels.LABEL_JOB_NAME: "a"})
     io.list_failed_create_events(NAMESPACE, "job-uid")
     io.list_workloads(NAMESPACE, "job-uid")
     io.create(config_map)
+    io.create(service)
     io.create(trainer_job)
     io.replace(config_map)
     io.patch_job_suspend(NAMESPACE, "a-trainer", False)
@@ -116,8 +119,8 @@ def operator_api_grants() -> Grants:
         "Created",
         "created",
     )
-    assert len(api.requests) == 16
-    return grants_of_requests(api.requests) | owner_deletion_grants([config_map, trainer_job])
+    assert len(api.requests) == 18
+    return grants_of_requests(api.requests) | owner_deletion_grants([config_map, service, trainer_job])
 
 
 def owner_deletion_grants(children: list[dict[str, Any]]) -> Grants:

@@ -326,6 +326,74 @@ CASES: list[CrdCase] = [
         "anyOf",
     ),
     CrdCase("memory-quantity", {"spec.resources.memory": "64Gi", "spec.resources.cpu": "7500m"}),
+    # multi-node: nodes x gpus, the peer timeout, extended resources for the interconnect
+    CrdCase(
+        "multi-node-with-gpus",
+        {
+            "spec.resources": {"nodes": 4, "gpus": 8, "extraResources": {"rdma/ib": 1}},
+            "spec.peerTimeoutSeconds": 120,
+        },
+    ),
+    CrdCase("multi-node-name-52-chars", {"metadata.name": "a" * 52, "spec.resources.nodes": 2}),
+    CrdCase(
+        "multi-node-name-53-chars",
+        {"metadata.name": "a" * 53, "spec.resources.nodes": 2},
+        "metadata.name must be at most 52 characters when spec.resources.nodes is greater than 1",
+    ),
+    CrdCase("one-node-on-the-cpu", {"spec.resources": {"nodes": 1, "gpus": 0}}),
+    CrdCase(
+        "multi-node-without-gpus",
+        {"spec.resources": {"nodes": 2, "gpus": 0}},
+        "spec.resources.nodes greater than 1 needs spec.resources.gpus of at least 1",
+        field="spec.resources",
+    ),
+    CrdCase(
+        "too-many-nodes",
+        {"spec.resources.nodes": 65},
+        "less than or equal to 64",
+        "spec.resources.nodes",
+        "maximum",
+    ),
+    CrdCase(
+        "zero-nodes",
+        {"spec.resources.nodes": 0},
+        "greater than or equal to 1",
+        "spec.resources.nodes",
+        "minimum",
+    ),
+    CrdCase(
+        "peer-timeout-too-short",
+        {"spec.peerTimeoutSeconds": 2},
+        "greater than or equal to 5",
+        "spec.peerTimeoutSeconds",
+        "minimum",
+    ),
+    CrdCase(
+        "extra-resource-without-domain",
+        {"spec.resources.extraResources": {"cpu": 4}},
+        "spec.resources.extraResources keys must be extended resource names with a domain",
+        field="spec.resources.extraResources",
+    ),
+    CrdCase(
+        "extra-resource-kubernetes-io",
+        {"spec.resources.extraResources": {"hugepages.kubernetes.io/x": 1}},
+        "spec.resources.extraResources keys must be extended resource names with a domain",
+        field="spec.resources.extraResources",
+    ),
+    CrdCase(
+        "extra-resource-not-a-whole-number",
+        {"spec.resources.extraResources": {"rdma/ib": "500m"}},
+        "must be of type integer",
+        "spec.resources.extraResources.rdma/ib",
+        "type",
+    ),
+    CrdCase(
+        "extra-resource-zero",
+        {"spec.resources.extraResources": {"rdma/ib": 0}},
+        "greater than or equal to 1",
+        "spec.resources.extraResources.rdma/ib",
+        "minimum",
+    ),
     CrdCase("cpu-as-integer", {"spec.resources.cpu": 8}),
     # output.select, earlyStoppingPatience (need a validation set) and dataset.textMode
     CrdCase("select-best-eval-with-validation-file", {"spec.output.select": "BestEval"}),
@@ -465,6 +533,7 @@ CASES: list[CrdCase] = [
         {},
         update={
             "spec.resources": {
+                "nodes": 2,
                 "gpus": 2,
                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

@@ -71,6 +71,10 @@ class FakeCluster:
         self._check("get_job")
         return copy.deepcopy(self.get("Job", namespace, name))
 
+    def get_service(self, namespace: str, name: str) -> Obj | None:
+        self._check("get_service")
+        return copy.deepcopy(self.get("Service", namespace, name))
+
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[Obj]:
         self._check("list_pods")
         return [

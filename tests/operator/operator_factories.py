@@ -103,7 +103,9 @@ def make_trainer_job(
     succeeded: int = 0,
     conditions: list[Obj] | None = None,
     completion_time: str | None = None,
+    nodes: int = 1,
 ) -> Obj:
+    """``nodes`` > 1: the Indexed Job of a multi-node FineTuneJob."""
     status: Obj = {"active": active, "failed": failed, "succeeded": succeeded, "startTime": ts(1)}
     if conditions:
         status["conditions"] = conditions
@@ -118,7 +120,13 @@ def make_trainer_job(
             "uid": f"job-uid-{job}",
             "ownerReferences": [owner_reference(job)],
         },
-        "spec": {"suspend": suspend, "backoffLimit": 3},
+        "spec": {
+            "suspend": suspend,
+            "backoffLimit": 3,
+            **(
+                {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes} if nodes > 1 else {}
+            ),
+        },
         "status": status,
     }
 
@@ -145,7 +153,9 @@ def make_pod(
     terminated: Obj | None = None,
     unschedulable: str | None = None,
     disrupted: bool = False,
+    index: int | None = None,
 ) -> Obj:
+    """``index``: the completion index the Job controller annotates on a pod of an Indexed Job."""
     container: Obj = {"name": "trainer", "ready": phase == "Running", "restartCount": 0, "state": {}}
     if running_since:
         container["state"] = {"running": {"startedAt": running_since}}
@@ -165,10 +175,14 @@ def make_pod(
         status["containerStatuses"] = [container]
     if ip:
         status["podIP"] = ip
+    index_annotation = (
+        {"annotations": {"batch.kubernetes.io/job-completion-index": str(index)}} if index is not None else {}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
+            **index_annotation,
             "name": name or f"{job}-trainer-{int(created)}",
             "namespace": NAMESPACE,
             "creationTimestamp": ts(created),

@@ -69,6 +69,8 @@ def test_printer_columns() -> None:
         ("Message", "string", ".status.message", 1),
         ("Adapter", "string", ".status.adapter.uri", 1),
         ("Trained-Model", "string", ".status.model.uri", 1),
+        ("Nodes", "integer", ".spec.resources.nodes", 1),
+        ("GPUs", "integer", ".spec.resources.gpus", 1),
     ]
 
 
@@ -80,7 +82,9 @@ def test_printer_columns_point_at_schema_fields(column: dict[str, Any]) -> None:
     for part in column["jsonPath"].lstrip(".").split("."):
         assert part in node.get("properties", {}), f"{column['jsonPath']}: no field {part!r} in the schema"
         node = node["properties"][part]
-    expected = {"string": "string", "number": "number", "date": "string"}[column["type"]]
+    expected = {"string": "string", "number": "number", "integer": "integer", "date": "string"}[
+        column["type"]
+    ]
     assert node["type"] == expected
 
 
@@ -213,7 +217,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     assert set(spec) == {
         "baseModel", "dataset", "method", "lora", "hyperparameters", "output", "s3", "resources",
         "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "schedulingTimeoutSeconds",
-        "progressDeadlineSeconds", "startupDeadlineSeconds",
+        "progressDeadlineSeconds", "startupDeadlineSeconds", "peerTimeoutSeconds",
             "ttlSecondsAfterFinished",
         "queueName", "trainer",
     }  # fmt: skip
@@ -279,7 +283,8 @@ def test_a_minimal_job_gets_the_documented_defaults() -> None:
     assert spec["output"] == {"uri": "s3://out/", "mergeAdapter": False, "select": "Last"}
     assert spec["s3"] == {"region": "us-east-1", "forcePathStyle": False}
     # No schema default for gpuResourceName: unset means the operator's setting, which a default would hide.
-    assert spec["resources"] == {"gpus": 1}
+    assert spec["resources"] == {"nodes": 1, "gpus": 1}
+    assert spec["peerTimeoutSeconds"] == 60
     assert spec["checkpointing"] == {"keep": 2}
     assert (spec["suspend"], spec["backoffLimit"]) == (False, 3)
     assert "activeDeadlineSeconds" not in spec and "ttlSecondsAfterFinished" not in spec

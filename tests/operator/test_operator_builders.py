@@ -40,6 +40,7 @@ def test_trainer_job_matches_the_pod_contract(config: OperatorConfig) -> None:
         "spec.trainer.image",
         "spec.trainer.env",
         "spec.queueName",
+        "spec.peerTimeoutSeconds",
     }
     assert manifest == {
         "apiVersion": "batch/v1",

@@ -76,6 +76,7 @@ EXIT_CODE_PERMANENT_FAILURE = 2
 # 128 + SIGTERM: the run was stopped from outside after writing a checkpoint (TrainerReason.INTERRUPTED). The
 # operator's podFailurePolicy ignores it, so stopping a run never uses up spec.backoffLimit.
 EXIT_CODE_INTERRUPTED = 143
+EXIT_CODE_PEER_LOST = 3
 
 
 class TrainerReason:

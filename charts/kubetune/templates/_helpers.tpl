@@ -94,6 +94,11 @@ on: owner references let the garbage collector remove a FineTuneJob's ConfigMap 
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
+# A multi-node job's headless Service (spec.resources.nodes > 1), which names its trainer pods; read to check
+# it is there and ours, never changed once created.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create]
 # Trainer pods: their IP (for the metrics scrape), their state and termination message (the result), patch
 # only to remove the operator's own kubetune.io/result finalizer once the result is recorded, and delete only
 # a trainer pod that stopped making steps (spec.progressDeadlineSeconds), so its Job starts a new attempt.

@@ -19,6 +19,11 @@ AWS_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
 HF_TOKEN_KEY = "HF_TOKEN"
 PVC_SCHEME = "pvc://"
 BASE_MODEL_VOLUME = "base-model"
+# With spec.resources.nodes > 1 the trainer reads these (its node rank is JOB_COMPLETION_INDEX, which
+# Kubernetes sets in the pods of an Indexed Job).
+NODES_ENV = "KUBETUNE_NODES"
+RENDEZVOUS_ENDPOINT_ENV = "KUBETUNE_RENDEZVOUS_ENDPOINT"
+PEER_TIMEOUT_ENV = "KUBETUNE_PEER_TIMEOUT_SECONDS"
 
 
 def desired_suspend(job: FineTuneJob) -> bool:
@@ -52,12 +57,25 @@ def built_from(job: FineTuneJob) -> dict[str, str]:
     parts: dict[str, Any] = {
         "spec.s3": spec.s3.model_dump(by_alias=True, mode="json"),
         "spec.checkpointing": spec.checkpointing.model_dump(by_alias=True, mode="json"),
-        "spec.resources": spec.resources.model_dump(by_alias=True, mode="json"),
+        "spec.resources": _resources_as_built(job),
         "spec.trainer.image": spec.trainer.image,
         "spec.trainer.env": [dict(item) for item in spec.trainer.env],
         "spec.queueName": spec.queue_name,
+        "spec.peerTimeoutSeconds": spec.peer_timeout_seconds,
     }
     return {field: _short_hash(value) for field, value in parts.items()}
+
+
+def _resources_as_built(job: FineTuneJob) -> dict[str, Any]:
+    """spec.resources as hashed: the multi-node fields are left out at their defaults, so a one-node Job
+    records the hash it recorded before they existed (an upgrade reports no edit that never happened)."""
+    resources = spec_of(job).resources
+    dumped = resources.model_dump(by_alias=True, mode="json")
+    if resources.nodes == 1:
+        dumped.pop("nodes")
+    if resources.extra_resources is None:
+        dumped.pop("extraResources")
+    return dumped
 
 
 def built_from_annotation(job: FineTuneJob) -> str:
@@ -97,6 +115,13 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
         env.append(_secret_env(HF_TOKEN_KEY, model_secret.name, optional=True))
     # The user's env comes next: for a repeated name, Kubernetes uses the last entry.
     env += [dict(item) for item in spec.trainer.env]
+    if spec.resources.nodes > 1:
+        # After the user's env, so no entry can break the group: every pod must agree on these.
+        env += [
+            {"name": NODES_ENV, "value": str(spec.resources.nodes)},
+            {"name": RENDEZVOUS_ENDPOINT_ENV, "value": labels.rendezvous_endpoint(job.name)},
+            {"name": PEER_TIMEOUT_ENV, "value": str(spec.peer_timeout_seconds)},
+        ]
     # Last, so no entry can unset it: which variables hold Secret values the trainer must keep out of its
     # log and termination message.
     secret_names = sorted({e["name"] for e in env if "secretKeyRef" in (e.get("valueFrom") or {})})
@@ -155,6 +180,9 @@ def _resources(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     if res.gpus > 0:
         gpu_name = res.gpu_resource_name or config.gpu_resource_name
         requests[gpu_name] = limits[gpu_name] = res.gpus
+    for name, count in sorted((res.extra_resources or {}).items()):
+        # Extended resources cannot be overcommitted: Kubernetes needs the request equal to the limit.
+        requests[name] = limits[name] = count
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -163,7 +191,21 @@ def _resources(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     return out
 
 
-def _pod_failure_policy() -> dict[str, Any]:
+def _pod_failure_policy(multi_node: bool) -> dict[str, Any]:
+    peer_lost: list[dict[str, Any]] = []
+    if multi_node:
+        peer_lost.append(
+            {
+                # A pod whose training stopped only because another pod of the group was lost: that pod's
+                # failure is the one counted (once per group restart), so this one is not.
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": labels.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.EXIT_CODE_PEER_LOST],
+                },
+            }
+        )
     return {
         "rules": [
             {
@@ -186,6 +228,7 @@ def _pod_failure_policy() -> dict[str, Any]:
                     "values": [contract.EXIT_CODE_INTERRUPTED],
                 },
             },
+            *peer_lost,
             {
                 # Preemption and eviction are not the trainer's fault: retry without counting the attempt.
                 "action": "Ignore",
@@ -203,7 +246,11 @@ def pvc_claim(base_model_uri: str) -> str | None:
 
 
 def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """One pod (a plain Job), or with spec.resources.nodes > 1 an Indexed Job of that many pods whose
+    subdomain is the headless Service (builders.service), so pod i answers at
+    <name>-trainer-<i>.<name>-trainer."""
     spec = spec_of(job)
+    nodes = spec.resources.nodes
     job_labels = {labels.LABEL_KUEUE_QUEUE: spec.queue_name} if spec.queue_name else None
     defaults = config.trainer_pod_defaults
     ephemeral = spec.resources.ephemeral_storage or defaults.ephemeral_storage
@@ -231,13 +278,16 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         # NCCL between local GPUs needs more shared memory than the runtime's 64 MiB default.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    ports = [{"name": labels.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}]
+    if nodes > 1:
+        ports.append(
+            {"name": labels.RENDEZVOUS_PORT_NAME, "containerPort": labels.RENDEZVOUS_PORT, "protocol": "TCP"}
+        )
     container: dict[str, Any] = {
         "name": labels.TRAINER_CONTAINER,
         "image": trainer_image(job, config),
         "env": _env(job),
-        "ports": [
-            {"name": labels.METRICS_PORT_NAME, "containerPort": contract.METRICS_PORT, "protocol": "TCP"}
-        ],
+        "ports": ports,
         "resources": _resources(job, config),
         "volumeMounts": mounts,
         "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
@@ -271,13 +321,16 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
     pod_spec.update(_pod_settings(job, config))
     job_spec: dict[str, Any] = {
         "suspend": desired_suspend(job),
-        "podFailurePolicy": _pod_failure_policy(),
+        "podFailurePolicy": _pod_failure_policy(nodes > 1),
         "template": {
             "metadata": _pod_metadata(job, config),
             "spec": pod_spec,
         },
     }
     job_spec.update({name: value for name, value in updatable_job_fields(job).items() if value is not None})
+    if nodes > 1:
+        pod_spec["subdomain"] = labels.trainer_service_name(job.name)
+        job_spec.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes})
     metadata = child_metadata(job, labels.trainer_job_name(job.name), job_labels)
     metadata["annotations"] = {labels.ANNOTATION_BUILT_FROM: built_from_annotation(job)}
     metadata["finalizers"] = [labels.RESULT_FINALIZER]
