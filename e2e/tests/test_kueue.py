@@ -19,7 +19,7 @@ from e2e.cluster import kueue as kueue_harness
 from e2e.cluster.kstatus import kstatus_verdict
 from e2e.cluster.kube import KubeClient
 from e2e.cluster.kueue import KueueProcess
-from e2e.tests.helpers import CRD_NAME, ON_KWOK, condition, ftj_path, make_ftj, pods_of, s3_secret
+from e2e.tests.helpers import ON_KWOK, condition, ftj_path, make_ftj, pods_of, s3_secret
 from kubetune_trainer import contract
 
 JSON = dict[str, Any]
@@ -196,21 +196,10 @@ def test_a_job_larger_than_the_cluster_queue_stays_queued_and_kstatus_never_call
     assert again["status"] != "Current", again
 
 
-def crd_has_nodes(kube: KubeClient) -> bool:
-    crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
-    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-    resources = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["resources"]
-    return "nodes" in resources.get("properties", {})
-
-
 def test_a_two_node_job_is_admitted_all_or_nothing(kube: KubeClient, ns: str) -> None:
     """3 GPUs of quota. Two 1-GPU jobs hold two; a 2-node x 1-GPU job needs two at once and gets no pod at
     all (not one of its two) until one of them finishes; then both its pods start while the other 1-GPU job
     still holds its GPU."""
-    if not crd_has_nodes(kube):
-        pytest.skip(
-            "the installed FineTuneJob CRD has no spec.resources.nodes yet (multi-node is not merged)"
-        )
     queue = kueue_harness.make_queue(kube, ns, {**ROOMY, GPU: "3"}, prefix="multi")
     for holder in ("holder-a", "holder-b"):
         kube.create(ftj_path(ns), queued_job(holder, queue))
