@@ -38,6 +38,7 @@ from kubetune_trainer.contract import (
 from kubetune_trainer.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PEER_LOST,
     EXIT_RETRYABLE,
     Interrupted,
     TrainerError,
@@ -81,7 +82,16 @@ def main() -> int:
         summary = _failure(progress, err.reason, err.message)
         code = err.exit_code
     except Exception as err:  # the last line of defence: report it, let the Job retry
-        if type(err).__name__ == "OutOfMemoryError":
+        if is_peer_failure(err):
+            traceback.print_exc()
+            summary = _failure(
+                progress,
+                TrainerReason.PEER_LOST,
+                f"another training process of the group vanished or stopped answering ({type(err).__name__}: "
+                f"{str(err)[:300]}); the group resumes from the last checkpoint",
+            )
+            code = EXIT_PEER_LOST
+        elif type(err).__name__ == "OutOfMemoryError":
             error = TrainerError(
                 TrainerReason.OUT_OF_MEMORY,
                 f"the accelerator ran out of memory ({err}); lower dataset.maxSeqLength or set "
@@ -147,7 +157,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if already is not None:
         record, manifest = already
         log_event("already_published", uri=record.uri, completed_at=manifest.get("completedAt"))
-        return _success(record, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
+        mine = record if runtime.is_main else None
+        return _success(mine, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
 
     # Memory plan, from config.json alone: a job that cannot fit fails here, before any weights are fetched.
     model_config = model.read_model_config(config.base_model, storage, work_dir)
@@ -178,9 +189,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     )
 
     # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
-    # Rank 0 fetches; the other processes of the pod read its copy.
-    fetched = model.fetch_base_model(config.base_model, storage, work_dir) if runtime.is_main else None
-    model_dir, model_provenance = runtime.from_main(fetched)
+    # Each pod's first process fetches; the pod's other processes read its copy.
+    fetching = runtime.local_rank == 0
+    fetched = model.fetch_base_model(config.base_model, storage, work_dir) if fetching else None
+    model_dir, model_provenance = runtime.from_local_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
     train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
@@ -353,8 +365,11 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
-    # 9. Report.
-    return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
+    # The group is done once the result is published: no process reports success before rank 0 has.
+    runtime.barrier()
+    # 9. Report: rank 0 carries the result record; the others only say that training finished.
+    mine = record if runtime.is_main else None
+    return _success(mine, final_metrics, final_progress, progress.provenance, progress.plan)
 
 
 def resolve_batching(
@@ -492,22 +507,45 @@ def _progress(trainer: Any) -> dict[str, float]:
 
 
 def _success(
-    record: AdapterRecord,
+    record: AdapterRecord | None,
     metrics: dict[str, float],
     progress: dict[str, float],
     provenance: dict[str, Any],
     plan: dict[str, Any] | None,
 ) -> TerminationSummary:
+    """A finished run's report; ``record`` None for a process other than rank 0, which publishes."""
     return TerminationSummary(
         outcome="Succeeded",
         reason="Completed",
-        message=f"written to {record.uri}",
+        message=f"written to {record.uri}" if record else "training finished; rank 0 published the result",
         adapter=record,
         metrics=metrics,
         progress=progress,
         provenance=_compact(provenance),
         plan=plan,
     )
+
+
+# What gloo, NCCL and the store say when the other end of a collective is gone or silent.
+_PEER_FAILURE_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective (or the group's store) failing because another process of the group
+    vanished or stopped answering, rather than this process's own failure."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistNetworkError | dist.DistStoreError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
 
 
 def _compact(provenance: dict[str, Any]) -> dict[str, Any] | None:
