@@ -295,6 +295,34 @@ def test_sigterm_to_one_pod_checkpoints_the_group_once(ws: Workspace) -> None:
     assert_nothing_left(pids, port)
 
 
+def test_a_silent_pod_is_found_by_the_heartbeat(ws: Workspace) -> None:
+    """Pod 0 (the rendezvous store's host) stops answering without closing a connection, as a lost node
+    does (SIGSTOP): pod 1 finds it within the peer timeout and exits EXIT_CODE_PEER_LOST, blocked in no
+    collective."""
+    train = ws.put("data/train.jsonl", jsonl(chat_records(60, seed=8)))
+    config = job_config(ws, train, steps=200, out="silent", every_steps=None)
+    port = free_port()
+    pods = start_pods(ws, config, "silent", port)
+    wait_for(pods, lambda e: e["event"] == "progress" and e["step"] >= 2)
+    pids = set().union(*(pod.processes() for pod in pods))
+    kill_pod(pods[0], signal.SIGSTOP)
+    stopped_at, stopped_wall = time.monotonic(), time.time()
+    try:
+        code = pods[1].wait(PEER_TIMEOUT_S * 4)
+        took = time.monotonic() - stopped_at
+    finally:
+        kill_pod(pods[0])  # the node is gone: its pod is deleted
+    found = next(e for e in pods[1].events() if e["event"] == "peer_lost")
+    print(f"pod 1 found the silent pod 0 after {found['ts'] - stopped_wall:.1f} s ({found['message']}), exited {took:.1f} s")
+    assert code == EXIT_PEER_LOST, pods[1].tail()
+    heartbeat_s = min(5.0, max(0.5, PEER_TIMEOUT_S / 5))
+    assert found["ts"] - stopped_wall < PEER_TIMEOUT_S + 2 * heartbeat_s + 2
+    assert took < 2 * PEER_TIMEOUT_S + 5
+    assert pods[1].summary().reason == TrainerReason.PEER_LOST
+    pods[0].process.wait(30)
+    assert_nothing_left(pids, port)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pure helpers
 # ----------------------------------------------------------------------------------------------------

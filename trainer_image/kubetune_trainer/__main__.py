@@ -48,5 +48,17 @@ def main() -> int:
     return run_recipe()
 
 
+def finish(code: int) -> None:
+    """Exit with ``code``. A worker whose peers vanished skips the interpreter's teardown, which would wait
+    on the dead process group's connections; its report is already written."""
+    from kubetune_trainer.errors import EXIT_PEER_LOST
+
+    if code == EXIT_PEER_LOST and "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -44,6 +44,7 @@ counted against ``backoffLimit``; the operator's progress watchdog still ends a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -277,7 +278,11 @@ class PeerTracker:
 
 class PeerWatcher(threading.Thread):
     """Beats for this pod and watches the others' beats; calls ``on_lost`` once (from this thread) when a peer
-    is lost, with ``lost`` saying which."""
+    is lost, with ``lost`` saying which.
+
+    The store's client does not time out against a server that is stopped rather than gone (its calls block
+    however short its timeout), so the store is used from a thread of its own (``_beat``) that records what it
+    last saw, and this one judges by the clock alone."""
 
     def __init__(self, settings: GroupSettings, run_id: str, on_lost: Callable[[], None]) -> None:
         super().__init__(name="kubetune-peer-watcher", daemon=True)
@@ -287,36 +292,50 @@ class PeerWatcher(threading.Thread):
         self.interval = min(5.0, max(0.5, settings.peer_timeout_s / 5))
         self.lost: str | None = None
         self._done = threading.Event()
+        self._seen: tuple[float, dict[int, int]] | None = None  # (when, counters) of the last round
+        self._lock = threading.Lock()
 
     def stop(self) -> None:
         self._done.set()
 
     def run(self) -> None:
+        threading.Thread(target=self._beat, name="kubetune-heartbeat", daemon=True).start()
+        tracker = PeerTracker(float(self.settings.peer_timeout_s))
+        judged = 0.0
+        while not self._done.wait(self.interval):
+            with self._lock:
+                seen = self._seen
+            if seen is not None and seen[0] > judged:
+                judged = seen[0]
+                lost = tracker.observe(seen[1], time.monotonic())
+            else:
+                lost = tracker.unanswered(time.monotonic())
+            if lost and not self._done.is_set():
+                self.lost = lost
+                self.on_lost()
+                return
+
+    def _beat(self) -> None:
         from torch.distributed import TCPStore
 
-        tracker = PeerTracker(float(self.settings.peer_timeout_s))
         peers = [n for n in range(self.settings.nodes) if n != self.settings.node_rank]
         store: Any = None
         while not self._done.wait(self.interval):
-            now = time.monotonic()
             try:
                 if store is None:
                     store = TCPStore(
                         self.settings.host,
                         self.settings.port,
                         is_master=False,
-                        timeout=timedelta(seconds=self.interval * 2),
+                        timeout=timedelta(seconds=self.settings.peer_timeout_s),
                         wait_for_workers=False,
                     )
                 store.add(f"{self.prefix}{self.settings.node_rank}", 1)
                 counters = {peer: int(store.add(f"{self.prefix}{peer}", 0)) for peer in peers}
-                lost = tracker.observe(counters, time.monotonic())
-            except Exception:  # unreachable, refused, timed out: no news from the store this round
-                lost = tracker.unanswered(now)
-            if lost and not self._done.is_set():
-                self.lost = lost
-                self.on_lost()
-                return
+            except Exception:  # not up yet, refused, gone: no news this round
+                continue
+            with self._lock:
+                self._seen = (time.monotonic(), counters)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,7 +379,31 @@ def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: st
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, raise_stop)
-    watcher = PeerWatcher(settings, run_id, lambda: os.kill(os.getpid(), signal.SIGHUP))
+    finishing = threading.Lock()  # whoever takes it writes the pod's report and exits
+
+    def finish(code: int, summary: TerminationSummary) -> int:
+        write_termination_message(summary)
+        log_event("pod_exit", every_rank=True, node_rank=settings.node_rank, code=code, reason=summary.reason)
+        shutil.rmtree(reports, ignore_errors=True)
+        return code
+
+    def stop_for_lost_peer() -> None:
+        # The workers first, by process id: they may be blocked in a collective with the lost peer. Then
+        # the agent, through its signal path; its thread may be blocked on a silent store, which never
+        # times out, so past a grace period this thread ends the pod itself.
+        log_event("peer_lost", every_rank=True, node_rank=settings.node_rank, message=watcher.lost)
+        for pid in _children(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(STOP_GRACE_S)
+        if finishing.acquire(blocking=False):
+            _reap_children()
+            finish(EXIT_PEER_LOST, _peer_lost(watcher.lost or "a peer was lost"))
+            sys.stdout.flush()
+            os._exit(EXIT_PEER_LOST)
+
+    watcher = PeerWatcher(settings, run_id, stop_for_lost_peer)
     log_event(
         "group",
         every_rank=True,
@@ -384,6 +427,9 @@ def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: st
             local_addr=settings.local_addr,
             is_host=settings.node_rank == 0,
             join_timeout=JOIN_TIMEOUT_S,
+            # The agent asks the store between checks of its workers: a silent store must not hold it
+            # longer than the peer timeout.
+            read_timeout=settings.peer_timeout_s,
         )
         spec = WorkerSpec(
             role="trainer",
@@ -413,10 +459,8 @@ def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: st
             signal.signal(signum, signal.SIG_IGN)  # the decision is made; let the report be written
         _reap_children()
     code, summary = pod_result(settings, per_pod, reports, codes, watcher.lost, stopped_by, error)
-    write_termination_message(summary)
-    log_event("pod_exit", every_rank=True, node_rank=settings.node_rank, code=code, reason=summary.reason)
-    shutil.rmtree(reports, ignore_errors=True)
-    return code
+    finishing.acquire()  # held for good when the watcher is ending the pod itself
+    return finish(code, summary)
 
 
 def pod_result(
@@ -492,11 +536,9 @@ def _reap_children() -> None:
     SIGHUP arriving inside its own shutdown), by process id, and reap them."""
     me = os.getpid()
     for pid in _children(me):
-        try:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
 
 
 def _children(parent: int) -> list[int]:
