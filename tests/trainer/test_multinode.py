@@ -10,6 +10,7 @@ ends both with EXIT_CODE_INTERRUPTED. No process or listening port is left behin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from e2e.cluster.procs import free_port, pid_running, port_is_listening
+from test_distributed import MICRO_TOKENS, children, distributed_config, published
 
 from conftest import REPO, Workspace, chat_records, jsonl
 from kubetune_trainer import group, launch
@@ -35,7 +37,6 @@ from kubetune_trainer.contract import (
 )
 from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PERMANENT
 from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV, is_peer_failure
-from test_distributed import MICRO_TOKENS, children, distributed_config, published
 
 PEER_TIMEOUT_S = 10
 RELATIVE_TOLERANCE = 1e-5
@@ -58,10 +59,8 @@ class Pod:
         found = []
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(ValueError):
                     found.append(json.loads(line))
-                except ValueError:
-                    pass
         return found
 
     def wait(self, timeout: float) -> int:
@@ -124,10 +123,8 @@ def kill_pod(pod: Pod, signum: int = signal.SIGKILL) -> set[int]:
     """Signal every process of the pod (by PID), as the kubelet does to a container's processes."""
     pids = pod.processes()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
     return pids
 
 
@@ -172,7 +169,9 @@ def relative(a: float, b: float) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_two_pods_of_two_processes_train_exactly_like_one(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_pods_of_two_processes_train_exactly_like_one(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     train = ws.put("data/train.jsonl", jsonl(chat_records(40, seed=5)))
     config = job_config(ws, train, steps=4, out="group", every_steps=None)
     port = free_port()
@@ -213,7 +212,8 @@ def test_two_pods_of_two_processes_train_exactly_like_one(ws: Workspace, monkeyp
 
     # Global ranks follow the pod index: pod 0 holds ranks 0-1 and alone logs, serves metrics, publishes.
     exits = {
-        pod.index: sorted((e["rank"], e["code"]) for e in pod.events() if e["event"] == "exit") for pod in pods
+        pod.index: sorted((e["rank"], e["code"]) for e in pod.events() if e["event"] == "exit")
+        for pod in pods
     }
     assert exits == {0: [(0, 0), (1, 0)], 1: [(2, 0), (3, 0)]}
     assert [e["event"] for e in pods[0].events()].count("plan") == 1
@@ -313,7 +313,10 @@ def test_a_silent_pod_is_found_by_the_heartbeat(ws: Workspace) -> None:
     finally:
         kill_pod(pods[0])  # the node is gone: its pod is deleted
     found = next(e for e in pods[1].events() if e["event"] == "peer_lost")
-    print(f"pod 1 found the silent pod 0 after {found['ts'] - stopped_wall:.1f} s ({found['message']}), exited {took:.1f} s")
+    print(
+        f"pod 1 found the silent pod 0 after {found['ts'] - stopped_wall:.1f} s ({found['message']}), "
+        f"exited after {took:.1f} s"
+    )
     assert code == EXIT_PEER_LOST, pods[1].tail()
     heartbeat_s = min(5.0, max(0.5, PEER_TIMEOUT_S / 5))
     assert found["ts"] - stopped_wall < PEER_TIMEOUT_S + 2 * heartbeat_s + 2
@@ -350,11 +353,11 @@ def test_group_settings_from_the_operators_env() -> None:
     [
         ({group.NODES_ENV: "65"}, "KUBETUNE_NODES='65' is not a whole number from 1 to 64"),
         ({group.NODES_ENV: "two"}, "KUBETUNE_NODES='two'"),
-        ({group.RENDEZVOUS_ENDPOINT_ENV: "ft-trainer-0"}, "KUBETUNE_RENDEZVOUS_ENDPOINT='ft-trainer-0' is not"),
+        ({group.RENDEZVOUS_ENDPOINT_ENV: "ft-trainer-0"}, "ENDPOINT='ft-trainer-0' is not host:port"),
         ({group.RENDEZVOUS_ENDPOINT_ENV: "h:99999"}, "is not host:port"),
         ({group.NODE_RANK_ENV: "3"}, "JOB_COMPLETION_INDEX='3' is not a pod index from 0 to 2"),
         ({group.NODE_RANK_ENV: ""}, "JOB_COMPLETION_INDEX='' is not a pod index"),
-        ({group.PEER_TIMEOUT_ENV: "4"}, "KUBETUNE_PEER_TIMEOUT_SECONDS='4' is not a whole number of seconds"),
+        ({group.PEER_TIMEOUT_ENV: "4"}, "PEER_TIMEOUT_SECONDS='4' is not a whole number of seconds"),
     ],
 )
 def test_bad_group_settings_say_what_to_set(changes: dict[str, str], expected: str) -> None:
@@ -366,14 +369,17 @@ def test_every_bad_group_setting_is_reported_at_once() -> None:
     with pytest.raises(ValueError) as err:
         group.group_settings({group.NODES_ENV: "2", group.PEER_TIMEOUT_ENV: "x"})
     text = str(err.value)
-    assert group.RENDEZVOUS_ENDPOINT_ENV in text and group.NODE_RANK_ENV in text and group.PEER_TIMEOUT_ENV in text
+    assert all(
+        name in text for name in (group.RENDEZVOUS_ENDPOINT_ENV, group.NODE_RANK_ENV, group.PEER_TIMEOUT_ENV)
+    )
 
 
 def test_a_bad_group_setting_fails_the_pod_permanently(ws: Workspace) -> None:
     env = {**os.environ, **ws.env(ws.config("s3://x/y.jsonl"), "bad")}
     env.update({"PYTHONPATH": str(REPO / "trainer_image"), group.NODES_ENV: "2", group.NODE_RANK_ENV: "5"})
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "kubetune_trainer"], env=env, capture_output=True, timeout=120)
+    command = [sys.executable, "-m", "kubetune_trainer"]
+    done = subprocess.run(command, env=env, capture_output=True, timeout=120)
     assert done.returncode == EXIT_PERMANENT
     summary = TerminationSummary.from_json(Path(env[TERMINATION_LOG_ENV]).read_text())
     assert summary.reason == TrainerReason.INVALID_CONFIG

@@ -16,8 +16,8 @@ Gang semantics: the group lives and dies as one.
 - A worker that fails (an exception, OOM, SIGKILL) ends its pod with that worker's exit code. The agent
   restarts nothing (``max_restarts=0``): a restart in place would keep the other pods' stale state; instead
   every pod ends and the Job starts the whole group again, which resumes from the last committed checkpoint.
-- Every other pod ends with ``EXIT_CODE_PEER_LOST`` (3), which the Job's podFailurePolicy ignores, so one group
-  failure is counted once, by the pod whose failure started it (``status.restarts``, bounded by
+- Every other pod ends with ``EXIT_CODE_PEER_LOST`` (3), which the Job's podFailurePolicy ignores, so one
+  group failure is counted once, by the pod whose failure started it (``status.restarts``, bounded by
   ``backoffLimit``). A worker whose collective fails because a peer vanished (the connection closed, or the
   collective timed out) exits 3 itself and its pod passes that on.
 - A peer that vanishes without closing its connections (its node lost, or its processes stopped) is found by
@@ -27,9 +27,9 @@ Gang semantics: the group lives and dies as one.
   collectives also time out after twice that time (``step_collective_timeout``) as a second line; setup,
   checkpoints and the final upload keep the long timeout, since one rank may legitimately wait there for
   another's download or upload.
-- SIGTERM to any pod (preemption, drain, suspend) reaches that pod's workers through the agent; they agree with
-  every other rank at the next step boundary (a collective), the group writes one checkpoint, and every pod
-  exits ``EXIT_CODE_INTERRUPTED`` (143), which the Job ignores.
+- SIGTERM to any pod (preemption, drain, suspend) reaches that pod's workers through the agent; they agree
+  with every other rank at the next step boundary (a collective), the group writes one checkpoint, and every
+  pod exits ``EXIT_CODE_INTERRUPTED`` (143), which the Job ignores.
 - A pod that finished training exits 0 only once the whole group has: rank 0's upload is followed by a
   barrier of every rank, then the agent's exit barrier.
 
