@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 from e2e.cluster.procs import free_port, pid_running, port_is_listening
-from test_distributed import MICRO_TOKENS, children, distributed_config, published
+from test_distributed import MICRO_TOKENS, distributed_config, published
 
 from conftest import REPO, Workspace, chat_records, jsonl
 from kubetune_trainer import group, launch
@@ -85,7 +85,7 @@ class Pod:
             if pid in found:
                 continue
             found.add(pid)
-            todo.extend(children(pid))
+            todo.extend(group.child_processes(pid))
         return {pid for pid in found if pid_running(pid)}
 
 
@@ -267,6 +267,25 @@ def test_a_killed_pod_stops_the_group_which_resumes_from_the_checkpoint(
     assert len(resumed) == len(expected) == 24
     assert relative(resumed[-1], expected[-1]) < RELATIVE_TOLERANCE
     assert pods[0].summary().adapter is not None
+
+
+def test_a_failed_worker_is_counted_once_by_its_own_pod(ws: Workspace) -> None:
+    """One worker of pod 1 is OOM-killed (SIGKILL): pod 1 exits with that worker's code, the status the Job
+    counts; pod 0 exits EXIT_CODE_PEER_LOST, which it ignores."""
+    train = ws.put("data/train.jsonl", jsonl(chat_records(60, seed=9)))
+    config = job_config(ws, train, steps=200, out="oom", every_steps=None)
+    port = free_port()
+    pods = start_pods(ws, config, "oom", port)
+    wait_for(pods, lambda e: e["event"] == "progress" and e["step"] >= 2)
+    pids = set().union(*(pod.processes() for pod in pods))
+    workers = group.child_processes(pods[1].process.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    codes = [pod.wait(PEER_TIMEOUT_S * 3) for pod in pods]
+    assert codes == [EXIT_PEER_LOST, 128 + signal.SIGKILL], "\n".join(pod.tail() for pod in pods)
+    assert pods[0].summary().reason == TrainerReason.PEER_LOST
+    assert pods[1].summary().reason == TrainerReason.INTERNAL_ERROR  # killed before it could report
+    assert_nothing_left(pids, port)
 
 
 def test_sigterm_to_one_pod_checkpoints_the_group_once(ws: Workspace) -> None:

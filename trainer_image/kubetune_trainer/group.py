@@ -392,7 +392,7 @@ def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: st
         # the agent, through its signal path; its thread may be blocked on a silent store, which never
         # times out, so past a grace period this thread ends the pod itself.
         log_event("peer_lost", every_rank=True, node_rank=settings.node_rank, message=watcher.lost)
-        for pid in _children(os.getpid()):
+        for pid in child_processes(os.getpid()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGHUP)
@@ -535,14 +535,15 @@ def _reap_children() -> None:
     """SIGKILL whatever this launcher started that is still running (workers the agent could not stop: a
     SIGHUP arriving inside its own shutdown), by process id, and reap them."""
     me = os.getpid()
-    for pid in _children(me):
+    for pid in child_processes(me):
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
 
-def _children(parent: int) -> list[int]:
-    found = []
+def child_processes(parent: int) -> set[int]:
+    """Processes whose parent is ``parent`` (from /proc)."""
+    found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -551,5 +552,5 @@ def _children(parent: int) -> list[int]:
         except OSError:
             continue
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
-            found.append(int(entry.name))
+            found.add(int(entry.name))
     return found
