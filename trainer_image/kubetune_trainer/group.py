@@ -449,6 +449,8 @@ def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: st
         )
         result = agent.run()
         codes = [(f.local_rank, exit_code_of(f.exitcode)) for f in result.failures.values()]
+        if result.is_failed() and not codes:
+            error = f"the agent ended the workers in state {result.state.name} without an exit code"
     except SignalException as stop:
         stopped_by = int(stop.sigval)
     except Exception as err:  # the rendezvous failed or its store vanished
