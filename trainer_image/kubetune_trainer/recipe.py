@@ -82,7 +82,7 @@ def main() -> int:
         summary = _failure(progress, err.reason, err.message)
         code = err.exit_code
     except Exception as err:  # the last line of defence: report it, let the Job retry
-        if is_peer_failure(err):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_peer_failure(err):
             traceback.print_exc()
             summary = _failure(
                 progress,
@@ -539,7 +539,8 @@ _PEER_FAILURE_MARKERS = (
 
 def is_peer_failure(err: BaseException) -> bool:
     """Whether ``err`` is a collective (or the group's store) failing because another process of the group
-    vanished or stopped answering, rather than this process's own failure."""
+    vanished or stopped answering, rather than this process's own failure. Asked only of a process with
+    peers: alone, a broken connection is its own failure."""
     import torch.distributed as dist
 
     if isinstance(err, dist.DistNetworkError | dist.DistStoreError):
