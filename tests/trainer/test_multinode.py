@@ -447,3 +447,30 @@ def test_collective_failures_from_a_vanished_peer_are_told_apart() -> None:
     assert not is_peer_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_peer_failure(ValueError("Connection closed by peer"))
     assert group.step_collective_timeout(10).total_seconds() == 20
+
+
+def test_the_pod_result_when_the_agent_ends_without_exit_codes(tmp_path: Path) -> None:
+    settings = group.GroupSettings(2, 1, "127.0.0.1", 29400, 10)
+    interrupted = TerminationSummary(outcome="Failed", reason=TrainerReason.INTERRUPTED, message="stopped")
+    code, summary = group.pod_result(settings, 2, tmp_path, [], "pod 0 sent no heartbeat", None, None)
+    assert (code, summary.reason) == (EXIT_PEER_LOST, TrainerReason.PEER_LOST)
+    assert "pod 0 sent no heartbeat" in summary.message
+    code, summary = group.pod_result(settings, 2, tmp_path, [], None, signal.SIGTERM, None)
+    assert (code, summary.reason) == (EXIT_INTERRUPTED, TrainerReason.INTERRUPTED)
+    # The store vanished while the workers were ending: their reports decide.
+    (tmp_path / "rank-0").write_text(interrupted.to_json())
+    (tmp_path / "rank-1").write_text(interrupted.to_json())
+    code, summary = group.pod_result(
+        settings, 2, tmp_path, [], None, None, "DistNetworkError: Connection reset"
+    )
+    assert (code, summary.message) == (EXIT_INTERRUPTED, "stopped")
+    # ... and with no report, the store's host (pod 0) is gone; pod 0 itself has no such excuse.
+    for path in tmp_path.iterdir():
+        path.unlink()
+    code, summary = group.pod_result(
+        settings, 2, tmp_path, [], None, None, "DistNetworkError: Connection reset"
+    )
+    assert code == EXIT_PEER_LOST
+    pod_0 = replace(settings, node_rank=0)
+    code, summary = group.pod_result(pod_0, 2, tmp_path, [], None, None, "RendezvousTimeoutError: 2 of 2")
+    assert code == 1 and "pod 0 of 2 could not run its workers" in summary.message
