@@ -31,6 +31,7 @@ from kubetune_trainer.contract import (
     TrainerReason,
 )
 from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PERMANENT
+from kubetune_trainer.group import child_processes
 from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV, resolve_batching
 from kubetune_trainer.train import Runtime
 
@@ -48,23 +49,6 @@ def start(ws: Workspace, config: Any, name: str, processes: int) -> tuple[subpro
     return ws.subprocess(
         config, name, **{MICRO_BATCH_TOKENS_ENV: MICRO_TOKENS, launch.CPU_PROCESSES_ENV: str(processes)}
     )
-
-
-def children(pid: int) -> set[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces; fields after its closing parenthesis are fixed.
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if parent == pid:
-            found.add(int(entry.name))
-    return found
 
 
 def published(ws: Workspace, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -170,7 +154,7 @@ def test_sigterm_stops_every_rank_at_a_checkpoint(ws: Workspace) -> None:
         seen.append(line)
         event = log_events([line])
         if event and event[0]["event"] == "progress" and event[0]["step"] >= 2:
-            workers = children(process.pid)
+            workers = child_processes(process.pid)
             process.send_signal(signal.SIGTERM)
             break
     rest, _ = process.communicate(timeout=120)

@@ -119,6 +119,10 @@ class TrainerReason:
     """Not a failure: SIGTERM stopped the run (suspension, preemption, node drain); the trainer wrote a
     checkpoint (in the summary's ``checkpoint``) and exited with EXIT_CODE_INTERRUPTED. The Job starts a new
     pod, which resumes from that checkpoint; the operator never copies this reason onto ``Failed``."""
+    PEER_LOST = "PeerLost"
+    """Not this pod's failure: another pod of a multi-node group was lost (or stopped answering), so this
+    pod's training stopped too and it exited with EXIT_CODE_PEER_LOST, which the Job ignores; the pod whose
+    failure started it is counted. The whole group resumes from the last checkpoint."""
 
 
 # Failures a restart cannot fix: the trainer exits with EXIT_CODE_PERMANENT_FAILURE for these.

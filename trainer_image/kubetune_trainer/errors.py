@@ -12,6 +12,8 @@ EXIT_RETRYABLE = 1
 EXIT_PERMANENT = contract.EXIT_CODE_PERMANENT_FAILURE
 # 128 + SIGTERM, the code a shell reports for a terminated process: "stopped, try again".
 EXIT_INTERRUPTED = contract.EXIT_CODE_INTERRUPTED
+# A multi-node pod whose training stopped only because another pod of its group was lost.
+EXIT_PEER_LOST = contract.EXIT_CODE_PEER_LOST
 
 
 class TrainerError(Exception):

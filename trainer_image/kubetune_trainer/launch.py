@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer.contract import TERMINATION_LOG_ENV, TerminationSummary, TrainerReason
-from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PERMANENT
+from kubetune_trainer.errors import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PERMANENT
 from kubetune_trainer.recipe import write_termination_message
 
 # Training processes on a machine without GPUs (unset: one).
@@ -86,7 +86,7 @@ def launch(count: int, on_gpu: bool) -> int:
         for worker in workers:
             worker.wait()
     rank, code = pick_report(exits)
-    write_termination_message(_report(reports / f"rank-{rank}", rank, count, code))
+    write_termination_message(report(reports / f"rank-{rank}", rank, count, code))
     shutil.rmtree(reports, ignore_errors=True)
     return code
 
@@ -105,17 +105,25 @@ def worker_env(
     )
     env[TERMINATION_LOG_ENV] = str(report)
     if not on_gpu and "OMP_NUM_THREADS" not in env:
-        # Workers share the cores; more threads than cores each would only contend.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
+        env["OMP_NUM_THREADS"] = str(worker_threads(count))
     return env
+
+
+def worker_threads(count: int) -> int:
+    """CPU threads per worker: the machine's cores shared out (more threads than cores only contend)."""
+    return max(1, (os.cpu_count() or 1) // count)
 
 
 def pick_report(exits: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """(rank, exit code) whose report the pod gives: the first worker to exit non-zero (lowest rank among
-    those found ending together), else rank 0. ``exits`` is in the order the workers ended."""
-    for rank, code in exits:
-        if code != 0:
+    those found ending together), else rank 0. ``exits`` is in the order the workers ended. A worker that
+    stopped only because a peer vanished (EXIT_PEER_LOST) gives way to the one whose failure it saw."""
+    failed = [(rank, code) for rank, code in exits if code != 0]
+    for rank, code in failed:
+        if code != EXIT_PEER_LOST:
             return rank, code
+    if failed:
+        return failed[0]
     return next((rank, code) for rank, code in exits if rank == 0)
 
 
@@ -155,7 +163,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _report(path: Path, rank: int, count: int, code: int) -> TerminationSummary:
+def report(path: Path, rank: int, count: int, code: int) -> TerminationSummary:
     """The worker's report; one saying so for a worker that ended without a whole one (killed, or stopped
     before it could write it)."""
     try:
@@ -164,7 +172,9 @@ def _report(path: Path, rank: int, count: int, code: int) -> TerminationSummary:
         pass
     return TerminationSummary(
         outcome="Failed",
-        reason=TrainerReason.INTERRUPTED if code == EXIT_INTERRUPTED else TrainerReason.INTERNAL_ERROR,
+        reason={EXIT_INTERRUPTED: TrainerReason.INTERRUPTED, EXIT_PEER_LOST: TrainerReason.PEER_LOST}.get(
+            code, TrainerReason.INTERNAL_ERROR
+        ),
         message=(
             f"training process {rank} of {count} exited with code {code} before writing its report; "
             "its traceback is in the pod's log"

@@ -40,6 +40,7 @@ from kubetune_trainer.contract import (
 from kubetune_trainer.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PEER_LOST,
     EXIT_RETRYABLE,
     Interrupted,
     TrainerError,
@@ -83,7 +84,16 @@ def main() -> int:
         summary = _failure(progress, err.reason, err.message)
         code = err.exit_code
     except Exception as err:  # the last line of defence: report it, let the Job retry
-        if type(err).__name__ == "OutOfMemoryError":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_peer_failure(err):
+            traceback.print_exc()
+            summary = _failure(
+                progress,
+                TrainerReason.PEER_LOST,
+                f"another training process of the group vanished or stopped answering ({type(err).__name__}: "
+                f"{str(err)[:300]}); the group resumes from the last checkpoint",
+            )
+            code = EXIT_PEER_LOST
+        elif type(err).__name__ == "OutOfMemoryError":
             error = TrainerError(
                 TrainerReason.OUT_OF_MEMORY,
                 f"the accelerator ran out of memory ({err}); lower dataset.maxSeqLength or set "
@@ -157,7 +167,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if already is not None:
         record, manifest = already
         log_event("already_published", uri=record.uri, completed_at=manifest.get("completedAt"))
-        return _success(record, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
+        mine = record if runtime.is_main else None
+        return _success(mine, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
 
     # Memory plan, from config.json alone: a job that cannot fit fails here, before any weights are fetched.
     model_config = model.read_model_config(config.base_model, storage, work_dir)
@@ -188,9 +199,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     )
 
     # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
-    # Rank 0 fetches; the other processes of the pod read its copy.
-    fetched = model.fetch_base_model(config.base_model, storage, work_dir) if runtime.is_main else None
-    model_dir, model_provenance = runtime.from_main(fetched)
+    # Each pod's first process fetches; the pod's other processes read its copy.
+    fetching = runtime.local_rank == 0
+    fetched = model.fetch_base_model(config.base_model, storage, work_dir) if fetching else None
+    model_dir, model_provenance = runtime.from_local_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
     # Long Text records (continued pretraining) become several windows rather than losing their tail.
@@ -378,9 +390,12 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
-    # 9. Report.
+    # The group is done once the result is published: no process reports success before rank 0 has.
+    runtime.barrier()
+    # 9. Report: rank 0 carries the result record; the others only say that training finished.
+    mine = record if runtime.is_main else None
     early_stop = early_stop_of(state, trainer.total, hp.early_stopping_patience)
-    return _success(record, final_metrics, final_progress, progress.provenance, progress.plan, early_stop)
+    return _success(mine, final_metrics, final_progress, progress.provenance, progress.plan, early_stop)
 
 
 def selection(select: str, state: Any, holds_best: bool) -> Selection:
@@ -547,14 +562,15 @@ def _progress(trainer: Any) -> dict[str, float]:
 
 
 def _success(
-    record: AdapterRecord,
+    record: AdapterRecord | None,
     metrics: dict[str, float],
     progress: dict[str, float],
     provenance: dict[str, Any],
     plan: dict[str, Any] | None,
     early_stop: EarlyStop | None = None,
 ) -> TerminationSummary:
-    message = f"written to {record.uri}"
+    """A finished run's report; ``record`` None for a process other than rank 0, which publishes."""
+    message = f"written to {record.uri}" if record else "training finished; rank 0 published the result"
     if early_stop is not None:
         message += (
             f"; stopped early after step {early_stop.step} of {early_stop.total_steps}: the validation loss "
@@ -571,6 +587,29 @@ def _success(
         plan=plan,
         early_stop=early_stop,
     )
+
+
+# What gloo, NCCL and the store say when the other end of a collective is gone or silent.
+_PEER_FAILURE_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective (or the group's store) failing because another process of the group
+    vanished or stopped answering, rather than this process's own failure. Asked only of a process with
+    peers: alone, a broken connection is its own failure."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistNetworkError | dist.DistStoreError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
 
 
 def _compact(provenance: dict[str, Any]) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import torch
 from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
 from kubetune_trainer.errors import Interrupted, TrainerError
+from kubetune_trainer.group import step_collective_timeout, worker_peer_timeout
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
 from kubetune_trainer.packing import Example, PackedBatch, PaddedBatch, collate_packed, collate_padded
@@ -43,6 +44,10 @@ class Runtime:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None  # bf16 on GPUs; None (fp32) on CPU
+    local_rank: int = 0  # this process's index in its pod
+    # The training loop's collectives (all_reduce) run in this group, whose timeout follows the peer timeout
+    # of a multi-pod group (None: the default group). Setup, checkpoints and publishing use the default.
+    step_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +64,7 @@ class Runtime:
             import torch.distributed as dist
 
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-            dist.all_reduce(tensor, op=ops[op])
+            dist.all_reduce(tensor, op=ops[op], group=self.step_group)
         return tensor
 
     def any_rank(self, flag: bool) -> bool:
@@ -77,6 +82,17 @@ class Runtime:
         holder = [value]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+    def from_local_main(self, value: Any) -> Any:
+        """The ``value`` of this pod's first process (local rank 0) on every process of the pod (a picklable
+        object): what each pod fetched for itself, such as a local path."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, value)
+        return everyone[self.rank - self.local_rank]
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -107,9 +123,13 @@ def setup_runtime(gpus: int, seed: int) -> Runtime:
             device_id=device if on_gpu else None,
         )
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world_size = 0, 1
-    return Runtime(device, rank, world_size, autocast_dtype(device.type))
+        step_group = None
+        peer_timeout = worker_peer_timeout(os.environ)
+        if peer_timeout is not None:
+            step_group = dist.new_group(timeout=step_collective_timeout(peer_timeout))
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return Runtime(device, rank, world_size, autocast_dtype(device.type), local_rank, step_group)
+    return Runtime(device, 0, 1, autocast_dtype(device.type))
 
 
 class StopFlag:
