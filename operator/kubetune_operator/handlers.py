@@ -246,6 +246,15 @@ def observe(
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
         every = observed.with_finished_event_pods(listed, event_pods)
         pods = tuple(pod for pod in every if observed.owned_by(pod, uid))
+    validate_job: Obj | None = None
+    validate_pods: tuple[Obj, ...] = ()
+    if trainer_job is None and not job.status.trainer_job:
+        validate_job = io.get_job(job.namespace, labels.validate_job_name(job.name))
+        if validate_job is not None:
+            uid = (validate_job.get("metadata") or {}).get("uid")
+            listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
+            every = observed.with_finished_event_pods(listed, event_pods)
+            validate_pods = tuple(pod for pod in every if uid and observed.owned_by(pod, uid))
     job_events: tuple[Obj, ...] = ()
     if trainer_job is not None and observed.may_have_refused_pods(trainer_job, pods):
         job_events = tuple(io.list_failed_create_events(job.namespace, str(trainer_job["metadata"]["uid"])))
@@ -257,7 +266,16 @@ def observe(
             sample = parse_trainer_metrics(io.scrape(ip, contract.METRICS_PORT))
         except (OSError, MetricsParseError) as exc:
             logger.info("could not read trainer metrics from pod %s (%s): %s", pod, ip, exc)
-    return Observed(config_map, trainer_job, pods, datetime.now(UTC), sample, job_events=job_events)
+    return Observed(
+        config_map,
+        trainer_job,
+        pods,
+        datetime.now(UTC),
+        sample,
+        job_events=job_events,
+        validate_job=validate_job,
+        validate_pods=validate_pods,
+    )
 
 
 def _apply_children(

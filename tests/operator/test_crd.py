@@ -65,6 +65,7 @@ def test_printer_columns() -> None:
         ("Model", "string", ".spec.baseModel.uri", 0),
         ("Progress", "number", ".status.progress.percent", 0),
         ("Loss", "number", ".status.metrics.trainLoss", 0),
+        ("Est-GPU-h", "number", ".status.plan.estimate.gpuHours", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
         ("Message", "string", ".status.message", 1),
         ("Adapter", "string", ".status.adapter.uri", 1),
@@ -216,6 +217,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
         "progressDeadlineSeconds", "startupDeadlineSeconds",
             "ttlSecondsAfterFinished",
         "queueName", "trainer",
+        "dryRun", "validation",
     }  # fmt: skip
     assert set(spec["hyperparameters"]["properties"]) == {
         "epochs", "maxSteps", "learningRate", "batchTokens", "microBatchSize", "gradientAccumulation",

@@ -1,10 +1,13 @@
 """``python -m kubetune_trainer``: the trainer pod's entrypoint (config from $KUBETUNE_CONFIG). One process
-trains, or several under ``launch`` (one per GPU; see there for CPU)."""
+trains, or several under ``launch`` (one per GPU; see there for CPU). ``python -m kubetune_trainer validate``
+is the validation pod: it checks and tokenizes the data and plans the run, on the CPU (see validate.py)."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+VALIDATE_COMMAND = "validate"
 
 
 def _gpus_requested() -> int:
@@ -22,6 +25,10 @@ def main() -> int:
     from kubetune_trainer.redact import install_redaction
 
     install_redaction()
+    if sys.argv[1:] == [VALIDATE_COMMAND]:
+        from kubetune_trainer.validate import main as run_validation
+
+        return run_validation()
     if "WORLD_SIZE" not in os.environ:  # not already one of several workers
         from kubetune_trainer import launch
 

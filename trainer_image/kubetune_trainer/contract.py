@@ -306,6 +306,9 @@ class TrainerConfig:
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     gpus: int = 1
     metrics_port: int = METRICS_PORT
+    # The GPU product the job asked for (the nodeSelector on nvidia.com/gpu.product, else the operator's
+    # default): the validation pod plans memory and estimates time for it. None: the trainer's default.
+    gpu_product: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(_to_json_dict(self), indent=2, sort_keys=True)
