@@ -338,7 +338,14 @@ def _validation(
         return [], False
     pod = observed.current_pod(seen.validate_pods)
     unschedulable = observed.unschedulable_message(pod) if pod is not None else None
-    if pod is not None and unschedulable is not None:
+    stuck = observed.stuck_waiting(pod) if pod is not None else None
+    if pod is not None and stuck is not None and stuck[0] in observed.NEEDS_A_PERSON_WAITING:
+        detail = f"{stuck[0]}: {stuck[1]}" if stuck[1] else stuck[0]
+        message = f"container trainer in validation pod {observed.pod_name(pod)} is waiting: {detail}"
+        st.set(cond.VALIDATED, "Unknown", Reason.VALIDATING, message)
+        st.set(cond.RUNNING, FALSE, Reason.CONTAINER_NOT_STARTING, message)
+        _stalled(st, Reason.CONTAINER_NOT_STARTING, message)
+    elif pod is not None and unschedulable is not None:
         _validating(
             st,
             f"validation pod {observed.pod_name(pod)} cannot be scheduled: {unschedulable}; set "

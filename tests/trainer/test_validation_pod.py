@@ -57,7 +57,7 @@ def test_validation_reads_no_weights_counts_plans_and_writes_a_cache_the_trainer
     assert plan["steps"] == 6  # maxSteps
     assert plan["strategy"] == "Single" and plan["gpuGiB"] == 24.0
     assert plan["estimate"]["gpuProduct"] == "NVIDIA-A10G" and plan["estimate"]["basis"] == "estimated"
-    assert plan["estimate"]["seconds"] > 0
+    assert plan["estimate"]["seconds"] > 0 and plan["estimate"]["modelSize"].endswith("M")
     digest = plan["cache"]["digest"]
     assert plan["cache"]["uri"] == f"s3://{ws.bucket}/out/cache/{digest}/"
     manifest = ws.read_json(f"out/cache/{digest}/manifest.json")
@@ -183,16 +183,14 @@ def test_token_ids_outside_the_vocabulary_are_refused_even_with_a_matching_diges
 
 
 def ws_storage(ws: Workspace) -> Any:
+    """A Storage on the workspace's server (the credentials: what validate() put in the environment)."""
     from kubetune_trainer.storage import Storage, make_client
 
-    for key, value in ws.s3.env().items():
-        import os
-
-        os.environ[key] = value
     return Storage(make_client(ws.config("s3://x/y").s3))
 
 
 def _key(ws: Workspace, config: Any) -> Any:
+    """The key the trainer computes for ``config`` now (the dataset's ETags, listed)."""
     from kubetune_trainer import model, prepared_data
 
     storage = ws_storage(ws)

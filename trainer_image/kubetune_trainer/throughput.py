@@ -114,11 +114,16 @@ def estimate(
     seconds = tokens / (found.tokens_per_second * devices * efficiency)
     gpu_hours = seconds * devices / 3600 if product != CPU else 0.0
     return {
-        "seconds": round(seconds, 1),
-        "gpuHours": round(gpu_hours, 4),
-        "tokensPerSecond": round(found.tokens_per_second * devices * efficiency, 1),
+        "seconds": _significant(seconds),
+        "gpuHours": _significant(gpu_hours),
+        "tokensPerSecond": _significant(found.tokens_per_second * devices * efficiency),
         "gpuProduct": product,
         "modelSize": size_class(parameters),
         "basis": found.basis,
         "source": found.source,
     }
+
+
+def _significant(value: float) -> float:
+    """Three significant digits: an estimate claims no more."""
+    return float(f"{value:.3g}")
