@@ -248,7 +248,8 @@ def observe(
         pods = tuple(pod for pod in every if observed.owned_by(pod, uid))
     validate_job: Obj | None = None
     validate_pods: tuple[Obj, ...] = ()
-    if trainer_job is None and not job.status.trainer_job:
+    validates = job.spec is not None and not job.spec.validation.skip
+    if validates and trainer_job is None and not job.status.trainer_job:
         validate_job = io.get_job(job.namespace, labels.validate_job_name(job.name))
         if validate_job is not None:
             uid = (validate_job.get("metadata") or {}).get("uid")
