@@ -167,15 +167,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # 2. Data: the validation pod's tokenized cache when its key (dataset ETags, tokenizer, data settings,
     # trainer version) still matches; else every record fetched and validated, in one pass, before any heavy
     # work. A dataset changed since validation names another cache, so it is validated again here.
-    tokenizer_dir = model.fetch_tokenizer_files(config.base_model, storage, work_dir)
-    tokenizer = model.load_tokenizer(tokenizer_dir, config.base_model)
-    key = prepared_data.current_key(config, storage, tokenizer_dir)
-    vocab = prepared_data.vocabulary_size(tokenizer, model_config)
-    cached, why_not = dataset_cache.read(
-        storage, key, config.output.uri, vocab, config.dataset.max_seq_length
-    )
+    key, cached, why_not = _cached_examples(config, storage, work_dir, model_config)
     records = None
     if cached is not None:
+        assert key is not None
         log_event("dataset_cache", used=True, uri=str(dataset_cache.cache_uri(config.output.uri, key.digest)))
     else:
         log_event("dataset_cache", used=False, reason=why_not)
@@ -242,7 +237,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             "rows": prepared.rows.get("train", len(train_examples)),
             "validationRows": prepared.rows.get("validation", len(eval_examples)),
             "tokenizedCache": str(dataset_cache.cache_uri(config.output.uri, key.digest))
-            if records is None
+            if key is not None and records is None
             else None,
             **{f"{split}_{k}": v for split, stats in prepared.stats.items() for k, v in stats.items()},
         },
@@ -355,6 +350,29 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
     # 9. Report.
     return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
+
+
+def _cached_examples(
+    config: TrainerConfig, storage: Storage, work_dir: Path, model_config: dict[str, Any] | None
+) -> tuple[Any, Any, str]:
+    """(cache key, the validation pod's cached examples or None, why not). The key needs the tokenizer's
+    files; a base model that cannot give them is a miss here, so the data is still validated before the
+    model is fetched (and its own error reported after)."""
+    from kubetune_trainer import dataset_cache, model, prepared_data
+
+    try:
+        tokenizer_dir = model.fetch_tokenizer_files(config.base_model, storage, work_dir)
+        tokenizer = model.load_tokenizer(tokenizer_dir, config.base_model)
+    except TrainerError as err:
+        if err.reason not in (TrainerReason.MODEL_NOT_FOUND, TrainerReason.INVALID_MODEL):
+            raise
+        return None, None, f"the base model's tokenizer cannot be read ({err.reason})"
+    key = prepared_data.current_key(config, storage, tokenizer_dir)
+    vocab = prepared_data.vocabulary_size(tokenizer, model_config)
+    cached, why_not = dataset_cache.read(
+        storage, key, config.output.uri, vocab, config.dataset.max_seq_length
+    )
+    return key, cached, why_not
 
 
 def resolve_batching(
