@@ -178,8 +178,9 @@ def label_selector_of(request: JSON) -> str | None:
 
 
 def created_objects(cluster: ClusterInfo, namespace: str, resource: str) -> list[str]:
-    """Names of the ``resource`` (pods, jobs) objects anyone created in ``namespace`` (successfully), from the
-    API server's audit log: proof that an object was never created, even briefly."""
+    """Names of the ``resource`` (pods, jobs) objects anyone created in ``namespace``, from the API server's
+    audit log (a generated name as its prefix, e.g. ``a-trainer-``): proof that an object was never created,
+    even briefly."""
     log = Path(cluster.dir) / "logs" / AUDIT_LOG_FILE
     names = []
     for line in log.read_text(errors="replace").splitlines():
@@ -187,17 +188,11 @@ def created_objects(cluster: ClusterInfo, namespace: str, resource: str) -> list
             continue
         entry = json.loads(line)
         ref = entry.get("objectRef") or {}
-        ok = (entry.get("responseStatus") or {}).get("code", 0) < 300 and entry.get(
-            "stage"
-        ) == "ResponseComplete"
-        if (
-            ok
-            and entry.get("verb") == "create"
-            and (ref.get("resource"), ref.get("namespace"))
-            == (
-                resource,
-                namespace,
-            )
+        if entry.get("verb") != "create" or (ref.get("resource"), ref.get("namespace")) != (
+            resource,
+            namespace,
         ):
-            names.append(str(ref.get("name") or ""))
+            continue
+        sent = (entry.get("requestObject") or {}).get("metadata") or {}
+        names.append(str(ref.get("name") or sent.get("name") or sent.get("generateName") or ""))
     return names

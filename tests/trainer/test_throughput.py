@@ -33,6 +33,9 @@ def test_method_and_size_order_the_rates_and_unknown_products_get_none() -> None
     assert full.tokens_per_second < qlora.tokens_per_second < lora.tokens_per_second
     assert abs(bigger.tokens_per_second * 8 - lora.tokens_per_second) < 1
     assert throughput.rate("Some-Future-GPU", LLAMA_1B, "LoRA") is None
+    tiny = throughput.rate("NVIDIA-A100-SXM4-80GB", 300_000, "LoRA")
+    at_floor = throughput.rate("NVIDIA-A100-SXM4-80GB", throughput.MIN_GPU_PARAMETERS, "LoRA")
+    assert tiny and at_floor and tiny.tokens_per_second == at_floor.tokens_per_second
 
 
 def test_an_estimate_is_time_for_the_tokens_over_every_gpu_and_labelled() -> None:

@@ -8,7 +8,8 @@ The table's source (also in the README, "Estimates"):
 - every other row is ``estimated``: tokens/s = MFU x the product's dense bf16 peak (vendor datasheet) / FLOPs
   per token, at the 30% MFU the project targets (DESIGN.md section 6). FLOPs per token: 6 N for Full (forward,
   input gradients, weight gradients), 4 N for LoRA (the frozen base computes no weight gradients), QLoRA at
-  70% of LoRA's rate for dequantizing the 4-bit weights. N is the model's parameter count.
+  70% of LoRA's rate for dequantizing the 4-bit weights. N is the model's parameter count, at least 100M
+  (a smaller model does not run faster than that on a GPU: kernel launches bound it, not FLOPs).
 
 An estimate is labelled so in ``status.plan.estimate.basis``; nothing decides anything from it.
 """
@@ -21,6 +22,9 @@ TARGET_MFU = 0.30
 QLORA_SLOWDOWN = 0.70
 MULTI_GPU_EFFICIENCY = 0.90
 """Share of N GPUs' summed rate a data-parallel job keeps (gradient all-reduce, stragglers)."""
+MIN_GPU_PARAMETERS = 100_000_000
+"""Below this size a GPU is bound by kernel launches and the input pipeline, not by FLOPs: smaller models get
+this size's rate, not a faster one."""
 CPU = "cpu"
 DEFAULT_GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -90,7 +94,7 @@ def rate(product: str, parameters: int, method: str) -> Rate | None:
     gpu = GPU_PRODUCTS.get(product)
     if gpu is None:
         return None
-    flops_per_token = (6 if method == "Full" else 4) * max(parameters, 1)
+    flops_per_token = (6 if method == "Full" else 4) * max(parameters, MIN_GPU_PARAMETERS)
     speed = TARGET_MFU * gpu.bf16_tflops * 1e12 / flops_per_token
     if method == "QLoRA":
         speed *= QLORA_SLOWDOWN
