@@ -117,6 +117,8 @@ def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(
     """A trainer image whose process exits 0 and writes nothing: the Job completes, but success is never
     assumed. The FineTuneJob ends Failed/NoResult with no adapter record, and Flux's kstatus reads Failed."""
     ns = operator.namespace
+    # Its own copy of the Secret the manifest names, so the test does not depend on another module's.
+    kube.apply_yaml(f"/api/v1/namespaces/{ns}/secrets", s3_secret(buckets.access_key, buckets.secret_key))
     manifest = make_ftj(
         "silent-exit",
         placement=ON_AGENT,

@@ -716,11 +716,15 @@ def _created_message(job_name: str) -> str:
 def _apply_sample(st: _Status, sample: TrainerSample) -> None:
     old_progress = st.old.progress or Progress()
     step = _int(sample.step, old_progress.step)
+    if step == 0 and old_progress.step:
+        step = old_progress.step  # a new attempt still preparing has not restored its step yet
     total = _int(sample.total_steps, old_progress.total_steps)
     percent = old_progress.percent
     if step is not None and total:
         percent = round(min(100.0, 100.0 * step / total), 1)
-    moved = step is not None and step != old_progress.step  # a resumed attempt may restart lower
+    # A step counts as progress only once the trainer makes one: step 0 (still preparing) and a resumed
+    # attempt's restored step are where it starts, judged by startupDeadlineSeconds.
+    moved = step is not None and step > 0 and step != old_progress.step
     st.fields["progress"] = Progress(
         step=step,
         total_steps=total,

@@ -350,6 +350,13 @@ CASES: list[CrdCase] = [
     # immutability of the fields that define the run (updates)
     CrdCase("reapply-same-manifest", {}, update={}),
     CrdCase(
+        "update-validation-skip",
+        {},
+        "spec.validation is immutable",
+        field="spec",
+        update={"spec.validation": {"skip": True}},
+    ),
+    CrdCase(
         "update-dry-run-off",
         {"spec.dryRun": True},
         "spec.dryRun is immutable",

@@ -181,7 +181,9 @@ def test_immutable_run_fields_have_transition_rules_and_the_rest_stay_mutable() 
         } in rules
     spec_level = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
     assert spec_level == [
-        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)"
+        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)",
+        "has(self.validation) == has(oldSelf.validation) && (!has(self.validation) || self.validation =="
+        " oldSelf.validation)",
     ]
     for node in walk_schema(spec, "spec"):
         top = node.path.split(".")[1] if "." in node.path else ""
