@@ -354,13 +354,14 @@ def _validation(
     elif observed.job_suspended(validate_job):
         _validating(st, f"validation Job {name} waits for Kueue to admit it")
     else:
-        running = pod is not None and observed.running_since(pod) is not None
-        _validating(
-            st,
-            f"validation pod {observed.pod_name(pod)} is checking the data and planning the run"
-            if running and pod is not None
-            else f"validation Job {name} is starting its pod",
-        )
+        ended = observed.newest_pod(seen.validate_pods) if pod is None else None
+        if pod is not None and observed.running_since(pod) is not None:
+            message = f"validation pod {observed.pod_name(pod)} is checking the data and planning the run"
+        elif ended is not None and observed.is_finished_pod(ended):
+            message = f"validation pod {observed.pod_name(ended)} ended; reading its report"
+        else:
+            message = f"validation Job {name} is starting its pod"
+        _validating(st, message)
     return [], False
 
 

@@ -299,3 +299,10 @@ def test_the_gpu_product_the_plan_is_made_for_comes_from_the_node_selector(confi
         "NVIDIA-L40S"
     )
     assert product(resources={"gpus": 0}) is None
+
+
+def test_a_validation_pod_that_ended_before_its_job_is_not_called_starting(config: OperatorConfig) -> None:
+    body = validating_job()
+    pod = validate_pod("Succeeded", message=validated_summary())
+    outcome = reconcile(parse(body), seen_with(validate_job(config, body), (pod,)), config)
+    assert outcome.create == () and "a-validate-x ended; reading its report" in (outcome.status.message or "")

@@ -148,7 +148,9 @@ def describe(summary: dict[str, Any]) -> str:
         f"{summary['perGpuGiB']['total']} GiB per GPU"
     )
     estimate = summary.get("estimate")
-    if estimate:
+    if estimate and estimate["gpuProduct"] == "cpu":
+        text += f"; about {estimate['seconds']:.0f} s on the CPU ({estimate['basis']})"
+    elif estimate:
         text += (
             f"; about {estimate['seconds']:.0f} s, {estimate['gpuHours']} GPU-hours on "
             f"{estimate['gpuProduct']} ({estimate['basis']})"
