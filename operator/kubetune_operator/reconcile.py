@@ -208,13 +208,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
             if not validated or spec.dry_run:
                 if validated:
                     _dry_run_done(st)
-                return _outcome(
-                    st,
-                    old,
-                    tuple([*create, *validating]) if validating else tuple(create),
-                    tuple(replace),
-                    None,
-                )
+                return _outcome(st, old, (*create, *validating), tuple(replace), None)
         create.append(build_trainer_job(job, config))
         st.fields["trainer_job"] = labels.trainer_job_name(job.name)
         st.fields["restarts"] = 0
@@ -300,8 +294,17 @@ def _validation(
         pod = observed.last_finished_pod(seen.validate_pods, "Succeeded")
         summary, problem = termination.read_summary(pod)
         plan = _memory_plan(summary.plan) if summary is not None else None
-        if summary is None or summary.outcome != "Succeeded" or plan is None:
-            why = problem or "its report has no plan of the expected shape"
+        reported = (summary.outcome, summary.reason) if summary is not None else None
+        if summary is None or reported != ("Succeeded", contract.VALIDATED_REASON) or plan is None:
+            if summary is None:
+                why = problem
+            elif reported != ("Succeeded", contract.VALIDATED_REASON):
+                why = (
+                    f"it reported {summary.outcome}/{summary.reason or 'no reason'} instead of a validation: "
+                    "is the trainer image older than the validate command?"
+                )
+            else:
+                why = "its report has no plan of the expected shape"
             _fail_validation(
                 st,
                 Reason.VALIDATION_FAILED,

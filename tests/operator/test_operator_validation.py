@@ -306,3 +306,16 @@ def test_a_validation_pod_that_ended_before_its_job_is_not_called_starting(confi
     pod = validate_pod("Succeeded", message=validated_summary())
     outcome = reconcile(parse(body), seen_with(validate_job(config, body), (pod,)), config)
     assert outcome.create == () and "a-validate-x ended; reading its report" in (outcome.status.message or "")
+
+
+def test_a_trainer_image_that_trained_instead_of_validating_is_not_taken_for_a_validation(
+    config: OperatorConfig,
+) -> None:
+    """An image older than the validate command ignores it and trains on the CPU: its success summary, plan
+    included, is not a validation."""
+    body = validating_job()
+    done = validate_job(config, body, job_condition("Complete"))
+    trained = contract.TerminationSummary(outcome="Succeeded", reason="Completed", plan=PLAN).to_json()
+    outcome = reconcile(parse(body), seen_with(done, (validate_pod("Succeeded", message=trained),)), config)
+    assert conds(outcome.status)["Failed"] == ("True", "ValidationFailed") and outcome.create == ()
+    assert "older than the validate command" in (outcome.status.message or "")

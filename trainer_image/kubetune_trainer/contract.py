@@ -62,6 +62,11 @@ METHODS = (*ADAPTER_METHODS, "Full")
 ACTIVATION_CHECKPOINTING_SETTINGS = ("Auto", "Always", "Never")
 
 
+# The reason of the validation pod's successful summary (``python -m kubetune_trainer validate``): the
+# operator takes a plan as the data's validation only with it.
+VALIDATED_REASON = "Validated"
+
+
 # Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
 # once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit
 # code is retried up to spec.backoffLimit times, resuming from the newest checkpoint.

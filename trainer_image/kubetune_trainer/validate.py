@@ -15,12 +15,10 @@ import traceback
 from typing import Any
 
 from kubetune_trainer.config import load_config
-from kubetune_trainer.contract import TerminationSummary, TrainerConfig, TrainerReason
+from kubetune_trainer.contract import VALIDATED_REASON, TerminationSummary, TrainerConfig, TrainerReason
 from kubetune_trainer.errors import EXIT_OK, EXIT_RETRYABLE, TrainerError
 from kubetune_trainer.metrics import log_event
 
-VALIDATED = "Validated"
-"""The reason of a successful validation summary."""
 GIB = 1 << 30
 
 
@@ -108,7 +106,7 @@ def run() -> TerminationSummary:
     log_event("validated", **summary)
     return TerminationSummary(
         outcome="Succeeded",
-        reason=VALIDATED,
+        reason=VALIDATED_REASON,
         message=describe(summary),
         plan=summary,
         provenance={
