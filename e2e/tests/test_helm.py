@@ -297,11 +297,19 @@ def test_finetunejob_succeeds_with_the_chart_operator_and_restricted_trainer_pod
     key = adapter["uri"].removeprefix(f"s3://{BUCKET}/") + "adapter_model.safetensors"
     body = inputs.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == adapter["sha256"]
-    (pod,) = pods_of(kube, release.namespace, "kubetune.io/job-name=via-helm")
-    assert pod["status"]["phase"] == "Succeeded"
-    (container,) = pod["spec"]["containers"]
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The validation pod and the trainer pod both ran in the restricted namespace, with no GPU asked of the
+    # first.
+    pods = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p
+        for p in pods_of(kube, release.namespace, "kubetune.io/job-name=via-helm")
+    }
+    assert set(pods) == {"validator", "trainer"}
+    for pod in pods.values():
+        assert pod["status"]["phase"] == "Succeeded"
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pods["validator"]["spec"]["containers"][0]["args"] == ["validate"]
 
 
 def test_reapplying_the_finished_manifest_changes_nothing(
@@ -327,7 +335,7 @@ def test_reapplying_the_finished_manifest_changes_nothing(
         } == pods_before
         time.sleep(0.5)
     jobs = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector="kubetune.io/job-name=via-helm")
-    assert len(jobs["items"]) == 1
+    assert sorted(j["metadata"]["name"] for j in jobs["items"]) == ["via-helm-trainer", "via-helm-validate"]
 
 
 def test_queue_name_holds_the_job_suspended_until_kueue_admits_it(
@@ -337,7 +345,11 @@ def test_queue_name_holds_the_job_suspended_until_kueue_admits_it(
     kube.apply_yaml(f"/api/v1/namespaces/{ns}/secrets", s3_secret(inputs.access_key, inputs.secret_key))
     kube.create(ftj_path(ns), tiny_job("queued", inputs, queueName="team-a"))
     job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer"
-    trainer_job = kube.wait_for(job_path, bool, timeout=30, what="the trainer Job to be created")
+    # Only the GPU Job is queued: the validation Job carries no queue label and runs first, at once.
+    trainer_job = kube.wait_for(job_path, bool, timeout=180, what="the trainer Job to be created")
+    validate_job = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/queued-validate")
+    assert "kueue.x-k8s.io/queue-name" not in validate_job["metadata"]["labels"]
+    assert validate_job["spec"]["suspend"] is False
     assert trainer_job["spec"]["suspend"] is True
     assert trainer_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     queued = kube.wait_for(
@@ -348,7 +360,10 @@ def test_queue_name_holds_the_job_suspended_until_kueue_admits_it(
     )
     assert condition(queued, "Suspended")["status"] == "True"
     assert queued["status"]["phase"] == "Suspended"
-    assert not pods_of(kube, ns, "kubetune.io/job-name=queued")
+    assert not pods_of(kube, ns, "kubetune.io/job-name=queued,app.kubernetes.io/component=trainer")
+    (validator,) = pods_of(kube, ns, "kubetune.io/job-name=queued,app.kubernetes.io/component=validator")
+    assert validator["status"]["phase"] == "Succeeded"
+    assert (condition(queued, "Validated") or {}).get("reason") == "DataValid"
     # Kueue admits a Job by setting spec.suspend=false on it; the operator must not undo that.
     kube.patch(job_path, {"spec": {"suspend": False}})
     admitted = kube.wait_for(
