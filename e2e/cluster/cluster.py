@@ -81,12 +81,21 @@ def require_binaries(directory: Path, names: tuple[str, ...] = BINARIES) -> dict
 AUDIT_POLICY_FILE = "audit-policy.yaml"
 AUDIT_LOG_FILE = "audit.log"
 """Under logs/: one JSON line per list or watch of pods and Jobs, with its full URI and user agent, so tests
-can check what a client asked the API server to stream (the operator's label selectors)."""
+can check what a client asked the API server to stream (the operator's label selectors); and one per create
+of a pod or Job, with the object sent, so tests can check that an object was never created (no GPU Job or pod
+for a job that failed validation)."""
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
 rules:
+  - level: Request
+    verbs: [create]
+    resources:
+      - group: ""
+        resources: [pods]
+      - group: batch
+        resources: [jobs]
   - level: Metadata
     verbs: [list, watch]
     resources:

@@ -64,8 +64,12 @@ def make_ftj(
     output: str | None = None,
     hyperparameters: JSON | None = None,
     extra_spec: JSON | None = None,
+    validation_pod: bool | None = None,
 ) -> JSON:
-    """A FineTuneJob manifest; ``placement`` is merged into spec.resources (ON_KWOK / ON_AGENT)."""
+    """A FineTuneJob manifest; ``placement`` is merged into spec.resources (ON_KWOK / ON_AGENT).
+
+    ``validation_pod`` None: the validation pod runs, except for a job placed on KWOK nodes, where no process
+    runs (those tests drive the trainer pods by hand), which sets spec.validation.skip."""
     spec: JSON = {
         "baseModel": {"uri": base_model},
         "dataset": {"train": train, "format": "Auto"},
@@ -81,6 +85,10 @@ def make_ftj(
         spec["suspend"] = suspend
     if backoff_limit is not None:
         spec["backoffLimit"] = backoff_limit
+    if validation_pod is None:
+        validation_pod = KWOK_NODE_LABEL not in ((placement or {}).get("nodeSelector") or {})
+    if not validation_pod:
+        spec["validation"] = {"skip": True}
     spec.update(extra_spec or {})
     return {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -157,6 +165,8 @@ def kopf_child_requests(cluster: ClusterInfo, namespace: str | None = None) -> l
             "jobs",
         ):
             continue
+        if entry.get("verb") not in ("list", "watch"):
+            continue
         if ref.get("namespace") == namespace:
             found.append(entry)
     return found
@@ -165,3 +175,24 @@ def kopf_child_requests(cluster: ClusterInfo, namespace: str | None = None) -> l
 def label_selector_of(request: JSON) -> str | None:
     selectors = parse_qs(urlsplit(str(request["requestURI"])).query).get("labelSelector")
     return selectors[0] if selectors else None
+
+
+def created_objects(cluster: ClusterInfo, namespace: str, resource: str) -> list[str]:
+    """Names of the ``resource`` (pods, jobs) objects anyone created in ``namespace``, from the API server's
+    audit log (a generated name as its prefix, e.g. ``a-trainer-``): proof that an object was never created,
+    even briefly."""
+    log = Path(cluster.dir) / "logs" / AUDIT_LOG_FILE
+    names = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        ref = entry.get("objectRef") or {}
+        if entry.get("verb") != "create" or (ref.get("resource"), ref.get("namespace")) != (
+            resource,
+            namespace,
+        ):
+            continue
+        sent = (entry.get("requestObject") or {}).get("metadata") or {}
+        names.append(str(ref.get("name") or sent.get("name") or sent.get("generateName") or ""))
+    return names

@@ -304,11 +304,19 @@ def test_finetunejob_succeeds_with_the_chart_operator_and_restricted_trainer_pod
     key = adapter["uri"].removeprefix(f"s3://{BUCKET}/") + "adapter_model.safetensors"
     body = inputs.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == adapter["sha256"]
-    (pod,) = pods_of(kube, release.namespace, "kubetune.io/job-name=via-helm")
-    assert pod["status"]["phase"] == "Succeeded"
-    (container,) = pod["spec"]["containers"]
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The validation pod and the trainer pod both ran in the restricted namespace, with no GPU asked of the
+    # first.
+    pods = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p
+        for p in pods_of(kube, release.namespace, "kubetune.io/job-name=via-helm")
+    }
+    assert set(pods) == {"validator", "trainer"}
+    for pod in pods.values():
+        assert pod["status"]["phase"] == "Succeeded"
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pods["validator"]["spec"]["containers"][0]["args"] == ["validate"]
 
 
 def test_reapplying_the_finished_manifest_changes_nothing(
@@ -334,7 +342,7 @@ def test_reapplying_the_finished_manifest_changes_nothing(
         } == pods_before
         time.sleep(0.5)
     jobs = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector="kubetune.io/job-name=via-helm")
-    assert len(jobs["items"]) == 1
+    assert sorted(j["metadata"]["name"] for j in jobs["items"]) == ["via-helm-trainer", "via-helm-validate"]
 
 
 def test_kueue_admits_the_queued_trainer_job_and_it_trains(
@@ -351,7 +359,11 @@ def test_kueue_admits_the_queued_trainer_job_and_it_trains(
     manifest["spec"]["resources"].update({"cpu": "500m", "memory": "1Gi"})
     kube.create(ftj_path(ns), manifest)
     job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/queued-trainer"
-    created = kube.wait_for(job_path, bool, timeout=30, what="the trainer Job to be created")
+    # Only the GPU Job is queued: the validation Job carries no queue label and runs first, at once.
+    created = kube.wait_for(job_path, bool, timeout=180, what="the trainer Job to be created")
+    validate_job = kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/queued-validate")
+    assert "kueue.x-k8s.io/queue-name" not in validate_job["metadata"]["labels"]
+    assert validate_job["spec"]["suspend"] is False
     assert created["spec"]["suspend"] is True
     assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
     kueue_says = f"LocalQueue {queue} doesn't exist"
@@ -364,7 +376,10 @@ def test_kueue_admits_the_queued_trainer_job_and_it_trains(
     waiting = condition(held, "Suspended")
     assert (waiting["status"], waiting["reason"]) == ("True", "Queued")
     assert waiting["message"].endswith(f"(Inadmissible): {kueue_says}")
-    assert not pods_of(kube, ns, "kubetune.io/job-name=queued")
+    assert not pods_of(kube, ns, "kubetune.io/job-name=queued,app.kubernetes.io/component=trainer")
+    (validator,) = pods_of(kube, ns, "kubetune.io/job-name=queued,app.kubernetes.io/component=validator")
+    assert validator["status"]["phase"] == "Succeeded"
+    assert (condition(held, "Validated") or {}).get("reason") == "DataValid"
     assert kube.get(job_path)["spec"]["suspend"] is True
 
     kueue_harness.make_queue(kube, ns, {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}, name=queue)

@@ -15,7 +15,16 @@ from e2e.cluster.kstatus import kstatus_verdict
 from e2e.cluster.kube import KubeClient
 from e2e.cluster.s3 import S3Server, upload_directory
 from e2e.demo import instruction_dataset, to_jsonl
-from e2e.tests.helpers import ON_AGENT, condition, container_log, ftj_path, make_ftj, pods_of, s3_secret
+from e2e.tests.helpers import (
+    ON_AGENT,
+    condition,
+    container_log,
+    ftj_path,
+    make_ftj,
+    pods_of,
+    s3_secret,
+    terminated,
+)
 
 JSON = dict[str, Any]
 
@@ -64,14 +73,23 @@ def test_adapter_job_trains_on_the_node_agent_and_uploads_the_adapter(
     try:
         done = kube.wait_for(ftj_path(ns, name), finished, timeout=300, what="the training job to finish")
     finally:
-        pods = pods_of(kube, ns, f"kubetune.io/job-name={name}")
+        pods = pods_of(kube, ns, f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer")
+        validators = pods_of(kube, ns, f"kubetune.io/job-name={name},app.kubernetes.io/component=validator")
         logs = [container_log(cluster, ns, pod["metadata"]["name"], "trainer") for pod in pods]
-        for pod, log in zip(pods, logs, strict=True):
-            print(f"--- trainer log {pod['metadata']['name']} ---")
-            print(log[-4000:])
+        for pod in [*validators, *pods]:
+            print(f"--- log {pod['metadata']['name']} ---")
+            print(container_log(cluster, ns, pod["metadata"]["name"], "trainer")[-4000:])
     status = done["status"]
     assert status["phase"] == "Succeeded", (condition(done, "Failed"), status.get("message"))
     assert f'"method": "{method}"' in logs[0]  # the trainer ran the method asked for
+    # The validation pod ran first, on the CPU, and the trainer trained from the tokens it cached.
+    (validator,) = validators
+    validated_at = terminated(validator, "trainer")
+    assert validated_at is not None and validated_at["exitCode"] == 0
+    assert validated_at["finishedAt"] <= pods[0]["metadata"]["creationTimestamp"]
+    assert not any("gpu" in k for k in validator["spec"]["containers"][0]["resources"].get("requests", {}))
+    assert '"event": "dataset_cache", "used": true' in logs[0]
+    assert (condition(done, "Validated") or {}).get("reason") == "DataValid"
     pod = pods[0]
     assert pod["spec"]["nodeName"] == cluster.agent_nodes[0]
     assert pod["status"]["podIP"].startswith("127.0.0.")
@@ -88,6 +106,9 @@ def test_adapter_job_trains_on_the_node_agent_and_uploads_the_adapter(
     # The trainer's memory plan, planned before it fetched weights, passed the API server's schema.
     plan = status["plan"]
     assert (plan["strategy"], plan["worldSize"]) == ("Single", 1) and plan["perGpuGiB"]["total"] > 0
+    # ... and the validation pod's counts: the 48 records uploaded, 4 steps, an estimate labelled as such.
+    assert plan["examples"] == {"train": 48, "validation": 0} and plan["steps"] == 4
+    assert plan["tokens"]["train"] >= 48 and plan["estimate"]["basis"] in ("measured", "estimated")
 
 
 def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(
@@ -96,11 +117,14 @@ def test_a_trainer_that_exits_0_without_a_result_ends_failed_no_result(
     """A trainer image whose process exits 0 and writes nothing: the Job completes, but success is never
     assumed. The FineTuneJob ends Failed/NoResult with no adapter record, and Flux's kstatus reads Failed."""
     ns = operator.namespace
+    # Its own copy of the Secret the manifest names, so the test does not depend on another module's.
+    kube.apply_yaml(f"/api/v1/namespaces/{ns}/secrets", s3_secret(buckets.access_key, buckets.secret_key))
     manifest = make_ftj(
         "silent-exit",
         placement=ON_AGENT,
         s3_endpoint=buckets.endpoint,
         extra_spec={"trainer": {"image": "kubetune/silent-trainer:test"}},
+        validation_pod=False,  # the same silent image would fail validation first (ValidationFailed)
     )
     kube.create(ftj_path(ns), manifest)
     done = kube.wait_for(

@@ -22,6 +22,9 @@ from kubetune_cli.kubectl import CliError, Kubectl
 
 JOB_NAME_LABEL = "kubetune.io/job-name"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+VALIDATOR_COMPONENT = "validator"
+"""The validation pod's component: its log is shown only until a trainer pod exists."""
 TRAINER_CONTAINER = "trainer"
 LOCAL_RUNTIME_PREFIX = "local://"
 """containerID of a container the local node agent runs as a process."""
@@ -40,6 +43,8 @@ def trainer_pod(kubectl: Kubectl, job: dict[str, Any], rank: int | None) -> dict
             "ttlSecondsAfterFinished",
             exit_code=1,
         )
+    trainers = [p for p in pods if text_at(p, "metadata", "labels", COMPONENT_LABEL) != VALIDATOR_COMPONENT]
+    pods = trainers or pods
     indexed = [p for p in pods if text_at(p, "metadata", "labels", COMPLETION_INDEX_LABEL) is not None]
     if rank is not None and indexed:
         per_pod = max(1, int(number_at(job, "spec", "resources", "gpus") or 1))

@@ -54,6 +54,18 @@ class Reason:
     admission policy or an object-count quota denies it); the message carries the server's words. The run
     cannot start and is not retried: fix the cause, then delete and re-apply the FineTuneJob."""
 
+    VALIDATING = "Validating"
+    """Validated=Unknown (and Running=False): the validation Job <name>-validate, on the CPU, reads every
+    record, tokenizes and plans the run; no GPU Job exists yet."""
+    DATA_VALID = "DataValid"
+    """Validated=True: the validation pod checked every record, wrote the tokenized cache and the plan
+    (status.plan, with its estimate); the GPU Job is created next (or, with spec.dryRun, the job ends)."""
+    VALIDATION_FAILED = "ValidationFailed"
+    """Failed=True: the validation Job failed without a valid kubetune report (its container crashed); the
+    message carries its exit code and log tail. No GPU Job was created. Failures the validation pod
+    reports (InvalidDataset, EmptyDataset, AccessDenied, InsufficientGPUMemory, ...) keep their own
+    reason."""
+
     # Running (and Reconciling, which mirrors it while the job is on its way)
     CREATED = "Created"
     """Running=False: the trainer ConfigMap and Job were created; no trainer pod exists yet."""
@@ -109,6 +121,10 @@ class Reason:
     COMPLETED = "Completed"
     """Succeeded=True: the trainer finished and wrote its result; status.adapter (LoRA) or status.model
     (Full) records it."""
+
+    DRY_RUN = "DryRun"
+    """Succeeded=True with spec.dryRun: the data is valid and the run is planned (status.plan, with the
+    estimate); nothing was trained and no GPU was reserved. Terminal: kstatus reads it Current."""
 
     # Failed (besides the trainer's own reasons, copied from its termination message: see TRAINER_REASONS)
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"

@@ -23,6 +23,13 @@ ENV_SCRAPE_TIMEOUT = "KUBETUNE_SCRAPE_TIMEOUT_SECONDS"
 ENV_SCRAPE_CONCURRENCY = "KUBETUNE_SCRAPE_CONCURRENCY"
 ENV_FINISHED_SERIES_RETENTION = "KUBETUNE_FINISHED_SERIES_RETENTION_SECONDS"
 ENV_TRAINER_POD_DEFAULTS = "KUBETUNE_TRAINER_POD_DEFAULTS"
+ENV_VALIDATION_CPU = "KUBETUNE_VALIDATION_CPU"
+ENV_VALIDATION_MEMORY = "KUBETUNE_VALIDATION_MEMORY"
+ENV_VALIDATION_QUEUE_NAME = "KUBETUNE_VALIDATION_QUEUE_NAME"
+ENV_DEFAULT_GPU_PRODUCT = "KUBETUNE_DEFAULT_GPU_PRODUCT"
+DEFAULT_VALIDATION_CPU = "1"
+DEFAULT_VALIDATION_MEMORY = "4Gi"
+DEFAULT_GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS = 300
 """Long enough for a trainer stopped by SIGTERM to write and upload a checkpoint of a large model."""
 
@@ -56,7 +63,7 @@ class TrainerPodDefaults:
             hint = "set it from the chart's trainer.podDefaults"
             raise ConfigError(f"{where} is not JSON ({err}); {hint}") from err
         if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a JSON object, e.g. {{\"serviceAccountName\": \"trainer\"}}")
+            raise ConfigError(f'{where} must be a JSON object, e.g. {{"serviceAccountName": "trainer"}}')
         kinds: dict[str, tuple[type, ...]] = {
             "serviceAccountName": (str,),
             "imagePullSecrets": (list,),
@@ -110,6 +117,16 @@ class OperatorConfig:
     """Timeout of every API call the operator makes itself."""
     trainer_pod_defaults: TrainerPodDefaults = field(default_factory=TrainerPodDefaults)
     """Pod settings every trainer gets unless its FineTuneJob sets its own."""
+    validation_cpu: str = DEFAULT_VALIDATION_CPU
+    """CPU request of the validation pod when a FineTuneJob sets no spec.validation.resources.cpu."""
+    validation_memory: str = DEFAULT_VALIDATION_MEMORY
+    """Memory request and limit of the validation pod (spec.validation.resources.memory overrides it)."""
+    validation_queue_name: str | None = None
+    """Kueue queue of every validation Job whose FineTuneJob sets no spec.validation.queueName; None: the
+    validation Job is not queued (Kueue leaves a Job without a queue label alone), so it runs at once."""
+    default_gpu_product: str = DEFAULT_GPU_PRODUCT
+    """The GPU product the plan and estimate assume when a job's nodeSelector names none
+    (nvidia.com/gpu.product)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -134,6 +151,10 @@ class OperatorConfig:
             scrape_concurrency=int(concurrency),
             finished_series_retention_seconds=retention,
             trainer_pod_defaults=TrainerPodDefaults.from_json(env.get(ENV_TRAINER_POD_DEFAULTS, "")),
+            validation_cpu=env.get(ENV_VALIDATION_CPU, "").strip() or DEFAULT_VALIDATION_CPU,
+            validation_memory=env.get(ENV_VALIDATION_MEMORY, "").strip() or DEFAULT_VALIDATION_MEMORY,
+            validation_queue_name=env.get(ENV_VALIDATION_QUEUE_NAME, "").strip() or None,
+            default_gpu_product=env.get(ENV_DEFAULT_GPU_PRODUCT, "").strip() or DEFAULT_GPU_PRODUCT,
         )
 
 

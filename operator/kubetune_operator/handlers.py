@@ -251,6 +251,16 @@ def observe(
         listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
         every = observed.with_finished_event_pods(listed, event_pods)
         pods = tuple(pod for pod in every if observed.owned_by(pod, uid))
+    validate_job: Obj | None = None
+    validate_pods: tuple[Obj, ...] = ()
+    validates = job.spec is not None and not job.spec.validation.skip
+    if validates and trainer_job is None and not job.status.trainer_job:
+        validate_job = io.get_job(job.namespace, labels.validate_job_name(job.name))
+        if validate_job is not None:
+            uid = (validate_job.get("metadata") or {}).get("uid")
+            listed = io.list_pods(job.namespace, {labels.LABEL_JOB_NAME: job.name})
+            every = observed.with_finished_event_pods(listed, event_pods)
+            validate_pods = tuple(pod for pod in every if uid and observed.owned_by(pod, uid))
     job_events: tuple[Obj, ...] = ()
     if trainer_job is not None and observed.may_have_refused_pods(trainer_job, pods):
         job_events = tuple(io.list_failed_create_events(job.namespace, str(trainer_job["metadata"]["uid"])))
@@ -273,6 +283,8 @@ def observe(
         workload=workload,
         kueue_unavailable=kueue_unavailable,
         service=service,
+        validate_job=validate_job,
+        validate_pods=validate_pods,
     )
 
 

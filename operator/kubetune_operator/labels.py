@@ -10,10 +10,12 @@ API_VERSION: Final = f"{GROUP}/{VERSION}"
 KIND: Final = "FineTuneJob"
 PLURAL: Final = "finetunejobs"
 
-# Longest FineTuneJob name: "<name>-trainer" is copied into the pods' job-name label, which caps at 63.
-MAX_NAME_LENGTH: Final = 55
+# Longest FineTuneJob name: "<name>-validate", the longest child Job name, is copied into the pods' job-name
+# label, which caps at 63.
+MAX_NAME_LENGTH: Final = 54
 CONFIG_MAP_SUFFIX: Final = "-config"
 TRAINER_JOB_SUFFIX: Final = "-trainer"
+VALIDATE_JOB_SUFFIX: Final = "-validate"
 
 LABEL_JOB_NAME: Final = f"{GROUP}/job-name"
 """On every child and on the trainer pods: the name of the owning FineTuneJob."""
@@ -23,6 +25,7 @@ LABEL_APP_NAME: Final = "app.kubernetes.io/name"
 TRAINER_APP_NAME: Final = "kubetune-trainer"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 TRAINER_COMPONENT: Final = "trainer"
+VALIDATOR_COMPONENT: Final = "validator"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
 """Set on the trainer Job when spec.queueName is set; Kueue admits the Job by unsuspending it."""
 
@@ -79,6 +82,18 @@ def rendezvous_endpoint(job_name: str) -> str:
 def trainer_selector(job_name: str) -> dict[str, str]:
     """The labels that select a FineTuneJob's trainer pods (the multi-node Service's selector)."""
     return {LABEL_JOB_NAME: job_name, LABEL_COMPONENT: TRAINER_COMPONENT}
+
+
+def validate_job_name(job_name: str) -> str:
+    return job_name + VALIDATE_JOB_SUFFIX
+
+
+def validator_pod_labels(job_name: str) -> dict[str, str]:
+    return {
+        **child_labels(job_name),
+        LABEL_APP_NAME: TRAINER_APP_NAME,
+        LABEL_COMPONENT: VALIDATOR_COMPONENT,
+    }
 
 
 def child_labels(job_name: str) -> dict[str, str]:

@@ -116,6 +116,17 @@ class TrainerSpec(_Model):
     termination_grace_period_seconds: int | None = None
 
 
+class ValidationResources(_Model):
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class ValidationSpec(_Model):
+    skip: bool = False
+    resources: ValidationResources = Field(default_factory=ValidationResources)
+    queue_name: str | None = None
+
+
 class FineTuneJobSpec(_Model):
     base_model: BaseModelSpec
     dataset: DatasetSpec
@@ -136,6 +147,8 @@ class FineTuneJobSpec(_Model):
     ttl_seconds_after_finished: int | None = None
     queue_name: str | None = None
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    dry_run: bool = False
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
 
 # --- status -----------------------------------------------------------------------------------------------
@@ -217,8 +230,31 @@ class PlanParts(_Model):
     total: float | None = None
 
 
+class SplitCounts(_Model):
+    train: int | None = None
+    validation: int | None = None
+
+
+class Estimate(_Model):
+    """How long the run should take on the requested GPUs: an estimate from a table, labelled by basis."""
+
+    seconds: float | None = None
+    gpu_hours: float | None = None
+    tokens_per_second: float | None = None
+    gpu_product: str | None = None
+    model_size: str | None = None
+    basis: str | None = None  # measured | estimated
+    source: str | None = None
+
+
+class CacheRef(_Model):
+    uri: str | None = None
+    digest: str | None = None
+
+
 class MemoryPlan(_Model):
-    """The trainer's memory plan as it reported it (an estimate)."""
+    """The plan as the validation pod (or the trainer) reported it: memory per GPU, steps, counts and the
+    time estimate. An estimate, not a measurement."""
 
     strategy: str | None = None
     world_size: int | None = None
@@ -226,6 +262,11 @@ class MemoryPlan(_Model):
     micro_step_tokens: int | None = None
     gpu_gi_b: float | None = Field(default=None, alias="gpuGiB")
     per_gpu_gi_b: PlanParts | None = Field(default=None, alias="perGpuGiB")
+    steps: int | None = None
+    examples: SplitCounts | None = None
+    tokens: SplitCounts | None = None
+    estimate: Estimate | None = None
+    cache: CacheRef | None = None
 
 
 class FineTuneJobStatus(_Model):

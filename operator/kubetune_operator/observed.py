@@ -30,6 +30,10 @@ class Observed:
     """Set when the API server refused to create a child built from this spec (HTTP 422): its message."""
     forbidden: str | None = None
     """Set when the API server forbade the operator to create a child (HTTP 403): its message."""
+    validate_job: Obj | None = None
+    """The validation Job <name>-validate; read only while no trainer Job exists."""
+    validate_pods: tuple[Obj, ...] = ()
+    """The validation Job's pods."""
     job_events: tuple[Obj, ...] = ()
     """The trainer Job's FailedCreate Events (pod creation refused by a quota, Pod Security admission, a
     webhook); read only while the Job runs and has no pod."""

@@ -49,6 +49,7 @@ from kubetune_operator.builders import (
     render_trainer_config,
 )
 from kubetune_operator.builders.trainer_job import built_from, trainer_image, updatable_job_fields
+from kubetune_operator.builders.validate_job import build_validate_job
 from kubetune_operator.conditions import FALSE, TRUE, Reason
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.events import Event, transition_events
@@ -178,7 +179,7 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
 
     if problems:
         st.set(cond.VALIDATED, FALSE, Reason.INVALID_SPEC, "; ".join(problems))
-    else:
+    elif spec.validation.skip or (started and not _data_validated(old)):
         st.set(cond.VALIDATED, TRUE, Reason.SPEC_VALID, "the spec is valid; the trainer config was rendered")
     if cond.find(st.conditions, cond.FAILED) is not None:
         st.remove(cond.FAILED)  # a fixable failure, now fixed
@@ -205,6 +206,12 @@ def reconcile(job: FineTuneJob, seen: Observed, config: OperatorConfig) -> Outco
         )
         create = []
     elif trainer_job is None:
+        if not spec.validation.skip:
+            validating, validated = _validation(st, job, seen, config)
+            if not validated or spec.dry_run:
+                if validated:
+                    _dry_run_done(st)
+                return _outcome(st, old, (*create, *validating), tuple(replace), None)
         if is_multi_node(job) and seen.service is None:
             create.append(build_trainer_service(job))  # first: the pods look their peers up through it
         create.append(build_trainer_job(job, config))
@@ -239,7 +246,12 @@ def _conflicting_child(job: FineTuneJob, seen: Observed) -> str | None:
     another uid, or none); None when every existing child is ours. Such an object is never used, patched or
     adopted: it may be another tenant's, or the previous run's of a FineTuneJob deleted and re-applied under
     the same name, whose result must not be taken for this one's."""
-    for kind, child in (("ConfigMap", seen.config_map), ("Service", seen.service), ("Job", seen.trainer_job)):
+    for kind, child in (
+        ("ConfigMap", seen.config_map),
+        ("Service", seen.service),
+        ("Job", seen.trainer_job),
+        ("Job", seen.validate_job),
+    ):
         if child is None:
             continue
         owner = observed.controller_uid(child)
@@ -262,6 +274,139 @@ def _conflicting_child(job: FineTuneJob, seen: Observed) -> str | None:
             "that object, or give this FineTuneJob another name"
         )
     return None
+
+
+# --- the validation pod (before any GPU is reserved) -----------------------------------------------------
+
+
+def _data_validated(status: FineTuneJobStatus) -> bool:
+    validated = cond.find(status.conditions, cond.VALIDATED)
+    return validated is not None and validated.status == TRUE and validated.reason == Reason.DATA_VALID
+
+
+def _validation(
+    st: _Status, job: FineTuneJob, seen: Observed, config: OperatorConfig
+) -> tuple[list[Obj], bool]:
+    """Follow the validation Job: (children to create, whether the data is validated). Until it is, no GPU
+    Job exists; a failed validation ends the FineTuneJob with the validation pod's reason."""
+    if _data_validated(st.old):
+        return [], True
+    name = labels.validate_job_name(job.name)
+    validate_job = seen.validate_job
+    if validate_job is None:
+        _validating(st, f"validation Job {name} created: it checks every record and plans the run on the CPU")
+        return [build_validate_job(job, config)], False
+    if observed.job_condition(validate_job, "Complete") or observed.job_condition(
+        validate_job, "SuccessCriteriaMet"
+    ):
+        pod = observed.last_finished_pod(seen.validate_pods, "Succeeded")
+        summary, problem = termination.read_summary(pod)
+        plan = _memory_plan(summary.plan) if summary is not None else None
+        reported = (summary.outcome, summary.reason) if summary is not None else None
+        if summary is None or reported != ("Succeeded", contract.VALIDATED_REASON) or plan is None:
+            if summary is None:
+                why = problem
+            elif reported != ("Succeeded", contract.VALIDATED_REASON):
+                why = (
+                    f"it reported {summary.outcome}/{summary.reason or 'no reason'} instead of a validation: "
+                    "is the trainer image older than the validate command?"
+                )
+            else:
+                why = "its report has no plan of the expected shape"
+            _fail_validation(
+                st,
+                Reason.VALIDATION_FAILED,
+                f"the validation Job {name} completed without a valid report ({why}); "
+                f"{termination.log_hint(pod, job.namespace)}",
+            )
+            return [], False
+        st.fields["plan"] = plan
+        if summary.provenance:
+            st.fields["provenance"] = {**(st.old.provenance or {}), "validation": summary.provenance}
+        st.set(
+            cond.VALIDATED,
+            TRUE,
+            Reason.DATA_VALID,
+            termination.redact(summary.message or "the data is valid"),
+        )
+        return [], True
+    failed = observed.job_condition(validate_job, "Failed") or observed.job_condition(
+        validate_job, "FailureTarget"
+    )
+    if failed is not None:
+        pod = observed.last_finished_pod(seen.validate_pods, "Failed")
+        summary, _ = termination.read_summary(pod)
+        reason = termination.documented_failure(summary)
+        if reason is not None and summary is not None:
+            message = termination.redact(summary.message or summary.reason)
+        else:
+            detail = (
+                termination.attempt_detail(pod) if pod is not None else "no validation pod is left to inspect"
+            )
+            reason = Reason.VALIDATION_FAILED
+            message = f"the validation Job {name} failed ({failed.get('reason') or 'Failed'}): {detail}"
+        _fail_validation(st, reason, message)
+        return [], False
+    pod = observed.current_pod(seen.validate_pods)
+    unschedulable = observed.unschedulable_message(pod) if pod is not None else None
+    stuck = observed.stuck_waiting(pod) if pod is not None else None
+    if pod is not None and stuck is not None and stuck[0] in observed.NEEDS_A_PERSON_WAITING:
+        detail = f"{stuck[0]}: {stuck[1]}" if stuck[1] else stuck[0]
+        message = f"container trainer in validation pod {observed.pod_name(pod)} is waiting: {detail}"
+        st.set(cond.VALIDATED, "Unknown", Reason.VALIDATING, message)
+        st.set(cond.RUNNING, FALSE, Reason.CONTAINER_NOT_STARTING, message)
+        _stalled(st, Reason.CONTAINER_NOT_STARTING, message)
+    elif pod is not None and unschedulable is not None:
+        _validating(
+            st,
+            f"validation pod {observed.pod_name(pod)} cannot be scheduled: {unschedulable}; set "
+            "spec.validation.resources to what a node offers",
+        )
+    elif observed.job_suspended(validate_job):
+        _validating(st, f"validation Job {name} waits for Kueue to admit it")
+    else:
+        ended = observed.newest_pod(seen.validate_pods) if pod is None else None
+        if pod is not None and observed.running_since(pod) is not None:
+            message = f"validation pod {observed.pod_name(pod)} is checking the data and planning the run"
+        elif ended is not None and observed.is_finished_pod(ended):
+            message = f"validation pod {observed.pod_name(ended)} ended; reading its report"
+        else:
+            message = f"validation Job {name} is starting its pod"
+        _validating(st, message)
+    return [], False
+
+
+def _validating(st: _Status, message: str) -> None:
+    st.set(cond.VALIDATED, "Unknown", Reason.VALIDATING, message)
+    st.set(cond.RUNNING, FALSE, Reason.VALIDATING, message)
+    st.set(cond.RECONCILING, TRUE, Reason.VALIDATING, message)
+    st.set(cond.STALLED, FALSE, Reason.PROGRESSING, "")
+
+
+def _fail_validation(st: _Status, reason: str, message: str) -> None:
+    st.set(cond.VALIDATED, FALSE, reason, message)
+    _finish_failed(st, reason, f"{message}; no GPU Job was created")
+
+
+def _dry_run_done(st: _Status) -> None:
+    """spec.dryRun: validated and planned, so the job ends here (Succeeded/DryRun, kstatus Current)."""
+    plan: MemoryPlan | None = st.fields.get("plan") or st.old.plan
+    estimate = plan.estimate if plan is not None else None
+    cost = (
+        f"; estimate: {estimate.seconds:.0f} s, {estimate.gpu_hours} GPU-hours on {estimate.gpu_product} "
+        f"({estimate.basis})"
+        if estimate is not None and estimate.seconds is not None
+        else ""
+    )
+    message = (
+        f"dry run: the data is valid and the run is planned (status.plan){cost}; nothing was trained and no "
+        "GPU was reserved"
+    )
+    st.fields.setdefault("completion_time", st.now)
+    st.set(cond.SUCCEEDED, TRUE, Reason.DRY_RUN, message)
+    st.set(cond.RUNNING, FALSE, Reason.DRY_RUN, message)
+    st.set(cond.RECONCILING, FALSE, Reason.FINISHED, "the job finished")
+    st.set(cond.STALLED, FALSE, Reason.FINISHED, "")
 
 
 # --- following the trainer Job ----------------------------------------------------------------------------
@@ -590,11 +735,15 @@ def _created_message(job_name: str) -> str:
 def _apply_sample(st: _Status, sample: TrainerSample) -> None:
     old_progress = st.old.progress or Progress()
     step = _int(sample.step, old_progress.step)
+    if step == 0 and old_progress.step:
+        step = old_progress.step  # a new attempt still preparing has not restored its step yet
     total = _int(sample.total_steps, old_progress.total_steps)
     percent = old_progress.percent
     if step is not None and total:
         percent = round(min(100.0, 100.0 * step / total), 1)
-    moved = step is not None and step != old_progress.step  # a resumed attempt may restart lower
+    # A step counts as progress only once the trainer makes one: step 0 (still preparing) and a resumed
+    # attempt's restored step are where it starts, judged by startupDeadlineSeconds.
+    moved = step is not None and step > 0 and step != old_progress.step
     st.fields["progress"] = Progress(
         step=step,
         total_steps=total,
@@ -783,12 +932,15 @@ def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) 
     _record_checkpoint(st, summary)
     if summary.provenance:
         st.fields["provenance"] = {**(st.old.provenance or {}), **summary.provenance}
-    plan = _memory_plan(summary.plan)
+    # The trainer's plan for the devices it got, over the validation pod's (whose counts and estimate stay).
+    before = st.old.plan.model_dump(by_alias=True, exclude_none=True, mode="json") if st.old.plan else {}
+    plan = _memory_plan({**before, **summary.plan} if isinstance(summary.plan, dict) else summary.plan)
     if plan is not None:
         st.fields["plan"] = plan
 
 
 STRATEGIES = frozenset({"Single", "DDP", "FSDP"})
+ESTIMATE_BASES = frozenset({"measured", "estimated"})
 
 
 def _memory_plan(reported: Any) -> MemoryPlan | None:
@@ -800,9 +952,14 @@ def _memory_plan(reported: Any) -> MemoryPlan | None:
         plan = MemoryPlan.model_validate(reported)
     except ValidationError:
         return None
-    numbers = [plan.gpu_gi_b, plan.world_size, plan.micro_step_tokens]
-    if plan.per_gpu_gi_b is not None:
-        numbers += list(plan.per_gpu_gi_b.model_dump().values())
+    numbers = [plan.gpu_gi_b, plan.world_size, plan.micro_step_tokens, plan.steps]
+    for part in (plan.per_gpu_gi_b, plan.examples, plan.tokens):
+        if part is not None:
+            numbers += list(part.model_dump().values())
+    if plan.estimate is not None:
+        numbers += [plan.estimate.seconds, plan.estimate.gpu_hours, plan.estimate.tokens_per_second]
+        if plan.estimate.basis not in ESTIMATE_BASES:
+            return None
     if plan.strategy not in STRATEGIES or (plan.world_size is not None and plan.world_size < 1):
         return None
     if any(n is not None and (not math.isfinite(n) or n < 0) for n in numbers):

@@ -305,3 +305,55 @@ def test_spec_change_not_yet_observed_is_in_progress() -> None:
     ftj = step(make_ftj(suspend=True), config_map=False)
     ftj["metadata"]["generation"] = 2
     assert verdicts(ftj) == ("InProgress", "Progressing")
+
+
+def validate_job(ftj: dict[str, Any], condition: str | None = None) -> dict[str, Any]:
+    job = make_trainer_job(ftj, condition=condition)
+    job["metadata"]["name"] = f"{ftj['metadata']['name']}-validate"
+    job["metadata"]["uid"] = "validate-uid"
+    return job
+
+
+def validate_pod(phase: str, message: str, exit_code: int = 0) -> dict[str, Any]:
+    pod = make_pod(phase, message=message, exit_code=exit_code)
+    pod["metadata"]["name"] = "chat-lora-validate-abcde"
+    pod["metadata"]["ownerReferences"] = [{"kind": "Job", "uid": "validate-uid", "controller": True}]
+    return pod
+
+
+def validation_step(ftj: dict[str, Any], job: dict[str, Any], pod: dict[str, Any]) -> dict[str, Any]:
+    outcome = reconcile(
+        FineTuneJob.from_body(ftj),
+        Observed(owned_config_map(ftj), None, (), NOW, validate_job=job, validate_pods=(pod,)),
+        CONFIG,
+    )
+    updated = copy.deepcopy(ftj)
+    updated["status"] = outcome.status.to_dict()
+    return updated
+
+
+PLAN = {"strategy": "Single", "worldSize": 1, "steps": 10, "examples": {"train": 48, "validation": 0}}
+
+
+def test_a_job_in_validation_is_in_progress() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    validated = next(c for c in ftj["status"]["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("Unknown", "Validating")
+    assert verdicts(ftj) == ("InProgress", "Progressing")
+
+
+def test_a_dry_run_ends_current_and_healthy_saying_it_was_a_dry_run() -> None:
+    ftj = step(make_ftj(dryRun=True), config_map=False)
+    report = TerminationSummary(outcome="Succeeded", reason="Validated", message="48 examples", plan=PLAN)
+    ftj = validation_step(ftj, validate_job(ftj, "Complete"), validate_pod("Succeeded", report.to_json()))
+    assert ftj["status"]["phase"] == "Succeeded"
+    assert verdicts(ftj) == ("Current", "Healthy")
+    assert argo_health(ftj)["message"].startswith("dry run:")
+
+
+def test_a_job_whose_data_failed_validation_is_failed_and_degraded() -> None:
+    ftj = step(make_ftj(), config_map=False)
+    report = TerminationSummary(outcome="Failed", reason="InvalidDataset", message="train.jsonl:3: not JSON")
+    ftj = validation_step(ftj, validate_job(ftj, "Failed"), validate_pod("Failed", report.to_json(), 2))
+    assert verdicts(ftj) == ("Failed", "Degraded")
+    assert "train.jsonl:3" in argo_health(ftj)["message"]

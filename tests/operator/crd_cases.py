@@ -106,12 +106,32 @@ CASES: list[CrdCase] = [
         "spec.trainer.podLabels may not set kubetune.io/ or app.kubernetes.io/ labels",
         field="spec.trainer.podLabels",
     ),
-    # metadata.name length (children are <name>-trainer and <name>-config)
-    CrdCase("name-55-chars-accepted", {"metadata.name": "a" * 55}),
+    # metadata.name length (children are <name>-validate, <name>-trainer and <name>-config)
+    CrdCase("name-54-chars-accepted", {"metadata.name": "a" * 54}),
     CrdCase(
-        "name-56-chars-rejected",
-        {"metadata.name": "a" * 56},
-        "metadata.name must be at most 55 characters",
+        "name-55-chars-rejected",
+        {"metadata.name": "a" * 55},
+        "metadata.name must be at most 54 characters",
+    ),
+    # the validation pod and the dry run
+    CrdCase("dry-run", {"spec.dryRun": True}),
+    CrdCase(
+        "validation-settings",
+        {"spec.validation": {"queueName": "cpu-queue", "resources": {"cpu": 2, "memory": "8Gi"}}},
+    ),
+    CrdCase("validation-skipped", {"spec.validation": {"skip": True}}),
+    CrdCase(
+        "dry-run-without-validation-rejected",
+        {"spec.dryRun": True, "spec.validation": {"skip": True}},
+        "spec.dryRun needs the validation pod",
+        "spec",
+    ),
+    CrdCase(
+        "validation-memory-not-a-quantity",
+        {"spec.validation": {"resources": {"memory": "lots"}}},
+        "should match",
+        "spec.validation.resources.memory",
+        "anyOf",
     ),
     # lora only with the adapter methods, LoRA and QLoRA
     CrdCase("lora-block-with-lora-method", {}),
@@ -455,6 +475,20 @@ CASES: list[CrdCase] = [
     ),
     # immutability of the fields that define the run (updates)
     CrdCase("reapply-same-manifest", {}, update={}),
+    CrdCase(
+        "update-validation-skip",
+        {},
+        "spec.validation is immutable",
+        field="spec",
+        update={"spec.validation": {"skip": True}},
+    ),
+    CrdCase(
+        "update-dry-run-off",
+        {"spec.dryRun": True},
+        "spec.dryRun is immutable",
+        field="spec.dryRun",
+        update={"spec.dryRun": False},
+    ),
     CrdCase(
         "update-base-model",
         {},

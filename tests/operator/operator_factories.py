@@ -37,9 +37,12 @@ def make_job(
     generation: int = 1,
     status: Obj | None = None,
     uid: str | None = None,
+    validation_pod: bool = False,
     **spec_overrides: Any,
 ) -> Obj:
-    """A FineTuneJob body; ``spec_overrides`` use the API's camelCase keys and replace whole blocks."""
+    """A FineTuneJob body; ``spec_overrides`` use the API's camelCase keys and replace whole blocks.
+    ``validation_pod`` False sets spec.validation.skip, so tests of the trainer Job start where it is
+    created; the validation pod's own tests pass True."""
     spec: Obj = {
         "baseModel": {"uri": "s3://models/llama-3.2-1b/"},
         "dataset": {"train": "s3://datasets/support/train.jsonl", "format": "Auto", "maxSeqLength": 2048},
@@ -60,6 +63,8 @@ def make_job(
         spec["suspend"] = suspend
     if queue_name is not None:
         spec["queueName"] = queue_name
+    if not validation_pod:
+        spec["validation"] = {"skip": True}
     spec.update(spec_overrides)
     body: Obj = {
         "apiVersion": "kubetune.io/v1alpha1",

@@ -65,6 +65,7 @@ def test_printer_columns() -> None:
         ("Model", "string", ".spec.baseModel.uri", 0),
         ("Progress", "number", ".status.progress.percent", 0),
         ("Loss", "number", ".status.metrics.trainLoss", 0),
+        ("Est-GPU-h", "number", ".status.plan.estimate.gpuHours", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
         ("Message", "string", ".status.message", 1),
         ("Adapter", "string", ".status.adapter.uri", 1),
@@ -184,7 +185,9 @@ def test_immutable_run_fields_have_transition_rules_and_the_rest_stay_mutable() 
         } in rules
     spec_level = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
     assert spec_level == [
-        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)"
+        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)",
+        "has(self.validation) == has(oldSelf.validation) && (!has(self.validation) || self.validation =="
+        " oldSelf.validation)",
     ]
     for node in walk_schema(spec, "spec"):
         top = node.path.split(".")[1] if "." in node.path else ""
@@ -220,6 +223,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
         "progressDeadlineSeconds", "startupDeadlineSeconds", "peerTimeoutSeconds",
             "ttlSecondsAfterFinished",
         "queueName", "trainer",
+        "dryRun", "validation",
     }  # fmt: skip
     assert set(spec["hyperparameters"]["properties"]) == {
         "epochs", "maxSteps", "learningRate", "batchTokens", "microBatchSize", "gradientAccumulation",

@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from lease_store import LeaseStore
 from operator_factories import (
     NAMESPACE,
+    failure_summary,
     job_condition,
     make_job,
     make_pod,
@@ -619,3 +620,53 @@ def test_a_refused_pod_is_found_in_the_jobs_events_stalls_and_clears(
     assert conditions(cluster)["Stalled"] == ("False", "Progressing")
     assert conditions(cluster)["Running"] == ("True", "TrainerStarting")
     assert cluster.calls["list_failed_create_events"] == calls  # a pod exists: no Event reads
+
+
+def test_the_validation_pod_comes_first_and_its_verdict_decides_the_gpu_job(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    """The one road: create -> <name>-validate only; its pod reports the plan -> the trainer Job is created,
+    with the plan and DataValid in status; its pods never count as trainer pods."""
+    cluster.put(make_job(validation_pod=True))
+    fire(memo)
+    validate = cluster.get("Job", NAMESPACE, "a-validate")
+    assert validate is not None and cluster.get("Job", NAMESPACE, "a-trainer") is None
+    assert status(cluster)["phase"] == "Pending" and "trainerJob" not in status(cluster)
+    validated = contract.TerminationSummary(
+        outcome="Succeeded",
+        reason="Validated",
+        message="48 train examples",
+        plan={"strategy": "Single", "worldSize": 1, "steps": 4, "examples": {"train": 48, "validation": 0}},
+    ).to_json()
+    pod = make_pod(name="a-validate-x", phase="Succeeded", terminated=terminated(0, validated))
+    pod["metadata"]["ownerReferences"][0].update(name="a-validate", uid=validate["metadata"]["uid"])
+    cluster.put(pod)
+    validate["status"] = {"succeeded": 1, "conditions": [job_condition("Complete")]}
+    child_event(memo, validate)
+    assert cluster.get("Job", NAMESPACE, "a-trainer") is not None
+    written = status(cluster)
+    assert (
+        written["plan"]["examples"] == {"train": 48, "validation": 0} and written["trainerJob"] == "a-trainer"
+    )
+    validated_condition = next(c for c in written["conditions"] if c["type"] == "Validated")
+    assert (validated_condition["status"], validated_condition["reason"]) == ("True", "DataValid")
+    assert written["phase"] == "Pending"  # the trainer Job has no pod yet; the validation pod is not one
+
+
+def test_a_failed_validation_pod_ends_the_job_and_no_trainer_job_appears(
+    cluster: FakeCluster, memo: kopf.Memo
+) -> None:
+    cluster.put(make_job(validation_pod=True))
+    fire(memo)
+    validate = cluster.get("Job", NAMESPACE, "a-validate")
+    assert validate is not None
+    report = failure_summary("InvalidDataset", "s3://datasets/support/train.jsonl: train.jsonl:7 is not JSON")
+    pod = make_pod(name="a-validate-x", phase="Failed", terminated=terminated(2, report))
+    pod["metadata"]["ownerReferences"][0].update(name="a-validate", uid=validate["metadata"]["uid"])
+    cluster.put(pod)
+    validate["status"] = {"failed": 1, "conditions": [job_condition("Failed", "PodFailurePolicy")]}
+    child_event(memo, validate)
+    fire(memo)  # a later pass (an update, a resume) changes nothing
+    assert cluster.get("Job", NAMESPACE, "a-trainer") is None and cluster.calls["create:Job"] == 1
+    written = status(cluster)
+    assert written["phase"] == "Failed" and "train.jsonl:7" in written["message"]

@@ -91,9 +91,9 @@ def test_validation_names_field_and_fix(overrides: dict[str, object], problem: s
 
 def test_valid_spec_has_no_problems_and_long_names_are_rejected() -> None:
     assert validate(parse(make_job())) == []
-    long_name = "n" * 56
-    assert any("at most 55" in p for p in validate(parse(make_job(long_name))))
-    assert validate(parse(make_job("n" * 55))) == []
+    long_name = "n" * 55
+    assert any("at most 54" in p for p in validate(parse(make_job(long_name))))
+    assert validate(parse(make_job("n" * 54))) == []
 
 
 def test_config_defaults_and_env_overrides() -> None:

@@ -1251,6 +1251,21 @@ def test_watchdog_gives_a_new_attempt_the_startup_allowance(config: OperatorConf
     )
 
 
+def test_watchdog_judges_a_preparing_or_resuming_trainer_by_the_startup_deadline(
+    config: OperatorConfig,
+) -> None:
+    """Step 0 while the trainer prepares (tokenizing, loading the model), and a resumed attempt reporting 0
+    and then its checkpoint's step, are not steps: only the startup deadline applies until a new step."""
+    body = make_job(progressDeadlineSeconds=10, startupDeadlineSeconds=900)
+    body, preparing = chain(body, [CREATED, running(20, step=0), running(60, step=0)], config)
+    assert preparing.delete_pod is None
+    body, _ = chain(body, [running(100, step=5)], config)
+    pod = make_pod(phase="Running", ip="10.0.0.8", running_since=ts(200), created=190)
+    body, resumed = chain(body, [running(210, step=0, pod=pod), running(230, step=5, pod=pod)], config)
+    _, later = chain(body, [running(260, step=5, pod=pod)], config)
+    assert resumed.delete_pod is None and later.delete_pod is None
+
+
 def test_watchdog_fails_the_job_past_the_backoff_limit_and_frees_the_gpus(config: OperatorConfig) -> None:
     body = make_job(progressDeadlineSeconds=60, backoffLimit=1)
     body, first = chain(body, [CREATED, running(100, step=3), running(161, step=3)], config)

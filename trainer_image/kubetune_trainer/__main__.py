@@ -1,12 +1,15 @@
 """``python -m kubetune_trainer``: the trainer pod's entrypoint (config from $KUBETUNE_CONFIG). One process
 trains, or several under ``launch`` (one per GPU; see there for CPU), or, in a job of several pods, this pod's
-share of the group under ``group``."""
+share of the group under ``group``. ``python -m kubetune_trainer validate`` is the validation pod: it checks
+and tokenizes the data and plans the run, on the CPU (see validate.py)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from typing import Any
+
+VALIDATE_COMMAND = "validate"
 
 
 def _config() -> Any:
@@ -24,6 +27,10 @@ def main() -> int:
     from kubetune_trainer.redact import install_redaction
 
     install_redaction()
+    if sys.argv[1:] == [VALIDATE_COMMAND]:
+        from kubetune_trainer.validate import main as run_validation
+
+        return run_validation()
     from kubetune_trainer import group, launch
 
     if "WORLD_SIZE" not in os.environ:  # not already one of several workers

@@ -69,6 +69,11 @@ SELECT_POLICIES = ("Last", "BestEval")
 TEXT_MODES = ("Chunk", "Truncate")
 
 
+# The reason of the validation pod's successful summary (``python -m kubetune_trainer validate``): the
+# operator takes a plan as the data's validation only with it.
+VALIDATED_REASON = "Validated"
+
+
 # Exit codes of the trainer process. The operator's Job has a podFailurePolicy that fails the whole Job at
 # once on EXIT_CODE_PERMANENT_FAILURE (no retry: a restart would fail the same way); any other non-zero exit
 # code is retried up to spec.backoffLimit times, resuming from the newest checkpoint.
@@ -322,6 +327,9 @@ class TrainerConfig:
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     gpus: int = 1
     metrics_port: int = METRICS_PORT
+    # The GPU product the job asked for (the nodeSelector on nvidia.com/gpu.product, else the operator's
+    # default): the validation pod plans memory and estimates time for it. None: the trainer's default.
+    gpu_product: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(_to_json_dict(self), indent=2, sort_keys=True)

@@ -26,7 +26,7 @@ from typing import Any
 from kubetune_trainer.contract import TrainerReason
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.packing import IGNORE_INDEX, Example
-from kubetune_trainer.storage import FetchedObject, S3Uri, Storage
+from kubetune_trainer.storage import FetchedObject, ObjectInfo, S3Uri, Storage
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 AUTO_ORDER = ("Messages", "PromptCompletion", "ShareGPT", "Alpaca", "Text")
@@ -379,8 +379,9 @@ def describe_problems(problems: Sequence[tuple[str, str]], source: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def fetch_dataset(storage: Storage, uri: str) -> list[FetchedObject]:
-    """The objects a dataset URI names: one object, or every .jsonl/.json/.parquet object under a prefix."""
+def list_dataset(storage: Storage, uri: str) -> list[ObjectInfo]:
+    """The objects a dataset URI names (one object, or every .jsonl/.json/.parquet object under a prefix),
+    with their ETags, without reading them."""
     location = S3Uri.parse(uri)
     if location.key and not location.key.endswith("/"):
         found = storage.exists(location, not_found=TrainerReason.DATASET_NOT_FOUND)
@@ -390,7 +391,7 @@ def fetch_dataset(storage: Storage, uri: str) -> list[FetchedObject]:
                     TrainerReason.INVALID_DATASET,
                     f"{uri}: unsupported file type; use .jsonl, .json or .parquet",
                 )
-            return [storage.read(location, not_found=TrainerReason.DATASET_NOT_FOUND)]
+            return [found]
         location = S3Uri(location.bucket, location.key + "/")
     listed = storage.list(location, not_found=TrainerReason.DATASET_NOT_FOUND)
     usable = [o for o in listed if o.uri.key.lower().endswith(DATA_EXTENSIONS)]
@@ -400,7 +401,14 @@ def fetch_dataset(storage: Storage, uri: str) -> list[FetchedObject]:
             TrainerReason.DATASET_NOT_FOUND,
             f"{uri} names no dataset object{seen}; upload a .jsonl, .json or .parquet file there",
         )
-    return [storage.read(o.uri, not_found=TrainerReason.DATASET_NOT_FOUND) for o in usable]
+    return usable
+
+
+def fetch_dataset(storage: Storage, uri: str) -> list[FetchedObject]:
+    """The objects a dataset URI names, read (each with the ETag of the bytes read)."""
+    return [
+        storage.read(o.uri, not_found=TrainerReason.DATASET_NOT_FOUND) for o in list_dataset(storage, uri)
+    ]
 
 
 def display_names(objects: Sequence[FetchedObject], uri: str) -> list[str]:

@@ -74,6 +74,57 @@ def read_model_config(uri: str, storage: Storage | None, work_dir: Path) -> dict
     return config
 
 
+def fetch_tokenizer_files(uri: str, storage: Storage | None, work_dir: Path) -> Path:
+    """A local directory with the base model's config.json and tokenizer files, never its weights: what the
+    validation pod tokenizes with, and what the token cache's digest covers."""
+    from kubetune_trainer.dataset_cache import is_tokenizer_file
+
+    if uri.startswith("s3://"):
+        if storage is None:
+            raise TrainerError(TrainerReason.INVALID_CONFIG, f"baseModel {uri} needs S3 settings")
+        prefix = S3Uri.parse(uri if uri.endswith("/") else uri + "/")
+        objects = storage.list(prefix, not_found=TrainerReason.MODEL_NOT_FOUND)
+        dest = work_dir / "tokenizer"
+        found = False
+        for info in objects:
+            name = info.uri.key[len(prefix.key) :]
+            if "/" not in name and is_tokenizer_file(name):
+                storage.download(info.uri, dest / name, not_found=TrainerReason.MODEL_NOT_FOUND)
+                found = found or name == "config.json"
+        if not found:
+            raise TrainerError(
+                TrainerReason.MODEL_NOT_FOUND if not objects else TrainerReason.INVALID_MODEL,
+                f"baseModel {uri} has no config.json; upload a Hugging Face model directory (config.json, "
+                "*.safetensors, tokenizer files) there",
+            )
+        return dest
+    if uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://") :].partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(
+                repo_id=repo,
+                revision=revision or None,
+                cache_dir=os.environ.get("HF_HOME", str(work_dir / "hf")),
+                allow_patterns=["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+            )
+        except Exception as err:  # the hub client raises many types (offline, gated, missing revision)
+            raise TrainerError(
+                TrainerReason.MODEL_NOT_FOUND,
+                f"baseModel {uri}: cannot download its tokenizer from the Hugging Face Hub "
+                f"({type(err).__name__}: {err}); mirror the model to S3 and use an s3:// URI",
+            ) from err
+        return Path(path)
+    local = _local_path(uri)
+    if not (local / "config.json").is_file():
+        raise TrainerError(
+            TrainerReason.MODEL_NOT_FOUND,
+            f"baseModel {uri}: no config.json in {local}; point it at a Hugging Face model directory",
+        )
+    return local
+
+
 def _fetch_s3_model(uri: str, storage: Storage, dest: Path) -> tuple[Path, dict[str, Any]]:
     prefix = S3Uri.parse(uri if uri.endswith("/") else uri + "/")
     objects = storage.list(prefix, not_found=TrainerReason.MODEL_NOT_FOUND)

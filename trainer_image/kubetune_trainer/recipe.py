@@ -126,13 +126,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
 
     import torch
 
-    from kubetune_trainer import data, model, preparation, publish
+    from kubetune_trainer import dataset_cache, model, preparation, prepared_data, publish
     from kubetune_trainer.checkpoint import Checkpointer, keeps_best
     from kubetune_trainer.fastpath import prepare_model
     from kubetune_trainer.parallel import (
         FORCE_STRATEGY_ENV,
         FSDP,
         LossModel,
+        device_capacity,
         full_state_dict,
         run_strategy,
         shard,
@@ -175,48 +176,36 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if model_config is not None:
         if config.method == "QLoRA":
             preparation.check_quantizable(model_config, config.base_model)
-        progress.plan = plan_memory(config, runtime, model_config).summary()
+        progress.plan = plan_memory(
+            config,
+            model_config,
+            device_type=runtime.device.type,
+            processes=runtime.world_size,
+            capacity=device_capacity(runtime.device),
+        ).summary()
         log_event("memory_plan", **progress.plan)
 
-    # 2. Data: fetched and validated (every record, one pass) before any heavy work.
-    fmt, column_map = config.dataset.format, config.dataset.column_map
-    train_parsed, train_objects = data.load_records(storage, config.dataset.train, fmt, column_map)
-    val_records: list[data.Record] = []
-    val_objects: list[Any] = []
-    if config.dataset.validation:
-        val_parsed, val_objects = data.load_records(storage, config.dataset.validation, fmt, column_map)
-        val_records = val_parsed.records
-    train_records = train_parsed.records
-    if config.dataset.validation_split:
-        keep, held = data.split_validation(len(train_records), config.dataset.validation_split, hp.seed)
-        train_records, val_records = [train_records[i] for i in keep], [train_records[i] for i in held]
-    log_event(
-        "dataset",
-        format=train_parsed.format,
-        train_records=len(train_records),
-        validation_records=len(val_records),
-        files=len(train_objects) + len(val_objects),
-    )
+    # 2. Data: the validation pod's tokenized cache when its key (dataset ETags, tokenizer, data settings,
+    # trainer version) still matches; else every record fetched and validated, in one pass, before any heavy
+    # work. A dataset changed since validation names another cache, so it is validated again here.
+    key, cached, why_not = _cached_examples(config, storage, work_dir, model_config)
+    records = None
+    if cached is not None:
+        assert key is not None
+        log_event("dataset_cache", used=True, uri=str(dataset_cache.cache_uri(config.output.uri, key.digest)))
+    else:
+        log_event("dataset_cache", used=False, reason=why_not)
+        records = prepared_data.read_records(config, storage)
 
-    # 3. Base model files and tokenizer; tokenize (chat template, label masks, truncation).
-    # Each pod's first process fetches; the pod's other processes read its copy.
+    # 3. Base model files; tokenize what the cache did not hold (chat template, label masks, truncation;
+    # long Text records cut into windows). Each pod's first process fetches; its other processes read that.
     fetching = runtime.local_rank == 0
     fetched = model.fetch_base_model(config.base_model, storage, work_dir) if fetching else None
     model_dir, model_provenance = runtime.from_local_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
-    tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
-    # Long Text records (continued pretraining) become several windows rather than losing their tail.
-    chunk = train_parsed.format == "Text" and config.dataset.text_mode == "Chunk"
-    train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train, chunk)
-    eval_examples: list[Any] = []
-    eval_stats = None
-    if val_records:
-        source = config.dataset.validation or f"{config.dataset.train} (validationSplit)"
-        eval_examples, eval_stats = data.tokenize_records(val_records, tokenize, source, chunk)
-    if train_stats.truncated:
-        log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
-    if train_stats.chunked:
-        log_event("chunked", records=train_stats.chunked, windows=train_stats.windows)
+    prepared = cached if records is None else prepared_data.tokenize(records, tokenizer, config)
+    assert prepared is not None
+    train_examples, eval_examples = prepared.train, prepared.validation
 
     # 4. Model: weights onto the device (QLoRA: quantized to NF4), attention for packed batches, LoRA adapters
     # or full training, activation checkpointing where the memory plan (or the job) asks for it.
@@ -267,13 +256,15 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     state = TrainState.from_dict(restored_state) if restored_state else TrainState()
     progress.provenance = {
         "dataset": {
-            "format": train_parsed.format,
-            "train": [o.provenance() for o in train_objects],
-            "validation": [o.provenance() for o in val_objects],
-            "rows": len(train_records),
-            "validationRows": len(val_records),
-            **{f"train_{k}": v for k, v in train_stats.as_dict().items()},
-            **({f"validation_{k}": v for k, v in eval_stats.as_dict().items()} if eval_stats else {}),
+            "format": prepared.format,
+            "train": prepared.objects.get("train", []),
+            "validation": prepared.objects.get("validation", []),
+            "rows": prepared.rows.get("train", len(train_examples)),
+            "validationRows": prepared.rows.get("validation", len(eval_examples)),
+            "tokenizedCache": str(dataset_cache.cache_uri(config.output.uri, key.digest))
+            if key is not None and records is None
+            else None,
+            **{f"{split}_{k}": v for split, stats in prepared.stats.items() for k, v in stats.items()},
         },
         "baseModel": model_provenance,
         "resolved": {
@@ -297,7 +288,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         resumed_from=restored.uri if restored else None,
         resumed_step=state.step,
         examples=len(train_examples),
-        tokens=train_stats.tokens,
+        tokens=sum(len(e.input_ids) for e in train_examples),
         micro_batch_tokens=batching.token_budget,
         accumulation=batching.accumulation // runtime.world_size,
     )
@@ -425,6 +416,29 @@ def _camel_keys(selected: Selection) -> dict[str, Any]:
     return {"select": selected.select, "step": selected.step, "evalLoss": selected.eval_loss}
 
 
+def _cached_examples(
+    config: TrainerConfig, storage: Storage, work_dir: Path, model_config: dict[str, Any] | None
+) -> tuple[Any, Any, str]:
+    """(cache key, the validation pod's cached examples or None, why not). The key needs the tokenizer's
+    files; a base model that cannot give them is a miss here, so the data is still validated before the
+    model is fetched (and its own error reported after)."""
+    from kubetune_trainer import dataset_cache, model, prepared_data
+
+    try:
+        tokenizer_dir = model.fetch_tokenizer_files(config.base_model, storage, work_dir)
+        tokenizer = model.load_tokenizer(tokenizer_dir, config.base_model)
+    except TrainerError as err:
+        if err.reason not in (TrainerReason.MODEL_NOT_FOUND, TrainerReason.INVALID_MODEL):
+            raise
+        return None, None, f"the base model's tokenizer cannot be read ({err.reason})"
+    key = prepared_data.current_key(config, storage, tokenizer_dir)
+    vocab = prepared_data.vocabulary_size(tokenizer, model_config)
+    cached, why_not = dataset_cache.read(
+        storage, key, config.output.uri, vocab, config.dataset.max_seq_length
+    )
+    return key, cached, why_not
+
+
 def resolve_batching(
     hp: Hyperparameters, model: Any, runtime: Any, max_seq_length: int, planned_tokens: int | None = None
 ) -> Any:
@@ -473,13 +487,22 @@ def requested_micro_tokens() -> int | None:
     return int(requested) if requested else None
 
 
-def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any]) -> Any:
-    """The memory plan for this job on this pod's devices (``memory_plan.choose``), at the tokens per
-    micro-step ``resolve_batching`` will use. Where that budget is sized later from the GPU's free memory,
-    the plan takes one example of maxSeqLength: the least a micro-step must hold."""
+def plan_memory(
+    config: TrainerConfig,
+    model_config: dict[str, Any],
+    *,
+    device_type: str,
+    processes: int,
+    capacity: int | None,
+) -> Any:
+    """The memory plan for this job on ``processes`` devices of ``device_type`` with ``capacity`` bytes each
+    (``memory_plan.choose``), at the tokens per micro-step ``resolve_batching`` will use. Where that budget
+    is sized later from the GPU's free memory, the plan takes one example of maxSeqLength: the least a
+    micro-step must hold. The trainer plans for its own devices; the validation pod for the requested ones."""
+    import torch
+
     from kubetune_trainer import memory_plan
     from kubetune_trainer.fastpath import choose_token_budget
-    from kubetune_trainer.parallel import device_capacity
 
     hp, lora = config.hyperparameters, config.lora or LoraConfig()
     max_seq_length = config.dataset.max_seq_length
@@ -487,11 +510,11 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
         tokens = (hp.micro_batch_size or 1) * max_seq_length
     else:
         requested = requested_micro_tokens()
-        if runtime.device.type == "cuda" and requested is None:
+        if device_type == "cuda" and requested is None:
             budget = max_seq_length
         else:
-            budget = choose_token_budget(None, runtime.device, requested, max_seq_length)
-        step_share = math.ceil((hp.batch_tokens or DEFAULT_BATCH_TOKENS) / runtime.world_size)
+            budget = choose_token_budget(None, torch.device(device_type), requested, max_seq_length)
+        step_share = math.ceil((hp.batch_tokens or DEFAULT_BATCH_TOKENS) / processes)
         # A longer example still gets a micro-step of its own.
         tokens = max(min(budget, step_share), max_seq_length)
     try:
@@ -504,10 +527,10 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
         ) from err
     request = memory_plan.Request(
         method=config.method,
-        processes=runtime.world_size,
+        processes=processes,
         micro_tokens=tokens,
-        device_type=runtime.device.type,
-        capacity=device_capacity(runtime.device),
+        device_type=device_type,
+        capacity=capacity,
         lora_r=lora.r,
         lora_dropout=lora.dropout,
         lora_targets=tuple(lora.target_modules) if lora.target_modules else None,

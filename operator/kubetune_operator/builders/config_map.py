@@ -83,7 +83,21 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
         ),
         gpus=spec.resources.gpus,
         metrics_port=contract.METRICS_PORT,
+        gpu_product=gpu_product(job, config),
     )
+
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+"""The node label NVIDIA's GPU feature discovery sets: a job that selects nodes by it names its GPU."""
+
+
+def gpu_product(job: FineTuneJob, config: OperatorConfig) -> str | None:
+    """The GPU product the validation pod plans for: the job's nodeSelector on nvidia.com/gpu.product, else
+    the operator's default; None for a CPU job (gpus: 0)."""
+    spec = spec_of(job)
+    if spec.resources.gpus == 0:
+        return None
+    return (spec.resources.node_selector or {}).get(GPU_PRODUCT_LABEL) or config.default_gpu_product
 
 
 def build_config_map(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
