@@ -30,6 +30,25 @@ GAUGES = {
         "Tokens trained on so far (this run and resumed ones)",
     ),
     "eta_seconds": (contract.METRIC_ETA_SECONDS, "Estimated seconds until the last step"),
+    # Preference tuning (DPO) only; means per pair.
+    "reward_margin": (
+        contract.METRIC_REWARD_MARGIN,
+        "Chosen minus rejected implicit reward, beta * log(policy / reference), over the last step's pairs",
+    ),
+    "preference_accuracy": (
+        contract.METRIC_PREFERENCE_ACCURACY,
+        "Share of the last step's pairs whose chosen answer out-rewards the rejected one (ties count 1/2)",
+    ),
+    "chosen_logps": (contract.METRIC_CHOSEN_LOGPS, "Policy log-probability of the chosen answers (last step)"),
+    "rejected_logps": (
+        contract.METRIC_REJECTED_LOGPS,
+        "Policy log-probability of the rejected answers (last step)",
+    ),
+    "eval_reward_margin": (contract.METRIC_EVAL_REWARD_MARGIN, "Reward margin on the validation pairs"),
+    "eval_preference_accuracy": (
+        contract.METRIC_EVAL_PREFERENCE_ACCURACY,
+        "Preference accuracy on the validation pairs",
+    ),
 }
 
 

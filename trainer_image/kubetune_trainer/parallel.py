@@ -148,8 +148,13 @@ class LossModel(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: object) -> tuple[torch.Tensor, int]:
+        """(summed loss, label tokens) of an SFT batch; (per-pair summed log-probabilities [pairs, 2], pairs)
+        of a preference batch (``dpo.PairBatch``)."""
+        from kubetune_trainer.dpo import PairBatch, sequence_logps
         from kubetune_trainer.fastpath import loss_sum
 
+        if isinstance(batch, PairBatch):
+            return sequence_logps(self.model, batch), batch.num_pairs
         return loss_sum(self.model, batch)  # type: ignore[arg-type]
 
 

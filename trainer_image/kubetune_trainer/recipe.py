@@ -28,7 +28,9 @@ from kubetune_trainer.contract import (
     DEFAULT_WORK_DIR,
     TERMINATION_LOG_ENV,
     WORK_DIR_ENV,
+    PREFERENCE_METHODS,
     AdapterRecord,
+    DpoConfig,
     Hyperparameters,
     LoraConfig,
     TerminationSummary,
@@ -111,6 +113,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     config = load_config()
     progress.config = config
     hp = config.hyperparameters
+    weights = config.weights_method  # LoRA | QLoRA | Full; DPO trains LoRA adapters or Full weights
+    preference = config.method in PREFERENCE_METHODS
 
     import torch
 
@@ -160,12 +164,14 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     # 2. Data: fetched and validated (every record, one pass) before any heavy work.
     fmt, column_map = config.dataset.format, config.dataset.column_map
     train_parsed, train_objects = data.load_records(storage, config.dataset.train, fmt, column_map)
-    val_records: list[data.Record] = []
+    check_data_fits_method(train_parsed, config.dataset.train, preference)
+    val_records: list[Any] = []
     val_objects: list[Any] = []
     if config.dataset.validation:
         val_parsed, val_objects = data.load_records(storage, config.dataset.validation, fmt, column_map)
-        val_records = val_parsed.records
-    train_records = train_parsed.records
+        check_data_fits_method(val_parsed, config.dataset.validation, preference)
+        val_records = val_parsed.pairs if preference else val_parsed.records
+    train_records: list[Any] = train_parsed.pairs if preference else train_parsed.records
     if config.dataset.validation_split:
         keep, held = data.split_validation(len(train_records), config.dataset.validation_split, hp.seed)
         train_records, val_records = [train_records[i] for i in keep], [train_records[i] for i in held]
@@ -183,12 +189,13 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     model_dir, model_provenance = runtime.from_main(fetched)
     tokenizer = model.load_tokenizer(model_dir, config.base_model)
     tokenize = data.Tokenize(tokenizer, config.dataset.max_seq_length, hp.train_on == "All")
-    train_examples, train_stats = data.tokenize_records(train_records, tokenize, config.dataset.train)
+    tokenize_all = data.tokenize_pairs if preference else data.tokenize_records
+    train_examples, train_stats = tokenize_all(train_records, tokenize, config.dataset.train)
     eval_examples: list[Any] = []
     eval_stats = None
     if val_records:
         source = config.dataset.validation or f"{config.dataset.train} (validationSplit)"
-        eval_examples, eval_stats = data.tokenize_records(val_records, tokenize, source)
+        eval_examples, eval_stats = tokenize_all(val_records, tokenize, source)
     if train_stats.truncated:
         log_event("truncated", examples=train_stats.truncated, max_seq_length=config.dataset.max_seq_length)
 
@@ -198,11 +205,18 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     planned_strategy = progress.plan.get("strategy") if progress.plan else None
     forced = os.environ.get(FORCE_STRATEGY_ENV) or None
     strategy = run_strategy(planned_strategy, runtime.world_size, forced)
-    place = preparation.load_place(strategy, config.method, runtime.device)
-    base = preparation.load_base_model(model_dir, config.base_model, config.method, runtime.device, place)
+    place = preparation.load_place(strategy, weights, runtime.device)
+    base = preparation.load_base_model(model_dir, config.base_model, weights, runtime.device, place)
     prepare_model(base, runtime.device)
+    start_adapter, start_provenance = None, None
+    if config.adapter is not None:  # continue this adapter (SFT), or start the policy from it (DPO)
+        fetched_adapter = (
+            model.fetch_start_adapter(config.adapter, storage, work_dir) if runtime.is_main else None
+        )
+        start_adapter, start_provenance = runtime.from_main(fetched_adapter)
+        log_event("start_adapter", **start_provenance)
     torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
-    trainable = model.apply_method(base, config.method, config.lora)
+    trainable = model.apply_method(base, weights, config.lora, start_adapter)
     planned = progress.plan.get("activationCheckpointing") if progress.plan else None
     checkpointing = preparation.use_activation_checkpointing(hp.activation_checkpointing, planned)
     if checkpointing:
@@ -220,12 +234,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         on_host = progress.plan is not None and place != runtime.device
         planned_tokens = progress.plan.get("microStepTokens") if on_host else None
         batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length, planned_tokens)
-        lengths = [len(e.input_ids) for e in train_examples]
+        lengths = [example_length(e) for e in train_examples]
         plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     batching = plan.batching
-    eval_batches = batching.micro_batches(
-        [len(e.input_ids) for e in eval_examples], range(len(eval_examples))
-    )
+    eval_batches = batching.micro_batches([example_length(e) for e in eval_examples], range(len(eval_examples)))
 
     # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
     loss_model = (
@@ -247,6 +259,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             **({f"validation_{k}": v for k, v in eval_stats.as_dict().items()} if eval_stats else {}),
         },
         "baseModel": model_provenance,
+        **({"startAdapter": start_provenance} if start_provenance else {}),
         "resolved": {
             "totalSteps": plan.total_steps,
             "stepsPerEpoch": plan.steps_per_epoch,
@@ -283,6 +296,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         eval_every_steps=hp.eval_every_steps,
         checkpoint_every_steps=config.checkpointing.every_steps,
         checkpoint_every_minutes=config.checkpointing.every_minutes,
+        dpo_beta=(config.dpo or DpoConfig()).beta if preference else None,
+        dpo_label_smoothing=(config.dpo or DpoConfig()).label_smoothing,
     )
     trainer = Trainer(
         loss_model,
@@ -314,9 +329,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if runtime.is_main:
         if gathered is not None:  # sharded: publish a whole copy, rebuilt on the CPU from the shards
             result = model.apply_method(
-                model.load_model(model_dir, config.base_model, preparation.load_dtype(config.method, "cpu")),
-                config.method,
+                model.load_model(model_dir, config.base_model, preparation.load_dtype(weights, "cpu")),
+                weights,
                 config.lora,
+                start_adapter,
             )
             result.load_state_dict(gathered)
         job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
@@ -334,7 +350,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         publish.write_local(
             result,
             tokenizer,
-            config.method,
+            weights,
             config.base_model,
             summary_file,
             local,
@@ -346,15 +362,39 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             local,
             config.output.uri,
             config.base_model,
-            config.method,
+            weights,
             job,
             {"metrics": final_metrics, "progress": final_progress},
         )
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
-        print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
+        print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(weights)}", flush=True)
     # 9. Report.
     return _success(record, final_metrics, final_progress, progress.provenance, progress.plan)
+
+
+def check_data_fits_method(parsed: Any, uri: str, preference: bool) -> None:
+    """Preference pairs for DPO, and only for DPO: InvalidDataset naming the format found otherwise."""
+    if preference and not parsed.pairs:
+        raise TrainerError(
+            TrainerReason.INVALID_DATASET,
+            f"{uri} holds {parsed.format} records; method DPO trains on preference pairs: "
+            '{"prompt", "chosen", "rejected"} or {"input", "preferred_output", "non_preferred_output"} '
+            "(see dataset formats in the README)",
+        )
+    if not preference and parsed.pairs:
+        raise TrainerError(
+            TrainerReason.INVALID_DATASET,
+            f"{uri} holds preference pairs (format Preference), which only method DPO trains on; set "
+            "method: DPO, or give records of an SFT format",
+        )
+
+
+def example_length(example: Any) -> int:
+    """Tokens an example (or a preference pair, both sides) takes in a micro-batch."""
+    from kubetune_trainer.dpo import PreferenceExample
+
+    return example.length if isinstance(example, PreferenceExample) else len(example.input_ids)
 
 
 def resolve_batching(
@@ -435,7 +475,7 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
             f"({type(err).__name__}: {err})",
         ) from err
     request = memory_plan.Request(
-        method=config.method,
+        method=config.weights_method,
         processes=runtime.world_size,
         micro_tokens=tokens,
         device_type=runtime.device.type,
@@ -478,6 +518,12 @@ def _metrics(state: Any) -> dict[str, float]:
         "bestStep": state.best_step,
         "learningRate": state.learning_rate,
         "gradNorm": state.grad_norm,
+        "rewardMargin": state.reward_margin,
+        "preferenceAccuracy": state.preference_accuracy,
+        "chosenLogps": state.chosen_logps,
+        "rejectedLogps": state.rejected_logps,
+        "evalRewardMargin": state.eval_reward_margin,
+        "evalPreferenceAccuracy": state.eval_preference_accuracy,
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 

@@ -18,6 +18,7 @@ import torch
 
 from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
+from kubetune_trainer.dpo import PairBatch, PreferenceExample, collate_pairs, dpo_loss, pair_stats, stats_as_means
 from kubetune_trainer.errors import Interrupted, TrainerError
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
@@ -160,6 +161,17 @@ class TrainState:
     learning_rate: float | None = None
     grad_norm: float | None = None
     losses: list[float] = field(default_factory=list)  # per step, for the summary and the tests
+    # Preference tuning (DPO) only: the last step's means per pair, and the last evaluation's.
+    reward_margin: float | None = None
+    preference_accuracy: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
+    # The reference model's summed log-probabilities of every pair, [chosen, rejected], computed before the
+    # first step; a resumed run reads them back instead of recomputing them from trained weights.
+    reference: list[list[float]] | None = None
+    eval_reference: list[list[float]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +191,8 @@ class LoopSettings:
     eval_every_steps: int | None
     checkpoint_every_steps: int | None
     checkpoint_every_minutes: float | None
+    dpo_beta: float | None = None  # set: preference tuning (the examples are PreferenceExamples)
+    dpo_label_smoothing: float = 0.0
 
 
 def make_optimizer(
@@ -207,9 +221,9 @@ class Trainer:
         model: LossModel,
         optimizer: torch.optim.Optimizer,
         plan: Plan,
-        examples: Sequence[Example],
+        examples: Sequence[Example] | Sequence[PreferenceExample],
         eval_batches: Sequence[list[int]],
-        eval_examples: Sequence[Example],
+        eval_examples: Sequence[Example] | Sequence[PreferenceExample],
         settings: LoopSettings,
         runtime: Runtime,
         checkpointer: Checkpointer | None,
@@ -240,9 +254,17 @@ class Trainer:
         # The RNG state at the start of the step being run: a stop between its micro-batches checkpoints
         # the step before it, so the restart must draw that step's random numbers (dropout) again.
         self.step_rng: dict[str, Any] | None = None
+        self.preference = settings.dpo_beta is not None
+        # The reference log-probabilities as tensors [pairs, 2] on the device (preference tuning).
+        self.reference: torch.Tensor | None = None
+        self.eval_reference: torch.Tensor | None = None
 
-    def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
+    def collate(self, indices: Sequence[int], pool: Sequence[Any]) -> PackedBatch | PaddedBatch | PairBatch:
         chosen = [pool[i] for i in indices]
+        if self.preference:
+            return collate_pairs(chosen, indices, self.settings.packing, self.settings.pad_id).to(
+                self.runtime.device
+            )
         if self.settings.packing:
             return collate_packed(chosen).to(self.runtime.device)
         return collate_padded(chosen, self.settings.pad_id).to(self.runtime.device)
@@ -254,6 +276,8 @@ class Trainer:
         run_start = window_start = time.monotonic()
         window_tokens = 0
         start_step = self.state.step
+        if self.preference:
+            self._prepare_reference()
         self.model.train()
         for step in range(self.state.step, self.total):
             self._stop_if_requested()
@@ -276,6 +300,12 @@ class Trainer:
             now = time.monotonic()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             eta = (self.total - self.state.step) * (now - run_start) / (self.state.step - start_step)
+            self.metrics.set(
+                reward_margin=self.state.reward_margin,
+                preference_accuracy=self.state.preference_accuracy,
+                chosen_logps=self.state.chosen_logps,
+                rejected_logps=self.state.rejected_logps,
+            )
             self.metrics.set(
                 step=self.state.step,
                 epoch=self.epoch(),
@@ -312,11 +342,12 @@ class Trainer:
     def optimizer_step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
         """One optimizer step over ``micro_batches`` (lists of indices into the training examples); returns
         (mean loss over the step's label tokens, tokens, grad norm). ``run`` calls it once per planned step;
-        the benchmark (``kubetune_devtools.bench``) times this same call."""
+        the benchmark (``kubetune_devtools.bench``) times this same call. Preference tuning: the mean DPO
+        loss over the step's pairs, each pair weighing the same."""
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
         batches = [self.collate(indices, self.examples) for indices in mine]
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)],
+            [sum(self._loss_units(b) for b in batches), sum(b.num_tokens for b in batches)],
             dtype=torch.float64,
             device=self.runtime.device,
         )
@@ -326,18 +357,31 @@ class Trainer:
         weights = [1.0] * len(batches) + [0.0] * (self._forwards(len(micro_batches)) - len(batches))
         batches += [self.collate(micro_batches[0], self.examples)] * (len(weights) - len(batches))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        pair_totals = torch.zeros(5, dtype=torch.float64, device=self.runtime.device)
         for batch, weight in zip(batches, weights, strict=True):
             if self.stop.requested and self.runtime.world_size == 1:
                 # Drop the half-accumulated step; the checkpoint is of the last completed one.
                 self.optimizer.zero_grad(set_to_none=True)
                 self._stop_if_requested()
             with self.runtime.autocast():
-                summed, _ = self.model(batch)
+                output, _ = self.model(batch)
+            if isinstance(batch, PairBatch):
+                scores = self._dpo(output, batch, self.reference)
+                summed = scores.losses.sum()
+                pair_totals += weight * pair_stats(scores, output)
+            else:
+                summed = output
             (summed * (weight / max(1, label_tokens))).backward()
             loss_total += weight * summed.detach().double()
         if not self.sharded:  # FSDP reduced each micro-batch's gradients in its backward
             self._all_reduce_gradients()
         loss = float(self.runtime.all_reduce(loss_total).item()) / max(1, label_tokens)
+        if self.preference:
+            means = stats_as_means(self.runtime.all_reduce(pair_totals).tolist(), label_tokens)
+            self.state.reward_margin = means["reward_margin"]
+            self.state.preference_accuracy = means["preference_accuracy"]
+            self.state.chosen_logps = means["chosen_logps"]
+            self.state.rejected_logps = means["rejected_logps"]
         if not math.isfinite(loss):
             raise TrainerError(
                 TrainerReason.TRAINING_DIVERGED,
@@ -348,6 +392,88 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, tokens, grad_norm
+
+    def _loss_units(self, batch: PackedBatch | PaddedBatch | PairBatch) -> int:
+        """What a step's loss is averaged over: label tokens, or pairs for preference tuning."""
+        return batch.num_pairs if isinstance(batch, PairBatch) else batch.num_label_tokens
+
+    def _dpo(self, policy: torch.Tensor, batch: PairBatch, reference: torch.Tensor | None) -> Any:
+        if reference is None or self.settings.dpo_beta is None:
+            raise RuntimeError("preference tuning needs the reference log-probabilities first")
+        return dpo_loss(
+            policy, reference.index_select(0, batch.pairs), self.settings.dpo_beta, self.settings.dpo_label_smoothing
+        )
+
+    def _each_forward(
+        self, batches: Sequence[list[int]], pool: Sequence[Any]
+    ) -> Any:
+        """(output, batch) of a forward pass (no gradient) over this process's share of ``batches``; under
+        FSDP every process runs as many forwards as the busiest one, and the extra ones are not yielded."""
+        mine = batches[self.runtime.rank :: self.runtime.world_size]
+        for position in range(self._forwards(len(batches))):
+            counted = position < len(mine)
+            batch = self.collate(mine[position] if counted else batches[0], pool)
+            with torch.no_grad(), self.runtime.autocast():
+                output, _ = self.model(batch)
+            if counted:
+                yield output, batch
+        if self.sharded:
+            self.model.reshard()  # type: ignore[operator]
+
+    def _reference_logps(self, pool: Sequence[PreferenceExample]) -> list[list[float]]:
+        """The current model's summed log-probabilities of every pair in ``pool`` (evaluation mode): the
+        reference, when taken before the first step."""
+        lengths = [pair.length for pair in pool]
+        batching = self.plan.batching
+        batches = (
+            batching.micro_batches(lengths, range(len(pool))) if batching else [[i] for i in range(len(pool))]
+        )
+        values = torch.zeros(len(pool), 2, dtype=torch.float64, device=self.runtime.device)
+        self.model.eval()
+        for output, batch in self._each_forward(batches, pool):
+            values.index_copy_(0, batch.pairs, output.double())
+        self.model.train()
+        return [[float(a), float(b)] for a, b in self.runtime.all_reduce(values).tolist()]
+
+    def _prepare_reference(self) -> None:
+        """Reference log-probabilities of the training and validation pairs: computed now from the model
+        before its first step, or those a checkpoint carried."""
+        started = time.monotonic()
+        computed = self.state.reference is None
+        if self.state.reference is None:
+            self.state.reference = self._reference_logps(self.examples)  # type: ignore[arg-type]
+        if self.state.eval_reference is None and self.eval_examples:
+            self.state.eval_reference = self._reference_logps(self.eval_examples)  # type: ignore[arg-type]
+        if len(self.state.reference) != len(self.examples):
+            raise TrainerError(
+                TrainerReason.INVALID_CONFIG,
+                f"the checkpoint holds reference values for {len(self.state.reference)} pairs, the dataset "
+                f"has {len(self.examples)}; the dataset changed since it was written",
+            )
+        device = self.runtime.device
+        self.reference = torch.tensor(self.state.reference, dtype=torch.float32, device=device)
+        if self.state.eval_reference is not None:
+            self.eval_reference = torch.tensor(self.state.eval_reference, dtype=torch.float32, device=device)
+        if self.runtime.is_main:
+            log_event(
+                "reference",
+                pairs=len(self.examples),
+                eval_pairs=len(self.eval_examples),
+                computed=computed,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    def evaluate_preferences(self) -> dict[str, float]:
+        """Means per validation pair: DPO loss, reward margin, preference accuracy, log-probabilities."""
+        self.model.eval()
+        totals = torch.zeros(6, dtype=torch.float64, device=self.runtime.device)
+        for output, batch in self._each_forward(self.eval_batches, self.eval_examples):
+            scores = self._dpo(output, batch, self.eval_reference)
+            totals[:5] += pair_stats(scores, output)
+            totals[5] += batch.num_pairs
+        self.model.train()
+        *summed, pairs = self.runtime.all_reduce(totals).tolist()
+        return stats_as_means(summed, pairs)
 
     def _forwards(self, micro_batches: int) -> int:
         """Forward passes each process runs for a step of ``micro_batches``: its share, or under FSDP the
@@ -391,7 +517,17 @@ class Trainer:
         return summed_all / max(1.0, count_all)
 
     def _evaluate(self) -> None:
-        loss = self.evaluate()
+        if self.preference:
+            means = self.evaluate_preferences()
+            loss = means["loss"]
+            self.state.eval_reward_margin = means["reward_margin"]
+            self.state.eval_preference_accuracy = means["preference_accuracy"]
+            self.metrics.set(
+                eval_reward_margin=self.state.eval_reward_margin,
+                eval_preference_accuracy=self.state.eval_preference_accuracy,
+            )
+        else:
+            loss = self.evaluate()
         self.state.eval_loss = loss
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = loss, self.state.step
