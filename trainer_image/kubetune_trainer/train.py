@@ -541,6 +541,7 @@ class Trainer:
                 eval_loss=round(loss, 6),
                 best_eval_loss=round(self.state.best_eval_loss, 6),
                 best_step=self.state.best_step,
+                **self._preference_fields("eval_reward_margin", "eval_preference_accuracy"),
             )
 
     def epoch(self) -> float:
@@ -562,7 +563,17 @@ class Trainer:
                 tokens_per_s=round(tokens_per_s, 1),
                 trained_tokens=self.state.trained_tokens,
                 eta_s=round(eta, 1),
+                **self._preference_fields(
+                    "reward_margin", "preference_accuracy", "chosen_logps", "rejected_logps"
+                ),
             )
+
+    def _preference_fields(self, *names: str) -> dict[str, float]:
+        """The named preference metrics of the state, rounded for a log line (none for SFT)."""
+        if not self.preference:
+            return {}
+        values = {name: getattr(self.state, name) for name in names}
+        return {name: round(value, 6) for name, value in values.items() if value is not None}
 
     def _checkpoint_due(self) -> bool:
         if self.checkpointer is None or self.state.step >= self.total:

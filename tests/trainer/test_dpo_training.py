@@ -1,0 +1,223 @@
+"""Preference tuning for real: the tiny model learns a preference rule from pairs in S3 (held-out accuracy
+from about one half to at least 0.8, reward margin rising), and SFT then DPO from the SFT adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import Workspace, chat_records, jsonl, log_events
+from kubetune_trainer.contract import DatasetConfig, DpoConfig, Hyperparameters, StartAdapter, TrainerReason
+from kubetune_trainer.data import Tokenize, parse_records, tokenize_pairs
+from kubetune_trainer.packing import IGNORE_INDEX
+
+# The rule: the answer names a thing of the kind the question asks for; the rejected answer names a thing of
+# another kind.
+KINDS = {
+    "number": ["one", "two", "three", "four", "five"],
+    "color": ["red", "green", "blue", "yellow", "black"],
+    "animal": ["cat", "dog", "bird", "fish"],
+    "place": ["river", "mountain", "city", "country"],
+}
+
+
+def preference_pairs() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, held-out) pairs: 178 and 64 of the 242 triples; none appears in both."""
+    triples = [
+        (kind, good, bad)
+        for kind, words in KINDS.items()
+        for good in words
+        for other, wrong in KINDS.items()
+        if other != kind
+        for bad in wrong
+    ]
+    random.Random(11).shuffle(triples)
+    records = [{"prompt": f"Name a {kind}:", "chosen": f" {good}", "rejected": f" {bad}"} for kind, good, bad in triples]
+    return records[:178], records[178:]
+
+
+def sequence_logp(model: Any, input_ids: list[int], labels: list[int]) -> float:
+    """The answer's summed log-probability: one plain forward pass of one sequence."""
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([input_ids])).logits[0].float().log_softmax(-1)
+    return sum(float(logprobs[t - 1, input_ids[t]]) for t in range(1, len(input_ids)) if labels[t] != IGNORE_INDEX)
+
+
+def preference_accuracy(model: Any, reference: Any | None, tokenizer: Any, records: list[dict[str, str]]) -> float:
+    """Share of pairs the model prefers the chosen side of: by its own log-probabilities, or (with a
+    reference) by the implicit reward log(model / reference)."""
+    parsed = parse_records([("held-out.jsonl", jsonl(records))])
+    pairs, _ = tokenize_pairs(parsed.pairs, Tokenize(tokenizer, 64, train_on_all=False), "held-out.jsonl")
+    preferred = 0
+    for pair in pairs:
+        scores = []
+        for side in (pair.chosen, pair.rejected):
+            score = sequence_logp(model, side.input_ids, side.labels)
+            if reference is not None:
+                score -= sequence_logp(reference, side.input_ids, side.labels)
+            scores.append(score)
+        preferred += scores[0] > scores[1]
+    return preferred / len(pairs)
+
+
+def download(ws: Workspace, prefix: str, dest: Path) -> None:
+    client = ws.s3.client()
+    for item in client.list_objects_v2(Bucket=ws.bucket, Prefix=prefix).get("Contents", []):
+        target = dest / item["Key"][len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(ws.bucket, item["Key"], str(target))
+
+
+def load_base(ws: Workspace, dest: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = ws.s3.client()
+    for item in client.list_objects_v2(Bucket=ws.models_bucket, Prefix="tiny/").get("Contents", []):
+        target = dest / item["Key"][len("tiny/") :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(ws.models_bucket, item["Key"], str(target))
+    return AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(dest)
+
+
+def dpo_config(ws: Workspace, train: str, val: str, **hp: Any) -> Any:
+    config = ws.config(train)
+    return replace(
+        config,
+        method="DPO",
+        dpo=DpoConfig(beta=0.1),
+        dataset=DatasetConfig(train=train, validation=val, max_seq_length=64),
+        hyperparameters=Hyperparameters(
+            max_steps=40, learning_rate=1e-2, batch_tokens=512, warmup_ratio=0.05, seed=7, eval_every_steps=10, **hp
+        ),
+    )
+
+
+def test_dpo_learns_a_preference_rule_that_holds_on_held_out_pairs(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    train_records, held_out = preference_pairs()
+    train = ws.put("prefs/train.jsonl", jsonl(train_records))
+    val = ws.put("prefs/val.jsonl", jsonl(held_out))
+    capsys.readouterr()
+    result = ws.run(dpo_config(ws, train, val), monkeypatch)
+    events = log_events(capsys.readouterr().out.splitlines())
+    assert result.code == 0, result.summary.message
+    metrics = result.summary.metrics
+    assert metrics is not None
+
+    # The trainer's own view: every pair starts as a tie with its reference (accuracy 1/2, margin 0); the
+    # held-out accuracy ends at >= 0.8 and the margins rise.
+    (reference,) = [e for e in events if e["event"] == "reference"]
+    assert reference["pairs"] == 178 and reference["eval_pairs"] == 64 and reference["computed"]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[0]["step"] == 1 and progress[0]["preference_accuracy"] == pytest.approx(0.5)
+    assert progress[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40]
+    assert evals[-1]["eval_preference_accuracy"] >= 0.8, evals
+    assert evals[-1]["eval_reward_margin"] > evals[0]["eval_reward_margin"] > 0, evals
+    assert metrics["evalPreferenceAccuracy"] == pytest.approx(evals[-1]["eval_preference_accuracy"], abs=1e-6)
+    assert metrics["rewardMargin"] > 0 and metrics["preferenceAccuracy"] >= 0.8
+    assert metrics["chosenLogps"] > metrics["rejectedLogps"]
+    assert metrics["trainLoss"] < 0.69  # below log 2, the loss of a tie
+
+    # Independently, from the published adapter loaded with PEFT: the held-out pairs, scored with plain
+    # forward passes. Before training the base prefers chosen answers about half the time; after, the
+    # policy prefers them by its implicit reward, log(policy / reference).
+    base, tokenizer = load_base(ws, tmp_path / "base")
+    before = preference_accuracy(base, None, tokenizer, held_out)
+    assert 0.25 <= before <= 0.75, before
+    out = tmp_path / "adapter"
+    download(ws, "out/", out)
+    reference_model, _ = load_base(ws, tmp_path / "reference")
+    policy = PeftModel.from_pretrained(base, out).eval()
+    by_reward = preference_accuracy(policy, reference_model, tokenizer, held_out)
+    assert by_reward >= 0.8
+    assert by_reward == pytest.approx(metrics["evalPreferenceAccuracy"], abs=1 / 64 + 1e-9)
+
+
+def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    sft_train = ws.put("sft/train.jsonl", jsonl(chat_records(24)))
+    sft = replace(
+        ws.config(sft_train),
+        hyperparameters=replace(ws.config(sft_train).hyperparameters, max_steps=6, learning_rate=1e-2),
+    )
+    first = ws.run(sft, monkeypatch)
+    assert first.code == 0, first.summary.message
+    assert first.summary.adapter is not None
+    sft_uri, sft_sha = first.summary.adapter.uri, first.summary.adapter.sha256
+
+    # A wrong digest is refused before training.
+    train_records, held_out = preference_pairs()
+    train = ws.put("prefs/train.jsonl", jsonl(train_records[:48]))
+    val = ws.put("prefs/val.jsonl", jsonl(held_out[:16]))
+    dpo = replace(
+        dpo_config(ws, train, val),
+        adapter=StartAdapter(uri=sft_uri, sha256="0" * 64),
+        output=replace(ws.config(train).output, uri=f"s3://{ws.bucket}/dpo/"),
+        hyperparameters=replace(dpo_config(ws, train, val).hyperparameters, max_steps=4, eval_every_steps=2),
+    )
+    refused = ws.run(dpo, monkeypatch)
+    assert refused.summary.reason == TrainerReason.INVALID_MODEL
+    assert sft_sha in refused.summary.message and "baseModel.adapter.sha256" in refused.summary.message
+
+    # With the right digest: the reference is the SFT adapter (every pair a tie at step 1, which the base
+    # model would not give), and the result is a continuation of it.
+    capsys.readouterr()
+    second = ws.run(replace(dpo, adapter=StartAdapter(uri=sft_uri, sha256=sft_sha)), monkeypatch)
+    events = log_events(capsys.readouterr().out.splitlines())
+    assert second.code == 0, second.summary.message
+    (start,) = [e for e in events if e["event"] == "start_adapter"]
+    assert start == {**start, "uri": sft_uri, "sha256": sft_sha}
+    first_progress = next(e for e in events if e["event"] == "progress")
+    assert first_progress["preference_accuracy"] == pytest.approx(0.5)
+    assert first_progress["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert second.summary.provenance is not None
+    assert second.summary.provenance["startAdapter"] == {"uri": sft_uri, "sha256": sft_sha}
+
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    download(ws, "out/", sft_dir)
+    download(ws, "dpo/", dpo_dir)
+    sft_weights = load_file(sft_dir / "adapter_model.safetensors")
+    dpo_weights = load_file(dpo_dir / "adapter_model.safetensors")
+    assert sft_weights.keys() == dpo_weights.keys()
+    # Four small steps from the SFT adapter stay near it, far nearer than to a fresh adapter (B = 0).
+    moved = sum(float((dpo_weights[k] - sft_weights[k]).norm()) for k in sft_weights if "lora_B" in k)
+    size = sum(float(sft_weights[k].norm()) for k in sft_weights if "lora_B" in k)
+    assert 0 < moved < 0.5 * size
+    assert json.loads((dpo_dir / "adapter_config.json").read_text())["r"] == 4
+    assert hashlib.sha256((dpo_dir / "adapter_model.safetensors").read_bytes()).hexdigest() == (
+        second.summary.adapter.sha256 if second.summary.adapter else ""
+    )
+
+    # SFT continues an adapter too: its first step's loss is the SFT adapter's loss, not the base's.
+    base, tokenizer = load_base(ws, tmp_path / "base")
+    resumed = ws.run(
+        replace(
+            sft,
+            adapter=StartAdapter(uri=sft_uri),
+            output=replace(sft.output, uri=f"s3://{ws.bucket}/sft2/"),
+        ),
+        monkeypatch,
+    )
+    assert resumed.code == 0, resumed.summary.message
+    sft2 = tmp_path / "sft2"
+    download(ws, "sft2/", sft2)
+    summary_first = json.loads((sft_dir / "training_summary.json").read_text())["losses"]
+    summary_second = json.loads((sft2 / "training_summary.json").read_text())["losses"]
+    assert summary_second[0] < summary_first[0] - 0.3, (summary_first, summary_second)
+    assert PeftModel.from_pretrained(base, sft2) is not None
