@@ -175,17 +175,18 @@ def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
     assert refused.summary.reason == TrainerReason.INVALID_MODEL
     assert sft_sha in refused.summary.message and "baseModel.adapter.sha256" in refused.summary.message
 
-    # With the right digest: the reference is the SFT adapter (every pair a tie at step 1, which the base
-    # model would not give), and the result is a continuation of it.
+    # With the right digest: the policy starts from the SFT adapter and the reference is that adapter. A
+    # learning rate too small to move it leaves the published adapter equal to the SFT one (fresh adapters
+    # would start at B = 0), and the reference log-probabilities are the SFT adapter's, computed here.
     capsys.readouterr()
-    second = ws.run(replace(dpo, adapter=StartAdapter(uri=sft_uri, sha256=sft_sha)), monkeypatch)
+    still = replace(dpo.hyperparameters, learning_rate=1e-9)
+    second = ws.run(
+        replace(dpo, adapter=StartAdapter(uri=sft_uri, sha256=sft_sha), hyperparameters=still), monkeypatch
+    )
     events = log_events(capsys.readouterr().out.splitlines())
     assert second.code == 0, second.summary.message
     (start,) = [e for e in events if e["event"] == "start_adapter"]
     assert start == {**start, "uri": sft_uri, "sha256": sft_sha}
-    first_progress = next(e for e in events if e["event"] == "progress")
-    assert first_progress["preference_accuracy"] == pytest.approx(0.5)
-    assert first_progress["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert second.summary.provenance is not None
     assert second.summary.provenance["startAdapter"] == {"uri": sft_uri, "sha256": sft_sha}
 
@@ -195,17 +196,25 @@ def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
     sft_weights = load_file(sft_dir / "adapter_model.safetensors")
     dpo_weights = load_file(dpo_dir / "adapter_model.safetensors")
     assert sft_weights.keys() == dpo_weights.keys()
-    # Four small steps from the SFT adapter stay near it, far nearer than to a fresh adapter (B = 0).
-    moved = sum(float((dpo_weights[k] - sft_weights[k]).norm()) for k in sft_weights if "lora_B" in k)
-    size = sum(float(sft_weights[k].norm()) for k in sft_weights if "lora_B" in k)
-    assert 0 < moved < 0.5 * size
-    assert json.loads((dpo_dir / "adapter_config.json").read_text())["r"] == 4
+    assert max(float(sft_weights[k].abs().max()) for k in sft_weights if "lora_B" in k) > 1e-3
+    for key, value in sft_weights.items():
+        torch.testing.assert_close(dpo_weights[key], value, atol=1e-6, rtol=0)
     assert hashlib.sha256((dpo_dir / "adapter_model.safetensors").read_bytes()).hexdigest() == (
         second.summary.adapter.sha256 if second.summary.adapter else ""
     )
 
-    # SFT continues an adapter too: its first step's loss is the SFT adapter's loss, not the base's.
     base, tokenizer = load_base(ws, tmp_path / "base")
+    parsed = parse_records([("train.jsonl", jsonl(train_records[:48]))])
+    pairs, _ = tokenize_pairs(parsed.pairs, Tokenize(tokenizer, 64, train_on_all=False), "train.jsonl")
+    base_chosen = sum(sequence_logp(base, p.chosen.input_ids, p.chosen.labels) for p in pairs) / len(pairs)
+    sft_model = PeftModel.from_pretrained(base, sft_dir).eval()
+    sft_chosen = sum(sequence_logp(sft_model, p.chosen.input_ids, p.chosen.labels) for p in pairs) / len(pairs)
+    (reference,) = [e for e in events if e["event"] == "reference"]
+    assert reference["chosen_logps"] == pytest.approx(sft_chosen, abs=1e-4)
+    assert abs(sft_chosen - base_chosen) > 1e-2
+    base = sft_model.unload()
+
+    # SFT continues an adapter too: its first step's loss is the SFT adapter's loss, not the base's.
     resumed = ws.run(
         replace(
             sft,
@@ -219,5 +228,5 @@ def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
     download(ws, "sft2/", sft2)
     summary_first = json.loads((sft_dir / "training_summary.json").read_text())["losses"]
     summary_second = json.loads((sft2 / "training_summary.json").read_text())["losses"]
-    assert summary_second[0] < summary_first[0] - 0.3, (summary_first, summary_second)
+    assert summary_second[0] < summary_first[0] - 0.1, (summary_first, summary_second)
     assert PeftModel.from_pretrained(base, sft2) is not None

@@ -455,10 +455,13 @@ class Trainer:
         if self.state.eval_reference is not None:
             self.eval_reference = torch.tensor(self.state.eval_reference, dtype=torch.float32, device=device)
         if self.runtime.is_main:
+            means = self.reference.double().mean(0).tolist()
             log_event(
                 "reference",
                 pairs=len(self.examples),
                 eval_pairs=len(self.eval_examples),
+                chosen_logps=round(means[0], 6),
+                rejected_logps=round(means[1], 6),
                 computed=computed,
                 seconds=round(time.monotonic() - started, 3),
             )
