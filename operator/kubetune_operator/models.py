@@ -31,9 +31,15 @@ class SecretRef(_Model):
     name: str
 
 
+class AdapterRef(_Model):
+    uri: str
+    sha256: str | None = None
+
+
 class BaseModelSpec(_Model):
     uri: str
     credentials_secret_ref: SecretRef | None = None
+    adapter: AdapterRef | None = None  # a PEFT adapter to start from
 
 
 class DatasetSpec(_Model):
@@ -50,6 +56,12 @@ class LoraSpec(_Model):
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
+
+
+class DpoSpec(_Model):
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    parameters: str = "LoRA"  # LoRA | Full
 
 
 class HyperparametersSpec(_Model):
@@ -116,6 +128,7 @@ class FineTuneJobSpec(_Model):
     dataset: DatasetSpec
     method: str
     lora: LoraSpec | None = None
+    dpo: DpoSpec | None = None
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
     output: OutputSpec
     s3: S3Spec = Field(default_factory=S3Spec)
@@ -130,6 +143,13 @@ class FineTuneJobSpec(_Model):
     ttl_seconds_after_finished: int | None = None
     queue_name: str | None = None
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+
+    @property
+    def weights_method(self) -> str:
+        """LoRA, QLoRA or Full: what trains and what is published (DPO trains LoRA adapters or Full)."""
+        if self.method == "DPO":
+            return (self.dpo or DpoSpec()).parameters
+        return self.method
 
 
 # --- status -----------------------------------------------------------------------------------------------
@@ -164,6 +184,13 @@ class TrainingMetrics(_Model):
     grad_norm: float | None = None
     best_eval_loss: float | None = None
     best_step: int | None = None
+    # method DPO
+    reward_margin: float | None = None
+    preference_accuracy: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
 
 
 class ArtifactRecord(_Model):

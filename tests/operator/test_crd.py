@@ -179,8 +179,9 @@ def test_immutable_run_fields_have_transition_rules_and_the_rest_stay_mutable() 
             "message": f"spec.{name} is immutable: create a new FineTuneJob instead",
         } in rules
     spec_level = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
-    assert spec_level == [
-        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)"
+    assert sorted(spec_level) == [
+        "has(self.dpo) == has(oldSelf.dpo) && (!has(self.dpo) || self.dpo == oldSelf.dpo)",
+        "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)",
     ]
     for node in walk_schema(spec, "spec"):
         top = node.path.split(".")[1] if "." in node.path else ""
@@ -211,7 +212,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     props = version_schema()["properties"]
     spec, status = props["spec"]["properties"], props["status"]["properties"]
     assert set(spec) == {
-        "baseModel", "dataset", "method", "lora", "hyperparameters", "output", "s3", "resources",
+        "baseModel", "dataset", "method", "lora", "dpo", "hyperparameters", "output", "s3", "resources",
         "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "schedulingTimeoutSeconds",
         "progressDeadlineSeconds", "startupDeadlineSeconds",
             "ttlSecondsAfterFinished",

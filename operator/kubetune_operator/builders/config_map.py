@@ -15,7 +15,7 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
     """Everything the trainer reads, with the operator's defaults filled in."""
     spec = spec_of(job)
     lora = None
-    if spec.method in contract.ADAPTER_METHODS:
+    if spec.weights_method in contract.ADAPTER_METHODS:
         block = spec.lora
         lora = (
             contract.LoraConfig()
@@ -27,6 +27,17 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
                 target_modules=list(block.target_modules) or None,
             )
         )
+    dpo = None
+    if spec.method in contract.PREFERENCE_METHODS:
+        block = spec.dpo
+        dpo = (
+            contract.DpoConfig()
+            if block is None
+            else contract.DpoConfig(
+                beta=block.beta, label_smoothing=block.label_smoothing, parameters=block.parameters
+            )
+        )
+    start = spec.base_model.adapter
     hp = spec.hyperparameters
     checkpointing = spec.checkpointing
     every_minutes: float | None
@@ -39,8 +50,10 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
     return contract.TrainerConfig(
         job=contract.JobRef(name=job.name, namespace=job.namespace, uid=job.metadata.uid),
         base_model=spec.base_model.uri,
+        adapter=contract.StartAdapter(uri=start.uri, sha256=start.sha256) if start else None,
         method=spec.method,
         lora=lora,
+        dpo=dpo,
         dataset=contract.DatasetConfig(
             train=spec.dataset.train,
             validation=spec.dataset.validation,
@@ -65,9 +78,10 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
             activation_checkpointing=hp.activation_checkpointing,
             eval_every_steps=hp.eval_every_steps,
         ),
-        # A merged model is written for LoRA only (a 4-bit QLoRA base and Full have nothing to merge into).
+        # A merged model is written for LoRA adapters only (a 4-bit QLoRA base and Full have nothing to
+        # merge into).
         output=contract.OutputConfig(
-            uri=spec.output.uri, merge_adapter=spec.output.merge_adapter and spec.method == "LoRA"
+            uri=spec.output.uri, merge_adapter=spec.output.merge_adapter and spec.weights_method == "LoRA"
         ),
         s3=contract.S3Config(
             endpoint=spec.s3.endpoint or config.default_s3_endpoint,
