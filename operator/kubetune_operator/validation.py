@@ -47,8 +47,8 @@ def validate(job: FineTuneJob) -> list[str]:
     adapter = spec.base_model.adapter
     if adapter is not None and spec.weights_method not in contract.ADAPTER_METHODS:
         problems.append(
-            f"spec.baseModel.adapter: method {spec.method} trains {spec.weights_method} weights, not adapters; "
-            "remove baseModel.adapter or use LoRA, QLoRA or DPO on LoRA"
+            f"spec.baseModel.adapter: method {spec.method} trains {spec.weights_method} weights, not "
+            "adapters; remove baseModel.adapter or use LoRA, QLoRA or DPO on LoRA"
         )
     if adapter is not None and not adapter.uri.startswith("s3://"):
         problems.append(f"spec.baseModel.adapter.uri: {adapter.uri!r} must be an s3:// prefix")

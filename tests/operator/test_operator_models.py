@@ -65,7 +65,7 @@ def test_status_round_trips_in_camel_case_without_nulls() -> None:
 @pytest.mark.parametrize(
     ("overrides", "problem"),
     [
-        ({"method": "Full"}, "spec.lora: only allowed with the adapter methods (LoRA, QLoRA)"),
+        ({"method": "Full"}, "spec.lora: only allowed with the adapter methods (LoRA, QLoRA, DPO on LoRA)"),
         ({"hyperparameters": {"epochs": 1, "maxSteps": 5}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {"epochs": 1, "batchTokens": 4096, "microBatchSize": 4}}, "use one style"),

@@ -38,7 +38,9 @@ PAIRS = [
         "rejected": [{"role": "assistant", "content": "The number ten."}],
     },
     {
-        "input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        "input": {
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        },
         "preferred_output": [{"role": "assistant", "content": "Hello!"}],
         "non_preferred_output": [{"role": "assistant", "content": "Go away, I am busy with the cluster."}],
     },
@@ -73,7 +75,8 @@ def reference_dpo_loss(
     policy: Any, reference: Any, pairs: list[PreferenceExample], beta: float, smoothing: float
 ) -> float:
     """The DPO objective written out: mean over pairs of
-    -(1-eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h), h = log-ratio(chosen) - log-ratio(rejected)."""
+    -(1-eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h),
+    h = log-ratio(chosen) - log-ratio(rejected)."""
     losses = []
     with torch.no_grad():
         for pair in pairs:
@@ -119,7 +122,9 @@ def test_trainer_dpo_loss_equals_the_reference_implementation(packing: bool, smo
         pairs,
         [],
         [],
-        LoopSettings(1e-3, "Constant", 0.0, packing, tokenizer.pad_token_id, None, None, None, beta, smoothing),
+        LoopSettings(
+            1e-3, "Constant", 0.0, packing, tokenizer.pad_token_id, None, None, None, beta, smoothing
+        ),
         Runtime(torch.device("cpu"), 0, 1, None),
         None,
         Metrics(),
@@ -260,7 +265,9 @@ def test_a_bad_pair_fails_the_job_with_invalid_dataset(ws: Any, monkeypatch: pyt
     assert "1 malformed record(s)" in result.summary.message
 
 
-def test_sft_on_preference_data_and_dpo_on_sft_data_are_refused(ws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sft_on_preference_data_and_dpo_on_sft_data_are_refused(
+    ws: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dataclasses import replace
 
     from kubetune_trainer.contract import DpoConfig

@@ -39,7 +39,10 @@ def preference_pairs() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         for bad in wrong
     ]
     random.Random(11).shuffle(triples)
-    records = [{"prompt": f"Name a {kind}:", "chosen": f" {good}", "rejected": f" {bad}"} for kind, good, bad in triples]
+    records = [
+        {"prompt": f"Name a {kind}:", "chosen": f" {good}", "rejected": f" {bad}"}
+        for kind, good, bad in triples
+    ]
     return records[:178], records[178:]
 
 
@@ -47,10 +50,14 @@ def sequence_logp(model: Any, input_ids: list[int], labels: list[int]) -> float:
     """The answer's summed log-probability: one plain forward pass of one sequence."""
     with torch.no_grad():
         logprobs = model(input_ids=torch.tensor([input_ids])).logits[0].float().log_softmax(-1)
-    return sum(float(logprobs[t - 1, input_ids[t]]) for t in range(1, len(input_ids)) if labels[t] != IGNORE_INDEX)
+    return sum(
+        float(logprobs[t - 1, input_ids[t]]) for t in range(1, len(input_ids)) if labels[t] != IGNORE_INDEX
+    )
 
 
-def preference_accuracy(model: Any, reference: Any | None, tokenizer: Any, records: list[dict[str, str]]) -> float:
+def preference_accuracy(
+    model: Any, reference: Any | None, tokenizer: Any, records: list[dict[str, str]]
+) -> float:
     """Share of pairs the model prefers the chosen side of: by its own log-probabilities, or (with a
     reference) by the implicit reward log(model / reference)."""
     parsed = parse_records([("held-out.jsonl", jsonl(records))])
@@ -83,7 +90,9 @@ def load_base(ws: Workspace, dest: Path) -> tuple[Any, Any]:
         target = dest / item["Key"][len("tiny/") :]
         target.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(ws.models_bucket, item["Key"], str(target))
-    return AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(dest)
+    return AutoModelForCausalLM.from_pretrained(
+        dest, dtype=torch.float32
+    ).eval(), AutoTokenizer.from_pretrained(dest)
 
 
 def dpo_config(ws: Workspace, train: str, val: str, **hp: Any) -> Any:
@@ -94,7 +103,13 @@ def dpo_config(ws: Workspace, train: str, val: str, **hp: Any) -> Any:
         dpo=DpoConfig(beta=0.1),
         dataset=DatasetConfig(train=train, validation=val, max_seq_length=64),
         hyperparameters=Hyperparameters(
-            max_steps=40, learning_rate=1e-2, batch_tokens=512, warmup_ratio=0.05, seed=7, eval_every_steps=10, **hp
+            max_steps=40,
+            learning_rate=1e-2,
+            batch_tokens=512,
+            warmup_ratio=0.05,
+            seed=7,
+            eval_every_steps=10,
+            **hp,
         ),
     )
 
@@ -208,7 +223,9 @@ def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
     pairs, _ = tokenize_pairs(parsed.pairs, Tokenize(tokenizer, 64, train_on_all=False), "train.jsonl")
     base_chosen = sum(sequence_logp(base, p.chosen.input_ids, p.chosen.labels) for p in pairs) / len(pairs)
     sft_model = PeftModel.from_pretrained(base, sft_dir).eval()
-    sft_chosen = sum(sequence_logp(sft_model, p.chosen.input_ids, p.chosen.labels) for p in pairs) / len(pairs)
+    sft_chosen = sum(sequence_logp(sft_model, p.chosen.input_ids, p.chosen.labels) for p in pairs) / len(
+        pairs
+    )
     (reference,) = [e for e in events if e["event"] == "reference"]
     assert reference["chosen_logps"] == pytest.approx(sft_chosen, abs=1e-4)
     assert abs(sft_chosen - base_chosen) > 1e-2

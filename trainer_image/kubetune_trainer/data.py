@@ -234,12 +234,16 @@ def _parse_preference(obj: dict[str, Any], column_map: dict[str, str]) -> Prefer
     prompt_raw = obj.get("prompt")
     if isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
         if not isinstance(prompt_raw, str):
-            raise BadRecord(f"'prompt' must be a string when chosen and rejected are, got {_type_name(prompt_raw)}")
+            raise BadRecord(
+                f"'prompt' must be a string when chosen and rejected are, got {_type_name(prompt_raw)}"
+            )
         for key, answer in (("chosen", chosen_raw), ("rejected", rejected_raw)):
             if not answer.strip():
                 raise BadRecord(f"'{key}' is empty")
         if chosen_raw == rejected_raw:
-            raise BadRecord("'chosen' and 'rejected' are identical; a pair must differ to say which is preferred")
+            raise BadRecord(
+                "'chosen' and 'rejected' are identical; a pair must differ to say which is preferred"
+            )
         return PreferenceRecord(
             "",
             Record("", segments=((prompt_raw, False), (chosen_raw, True))),
@@ -258,7 +262,9 @@ def _parse_preference(obj: dict[str, Any], column_map: dict[str, str]) -> Prefer
             shared += 1
         return _preference_chats(chosen[:shared], chosen[shared:], rejected[shared:], ("chosen", "rejected"))
     if not isinstance(prompt_raw, list):
-        raise BadRecord(f"'prompt' must be a message list when chosen and rejected are, got {_type_name(prompt_raw)}")
+        raise BadRecord(
+            f"'prompt' must be a message list when chosen and rejected are, got {_type_name(prompt_raw)}"
+        )
     prompt = _messages(obj, "prompt", "role", "content", MESSAGE_ROLES, column_map)
     answers = []
     for key, chat in (("chosen", chosen), ("rejected", rejected)):
@@ -268,8 +274,8 @@ def _parse_preference(obj: dict[str, Any], column_map: dict[str, str]) -> Prefer
             answers.append(chat)
         else:
             raise BadRecord(
-                f"'prompt' is not a prefix of '{key}': give '{key}' as the whole chat starting with the prompt's "
-                "messages, or as the assistant's answer alone"
+                f"'prompt' is not a prefix of '{key}': give '{key}' as the whole chat starting with the "
+                "prompt's messages, or as the assistant's answer alone"
             )
     return _preference_chats(prompt, answers[0], answers[1], ("chosen", "rejected"))
 
@@ -284,7 +290,9 @@ def _preference_chats(
         if not answer or not any(role == "assistant" and content.strip() for role, content in answer):
             raise BadRecord(f"'{key}' has no assistant answer after the prompt (an empty side)")
     if chosen == rejected:
-        raise BadRecord(f"'{keys[0]}' and '{keys[1]}' are identical; a pair must differ to say which is preferred")
+        raise BadRecord(
+            f"'{keys[0]}' and '{keys[1]}' are identical; a pair must differ to say which is preferred"
+        )
     return PreferenceRecord(
         "",
         Record("", turns=_conversation(prompt + chosen, trained_from=len(prompt))),
@@ -311,7 +319,9 @@ SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
     "Preference": ("chosen", "rejected"),
 }
 # A format that more than one set of keys identifies.
-OTHER_SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {"Preference": ("preferred_output", "non_preferred_output")}
+OTHER_SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
+    "Preference": ("preferred_output", "non_preferred_output"),
+}
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:

@@ -96,7 +96,11 @@ def collate_pairs(
 
 
 def token_logps(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, config: object = None, chunk_rows: int = 1024
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    config: object = None,
+    chunk_rows: int = 1024,
 ) -> torch.Tensor:
     """log p(target_i | position i) for each row of ``hidden`` ([N, d] -> float32 [N]), chunk by chunk: only
     one chunk's [rows, vocab] logits exist at a time, and under autograd each chunk is recomputed in

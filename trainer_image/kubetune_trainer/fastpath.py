@@ -407,7 +407,9 @@ def loss_sum(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.
     ), batch.num_label_tokens
 
 
-def prediction_hidden(model: nn.Module, batch: PackedBatch | PaddedBatch) -> tuple[torch.Tensor, nn.Module, Any]:
+def prediction_hidden(
+    model: nn.Module, batch: PackedBatch | PaddedBatch
+) -> tuple[torch.Tensor, nn.Module, Any]:
     """The decoder's last hidden states at the batch's prediction positions ([num_label_tokens, d]), the LM
     head that turns them into logits, and the model's config (what ``loss_sum`` runs before its loss)."""
     decoder = _decoder(model)

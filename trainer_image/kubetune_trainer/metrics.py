@@ -39,7 +39,10 @@ GAUGES = {
         contract.METRIC_PREFERENCE_ACCURACY,
         "Share of the last step's pairs whose chosen answer out-rewards the rejected one (ties count 1/2)",
     ),
-    "chosen_logps": (contract.METRIC_CHOSEN_LOGPS, "Policy log-probability of the chosen answers (last step)"),
+    "chosen_logps": (
+        contract.METRIC_CHOSEN_LOGPS,
+        "Policy log-probability of the chosen answers (last step)",
+    ),
     "rejected_logps": (
         contract.METRIC_REJECTED_LOGPS,
         "Policy log-probability of the rejected answers (last step)",

@@ -26,9 +26,9 @@ from kubetune_trainer.config import load_config
 from kubetune_trainer.contract import (
     DEFAULT_TERMINATION_LOG,
     DEFAULT_WORK_DIR,
+    PREFERENCE_METHODS,
     TERMINATION_LOG_ENV,
     WORK_DIR_ENV,
-    PREFERENCE_METHODS,
     AdapterRecord,
     DpoConfig,
     Hyperparameters,
@@ -237,7 +237,9 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         lengths = [example_length(e) for e in train_examples]
         plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     batching = plan.batching
-    eval_batches = batching.micro_batches([example_length(e) for e in eval_examples], range(len(eval_examples)))
+    eval_batches = batching.micro_batches(
+        [example_length(e) for e in eval_examples], range(len(eval_examples))
+    )
 
     # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
     loss_model = (

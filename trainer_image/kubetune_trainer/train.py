@@ -18,7 +18,14 @@ import torch
 
 from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
-from kubetune_trainer.dpo import PairBatch, PreferenceExample, collate_pairs, dpo_loss, pair_stats, stats_as_means
+from kubetune_trainer.dpo import (
+    PairBatch,
+    PreferenceExample,
+    collate_pairs,
+    dpo_loss,
+    pair_stats,
+    stats_as_means,
+)
 from kubetune_trainer.errors import Interrupted, TrainerError
 from kubetune_trainer.metrics import Metrics, log_event
 from kubetune_trainer.model import trainable_parameters
@@ -400,9 +407,8 @@ class Trainer:
     def _dpo(self, policy: torch.Tensor, batch: PairBatch, reference: torch.Tensor | None) -> Any:
         if reference is None or self.settings.dpo_beta is None:
             raise RuntimeError("preference tuning needs the reference log-probabilities first")
-        return dpo_loss(
-            policy, reference.index_select(0, batch.pairs), self.settings.dpo_beta, self.settings.dpo_label_smoothing
-        )
+        reference_pairs = reference.index_select(0, batch.pairs)
+        return dpo_loss(policy, reference_pairs, self.settings.dpo_beta, self.settings.dpo_label_smoothing)
 
     def _each_forward(
         self, batches: Sequence[list[int]], pool: Sequence[Any]

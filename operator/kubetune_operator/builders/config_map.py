@@ -29,12 +29,14 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
         )
     dpo = None
     if spec.method in contract.PREFERENCE_METHODS:
-        block = spec.dpo
+        preference = spec.dpo
         dpo = (
             contract.DpoConfig()
-            if block is None
+            if preference is None
             else contract.DpoConfig(
-                beta=block.beta, label_smoothing=block.label_smoothing, parameters=block.parameters
+                beta=preference.beta,
+                label_smoothing=preference.label_smoothing,
+                parameters=preference.parameters,
             )
         )
     start = spec.base_model.adapter
