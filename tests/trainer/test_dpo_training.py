@@ -5,44 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from e2e.demo import preference_dataset
 
 from conftest import Workspace, chat_records, jsonl, log_events
 from kubetune_trainer.contract import DatasetConfig, DpoConfig, Hyperparameters, StartAdapter, TrainerReason
 from kubetune_trainer.data import Tokenize, parse_records, tokenize_pairs
 from kubetune_trainer.packing import IGNORE_INDEX
 
-# The rule: the answer names a thing of the kind the question asks for; the rejected answer names a thing of
-# another kind.
-KINDS = {
-    "number": ["one", "two", "three", "four", "five"],
-    "color": ["red", "green", "blue", "yellow", "black"],
-    "animal": ["cat", "dog", "bird", "fish"],
-    "place": ["river", "mountain", "city", "country"],
-}
-
 
 def preference_pairs() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, held-out) pairs: 178 and 64 of the 242 triples; none appears in both."""
-    triples = [
-        (kind, good, bad)
-        for kind, words in KINDS.items()
-        for good in words
-        for other, wrong in KINDS.items()
-        if other != kind
-        for bad in wrong
-    ]
-    random.Random(11).shuffle(triples)
-    records = [
-        {"prompt": f"Name a {kind}:", "chosen": f" {good}", "rejected": f" {bad}"}
-        for kind, good, bad in triples
-    ]
+    """(train, held-out) pairs: 178 and 64 of the rule's 242 (e2e.demo.preference_dataset); none in both."""
+    records = preference_dataset()
     return records[:178], records[178:]
 
 
