@@ -114,8 +114,8 @@ def test_sft_then_dpo_from_the_sft_adapter(
     client = buckets.client()
     weights = client.get_object(Bucket="adapters", Key="tiny-dpo/adapter_model.safetensors")["Body"].read()
     assert adapter["sha256"] == hashlib.sha256(weights).hexdigest() != sft_adapter["sha256"]
-    config = json.loads(client.get_object(Bucket="adapters", Key="tiny-dpo/adapter_config.json")["Body"].read())
-    assert config["r"] == 4
+    config = client.get_object(Bucket="adapters", Key="tiny-dpo/adapter_config.json")["Body"].read()
+    assert json.loads(config)["r"] == 4
 
     # The preference metrics reached status.metrics through the API server's schema.
     metrics = status["metrics"]
