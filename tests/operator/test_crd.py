@@ -292,7 +292,13 @@ def test_duplicate_env_names_are_rejected() -> None:
 # --- the examples -------------------------------------------------------------------------------------------
 
 EXAMPLES = crd_helpers.load_examples()
-REQUIRED_EXAMPLES = {"lora-s3.yaml", "full-sft.yaml", "with-validation.yaml", "suspended-kueue.yaml"}
+REQUIRED_EXAMPLES = {
+    "lora-s3.yaml",
+    "full-sft.yaml",
+    "with-validation.yaml",
+    "suspended-kueue.yaml",
+    "sft-then-dpo.yaml",
+}
 
 
 def _jobs(file_name: str) -> list[dict[str, Any]]:
@@ -310,6 +316,10 @@ def test_the_required_examples_exist_and_show_what_they_are_named_for() -> None:
     assert "validation" in dataset or "validationSplit" in dataset
     (suspended,) = _jobs("suspended-kueue.yaml")
     assert suspended["spec"]["suspend"] is True and suspended["spec"]["queueName"]
+    sft, dpo = _jobs("sft-then-dpo.yaml")
+    assert sft["spec"]["method"] == "LoRA" and dpo["spec"]["method"] == "DPO"
+    assert dpo["spec"]["baseModel"]["adapter"]["uri"] == sft["spec"]["output"]["uri"]
+    assert dpo["spec"]["baseModel"]["uri"] == sft["spec"]["baseModel"]["uri"]
 
 
 @pytest.mark.parametrize("file_name", sorted(EXAMPLES))
