@@ -226,3 +226,51 @@ def test_sft_continues_from_an_adapter_and_dpo_starts_from_it(
     summary_second = json.loads((sft2 / "training_summary.json").read_text())["losses"]
     assert summary_second[0] < summary_first[0] - 0.1, (summary_first, summary_second)
     assert PeftModel.from_pretrained(base, sft2) is not None
+
+
+def test_a_resumed_dpo_run_keeps_its_reference_and_matches_an_uninterrupted_one(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from kubetune_trainer.contract import CheckpointConfig, OutputConfig
+    from kubetune_trainer.errors import EXIT_INTERRUPTED
+    from kubetune_trainer.train import TEST_HANG_ENV
+
+    train_records, held_out = preference_pairs()
+    train = ws.put("prefs/train.jsonl", jsonl(train_records[:64]))
+    val = ws.put("prefs/val.jsonl", jsonl(held_out[:16]))
+    base = dpo_config(ws, train, val)
+    config = replace(
+        base,
+        hyperparameters=replace(base.hyperparameters, max_steps=8, eval_every_steps=4),
+        checkpointing=CheckpointConfig(every_steps=2, every_minutes=None, keep=2),
+    )
+    whole = ws.run(replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/whole/")), monkeypatch)
+    assert whole.code == 0, whole.summary.message
+    whole_losses = ws.read_json("whole/training_summary.json")["losses"]
+
+    # Stopped after step 5 (it stalls there until SIGTERM), then restarted from the step-5 checkpoint: by
+    # then the adapters have trained, so a reference recomputed at the restart would change every loss.
+    resumed = replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/resumed/"))
+    process, _ = ws.subprocess(resumed, "interrupted", **{TEST_HANG_ENV: "5"})
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if '"event": "test_hang"' in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, _ = process.communicate(timeout=240)
+    assert process.returncode == EXIT_INTERRUPTED, "".join(lines) + rest
+    restarted, _ = ws.subprocess(resumed, "restarted")
+    out, _ = restarted.communicate(timeout=240)
+    assert restarted.returncode == 0, out
+    events = log_events(out.splitlines())
+    (reference,) = [e for e in events if e["event"] == "reference"]
+    assert reference["computed"] is False
+    assert next(e for e in events if e["event"] == "plan")["resumed_step"] == 5
+    resumed_losses = ws.read_json("resumed/training_summary.json")["losses"]
+    assert len(resumed_losses) == 8
+    assert max(abs(a - b) for a, b in zip(whole_losses, resumed_losses, strict=True)) < 1e-6
+    assert whole_losses[-1] < whole_losses[0]
