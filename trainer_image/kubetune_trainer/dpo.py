@@ -108,7 +108,7 @@ def token_logps(
     softcap = getattr(config, "final_logit_softcapping", None)
 
     def chunk(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = head(rows).float()
+        logits: torch.Tensor = head(rows).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
@@ -136,8 +136,8 @@ def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     from kubetune_trainer.fastpath import loss_chunk_rows, prediction_hidden
 
     hidden, head, config = prediction_hidden(model, batch.batch)
-    vocab = getattr(config, "vocab_size", None) or getattr(head, "out_features", 32768)
-    rows = loss_chunk_rows(int(vocab), hidden.device)
+    vocab = int(getattr(config, "vocab_size", None) or getattr(head, "out_features", 32768))
+    rows = loss_chunk_rows(vocab, hidden.device)
     logps = token_logps(hidden, batch.batch.prediction_targets, head, config, rows)
     return sum_by_sequence(logps, batch.sequence_of_prediction, batch.num_pairs)
 

@@ -8,7 +8,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -19,6 +19,7 @@ import torch
 from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
 from kubetune_trainer.dpo import (
+    STAT_FIELDS,
     PairBatch,
     PreferenceExample,
     collate_pairs,
@@ -364,7 +365,7 @@ class Trainer:
         weights = [1.0] * len(batches) + [0.0] * (self._forwards(len(micro_batches)) - len(batches))
         batches += [self.collate(micro_batches[0], self.examples)] * (len(weights) - len(batches))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
-        pair_totals = torch.zeros(5, dtype=torch.float64, device=self.runtime.device)
+        pair_totals = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=self.runtime.device)
         for batch, weight in zip(batches, weights, strict=True):
             if self.stop.requested and self.runtime.world_size == 1:
                 # Drop the half-accumulated step; the checkpoint is of the last completed one.
@@ -411,8 +412,8 @@ class Trainer:
         return dpo_loss(policy, reference_pairs, self.settings.dpo_beta, self.settings.dpo_label_smoothing)
 
     def _each_forward(
-        self, batches: Sequence[list[int]], pool: Sequence[Any]
-    ) -> Any:
+        self, batches: Sequence[list[int]], pool: Sequence[PreferenceExample]
+    ) -> Iterator[tuple[torch.Tensor, PairBatch]]:
         """(output, batch) of a forward pass (no gradient) over this process's share of ``batches``; under
         FSDP every process runs as many forwards as the busiest one, and the extra ones are not yielded."""
         mine = batches[self.runtime.rank :: self.runtime.world_size]
@@ -421,7 +422,7 @@ class Trainer:
             batch = self.collate(mine[position] if counted else batches[0], pool)
             with torch.no_grad(), self.runtime.autocast():
                 output, _ = self.model(batch)
-            if counted:
+            if counted and isinstance(batch, PairBatch):
                 yield output, batch
         if self.sharded:
             self.model.reshard()  # type: ignore[operator]
@@ -475,11 +476,12 @@ class Trainer:
     def evaluate_preferences(self) -> dict[str, float]:
         """Means per validation pair: DPO loss, reward margin, preference accuracy, log-probabilities."""
         self.model.eval()
-        totals = torch.zeros(6, dtype=torch.float64, device=self.runtime.device)
-        for output, batch in self._each_forward(self.eval_batches, self.eval_examples):
+        fields = len(STAT_FIELDS)
+        totals = torch.zeros(fields + 1, dtype=torch.float64, device=self.runtime.device)
+        for output, batch in self._each_forward(self.eval_batches, self.eval_examples):  # type: ignore[arg-type]
             scores = self._dpo(output, batch, self.eval_reference)
-            totals[:5] += pair_stats(scores, output)
-            totals[5] += batch.num_pairs
+            totals[:fields] += pair_stats(scores, output)
+            totals[fields] += batch.num_pairs
         self.model.train()
         *summed, pairs = self.runtime.all_reduce(totals).tolist()
         return stats_as_means(summed, pairs)
@@ -577,7 +579,7 @@ class Trainer:
                 ),
             )
 
-    def _preference_fields(self, *names: str) -> dict[str, float]:
+    def _preference_fields(self, *names: str) -> dict[str, Any]:
         """The named preference metrics of the state, rounded for a log line (none for SFT)."""
         if not self.preference:
             return {}
