@@ -44,6 +44,12 @@ def validate(job: FineTuneJob) -> list[str]:
         problems.append(
             f"spec.dpo.parameters: {spec.dpo.parameters!r} is not one of {', '.join(contract.DPO_PARAMETERS)}"
         )
+    preference = spec.method in contract.PREFERENCE_METHODS
+    if spec.dataset.format != "Auto" and preference != (spec.dataset.format == "Preference"):
+        problems.append(
+            f"spec.dataset.format: {spec.dataset.format} does not go with method {spec.method}: DPO reads "
+            "preference pairs (format Auto or Preference), the other methods any other format"
+        )
     adapter = spec.base_model.adapter
     if adapter is not None and spec.weights_method not in contract.ADAPTER_METHODS:
         problems.append(

@@ -166,6 +166,18 @@ CASES: list[CrdCase] = [
         "spec.dpo.parameters",
         "enum",
     ),
+    CrdCase(
+        "dpo-on-messages",
+        {"spec.method": "DPO", "spec.dataset.format": "Messages"},
+        "spec.dataset.format Preference goes with spec.method DPO",
+        field="spec",
+    ),
+    CrdCase(
+        "lora-on-preference-pairs",
+        {"spec.dataset.format": "Preference"},
+        "spec.dataset.format Preference goes with spec.method DPO",
+        field="spec",
+    ),
     # baseModel.adapter: an S3 prefix (optional digest), only where adapters train
     CrdCase(
         "start-adapter-with-lora",
