@@ -293,3 +293,30 @@ def test_truncation_drops_a_pair_left_without_an_answer() -> None:
     with pytest.raises(TrainerError) as err:
         tokenize_pairs(parsed.pairs[:1], Tokenize(tokenizer, 32, train_on_all=False), "p.jsonl")
     assert err.value.reason == TrainerReason.EMPTY_DATASET
+
+
+def test_reference_values_of_the_wrong_shape_are_refused_with_what_to_do() -> None:
+    model, tokenizer = build_tiny_model(seed=0)
+    pairs = tokenized_pairs(PAIRS, tokenizer)
+    settings = LoopSettings(1e-3, "Constant", 0.0, True, tokenizer.pad_token_id, None, None, None, 0.1)
+    trainer = Trainer(
+        LossModel(model),
+        make_optimizer(model, 1e-3, 0.0),
+        Plan([[[0, 1]]], [0], 1, Batching(64, None, 1)),
+        pairs,
+        [],
+        [],
+        settings,
+        Runtime(torch.device("cpu"), 0, 1, None),
+        None,
+        Metrics(),
+        StopFlag(),
+        TrainState(reference=[[-1.0, -2.0]] * 4),  # a checkpoint of a dataset with 4 pairs, not 5
+    )
+    with pytest.raises(TrainerError) as err:
+        trainer._prepare_reference()
+    assert err.value.reason == TrainerReason.INVALID_CONFIG
+    assert "5 preference pairs" in err.value.message and "delete the job's checkpoints" in err.value.message
+    trainer.state.reference = [[-1.0, float("nan")]] * 5
+    with pytest.raises(TrainerError):
+        trainer._prepare_reference()

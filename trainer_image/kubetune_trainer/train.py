@@ -451,16 +451,9 @@ class Trainer:
             self.state.reference = self._reference_logps(self.examples)  # type: ignore[arg-type]
         if self.state.eval_reference is None and self.eval_examples:
             self.state.eval_reference = self._reference_logps(self.eval_examples)  # type: ignore[arg-type]
-        if len(self.state.reference) != len(self.examples):
-            raise TrainerError(
-                TrainerReason.INVALID_CONFIG,
-                f"the checkpoint holds reference values for {len(self.state.reference)} pairs, the dataset "
-                f"has {len(self.examples)}; the dataset changed since it was written",
-            )
-        device = self.runtime.device
-        self.reference = torch.tensor(self.state.reference, dtype=torch.float32, device=device)
+        self.reference = self._reference_tensor(self.state.reference, len(self.examples))
         if self.state.eval_reference is not None:
-            self.eval_reference = torch.tensor(self.state.eval_reference, dtype=torch.float32, device=device)
+            self.eval_reference = self._reference_tensor(self.state.eval_reference, len(self.eval_examples))
         if self.runtime.is_main:
             means = self.reference.double().mean(0).tolist()
             log_event(
@@ -472,6 +465,22 @@ class Trainer:
                 computed=computed,
                 seconds=round(time.monotonic() - started, 3),
             )
+
+    def _reference_tensor(self, values: Any, pairs: int) -> torch.Tensor:
+        """Reference values (computed, or read back from a checkpoint's state) as a [pairs, 2] tensor;
+        anything else is refused, naming what would fix it."""
+        try:
+            tensor = torch.tensor(values, dtype=torch.float32, device=self.runtime.device)
+        except (TypeError, ValueError, RuntimeError):
+            tensor = torch.zeros(0)
+        if tensor.shape != (pairs, 2) or not bool(torch.isfinite(tensor).all()):
+            raise TrainerError(
+                TrainerReason.INVALID_CONFIG,
+                f"the checkpoint's reference log-probabilities do not fit the {pairs} preference pairs of "
+                "this dataset (it changed since the checkpoint was written); delete the job's checkpoints "
+                "under output.uri to start over",
+            )
+        return tensor
 
     def evaluate_preferences(self) -> dict[str, float]:
         """Means per validation pair: DPO loss, reward margin, preference accuracy, log-probabilities."""
