@@ -155,10 +155,11 @@ CASES: list[CrdCase] = [
     CrdCase(
         "dpo-label-smoothing-half",
         {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0.5}},
-        "less than 0.5",
-        "spec.dpo.labelSmoothing",
-        "maximum",
+        "spec.dpo.labelSmoothing must be less than 0.5",
+        field="spec.dpo.labelSmoothing",
     ),
+    CrdCase("dpo-label-smoothing-zero", {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0}}),
+    CrdCase("dpo-label-smoothing-fraction", {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0.25}}),
     CrdCase(
         "dpo-parameters-unknown",
         {"spec.method": "DPO", "spec.dpo": {"parameters": "QLoRA"}},
