@@ -320,3 +320,23 @@ def test_reference_values_of_the_wrong_shape_are_refused_with_what_to_do() -> No
     trainer.state.reference = [[-1.0, float("nan")]] * 5
     with pytest.raises(TrainerError):
         trainer._prepare_reference()
+
+
+def test_a_micro_step_is_planned_to_hold_a_whole_pair() -> None:
+    from dataclasses import replace
+
+    from kubetune_trainer.contract import DatasetConfig, DpoConfig, Hyperparameters, TrainerConfig
+    from kubetune_trainer.recipe import plan_memory
+
+    model, _ = build_tiny_model(seed=0)
+    model_config = model.config.to_dict()
+    runtime = Runtime(torch.device("cpu"), 0, 1, None)
+    sft = TrainerConfig(
+        method="LoRA",
+        dataset=DatasetConfig(train="s3://d/t.jsonl", max_seq_length=128),
+        hyperparameters=Hyperparameters(max_steps=1, batch_tokens=200),
+    )
+    dpo = replace(sft, method="DPO", dpo=DpoConfig())
+    # A step of 200 tokens: an SFT micro-step takes 200 of them; one pair may be 2 x 128 tokens long.
+    assert plan_memory(sft, runtime, model_config).summary()["microStepTokens"] == 200
+    assert plan_memory(dpo, runtime, model_config).summary()["microStepTokens"] == 256

@@ -233,7 +233,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         # A model still on the host (FSDP) cannot be probed on the GPU: the memory plan's budget stands in.
         on_host = progress.plan is not None and place != runtime.device
         planned_tokens = progress.plan.get("microStepTokens") if on_host else None
-        batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length, planned_tokens)
+        batching = resolve_batching(hp, trainable, runtime, longest_example(config), planned_tokens)
         lengths = [example_length(e) for e in train_examples]
         plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     batching = plan.batching
@@ -392,6 +392,13 @@ def check_data_fits_method(parsed: Any, uri: str, preference: bool) -> None:
         )
 
 
+def longest_example(config: TrainerConfig) -> int:
+    """Tokens of the longest example a micro-step must hold: maxSeqLength, or twice that for a preference
+    pair (both sides share a micro-step)."""
+    sides = 2 if config.method in PREFERENCE_METHODS else 1
+    return sides * config.dataset.max_seq_length
+
+
 def example_length(example: Any) -> int:
     """Tokens an example (or a preference pair, both sides) takes in a micro-batch."""
     from kubetune_trainer.dpo import PreferenceExample
@@ -456,7 +463,7 @@ def plan_memory(config: TrainerConfig, runtime: Any, model_config: dict[str, Any
     from kubetune_trainer.parallel import device_capacity
 
     hp, lora = config.hyperparameters, config.lora or LoraConfig()
-    max_seq_length = config.dataset.max_seq_length
+    max_seq_length = longest_example(config)
     if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
         tokens = (hp.micro_batch_size or 1) * max_seq_length
     else:
