@@ -107,6 +107,10 @@ def test_sft_then_dpo_from_the_sft_adapter(
     assert (start["uri"], start["sha256"]) == (sft_adapter["uri"], sft_adapter["sha256"])
     (reference,) = [e for e in trainer_events if e["event"] == "reference"]
     assert (reference["pairs"], reference["eval_pairs"]) == (96, 32)
+    # The reference is the SFT adapter itself: the first step's pairs are all ties with it (dropout off).
+    first = next(e for e in trainer_events if e["event"] == "progress")
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert first["preference_accuracy"] == pytest.approx(0.5)
 
     # The result is an adapter of the SFT adapter's shape (r 4, not the default 16), with its digest.
     adapter = status["adapter"]

@@ -229,3 +229,15 @@ def apply_method(model: Any, method: str, lora: LoraConfig | None, start: Path |
 def trainable_parameters(model: Any) -> dict[str, Any]:
     """Trainable parameters by name (tied weights once), the part of the model a checkpoint stores."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout layer's probability to 0 (LoRA's adapter dropout included); returns how many.
+    Preference tuning scores the reference without dropout, so the policy must train without it too: with
+    it, every pair's reward margin would start as noise instead of 0."""
+    from torch import nn
+
+    layers = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)

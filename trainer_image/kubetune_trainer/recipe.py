@@ -217,6 +217,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         log_event("start_adapter", **start_provenance)
     torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
     trainable = model.apply_method(base, weights, config.lora, start_adapter)
+    if preference:
+        log_event("dropout_disabled", layers=model.disable_dropout(trainable))
     planned = progress.plan.get("activationCheckpointing") if progress.plan else None
     checkpointing = preparation.use_activation_checkpointing(hp.activation_checkpointing, planned)
     if checkpointing:
