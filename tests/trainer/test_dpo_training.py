@@ -282,3 +282,48 @@ def test_a_resumed_dpo_run_keeps_its_reference_and_matches_an_uninterrupted_one(
     assert len(resumed_losses) == 8
     assert max(abs(a - b) for a, b in zip(whole_losses, resumed_losses, strict=True)) < 1e-6
     assert whole_losses[-1] < whole_losses[0]
+
+
+def test_two_cpu_processes_run_dpo_exactly_like_one(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer import launch
+    from kubetune_trainer.contract import OutputConfig
+    from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV
+
+    train_records, held_out = preference_pairs()
+    train = ws.put("prefs/train.jsonl", jsonl(train_records[:64]))
+    val = ws.put("prefs/val.jsonl", jsonl(held_out[:20]))
+    base = dpo_config(ws, train, val)
+    config = replace(base, hyperparameters=replace(base.hyperparameters, max_steps=4, eval_every_steps=2))
+    micro = {MICRO_BATCH_TOKENS_ENV: "128"}  # several micro-batches a step, so both ranks work
+
+    two, _ = ws.subprocess(
+        replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/two/")),
+        "two",
+        **micro,
+        **{launch.CPU_PROCESSES_ENV: "2"},
+    )
+    one = ws.run(replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/one/")), monkeypatch, **micro)
+    assert one.code == 0, one.summary.message
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output[-3000:]
+
+    one_summary, two_summary = (
+        ws.read_json("one/training_summary.json"),
+        ws.read_json("two/training_summary.json"),
+    )
+    assert two_summary["provenance"]["resolved"]["worldSize"] == 2
+    # Each rank scored its share of the pairs for the reference; together they equal one process's.
+    (reference,) = [e for e in log_events(output.splitlines()) if e["event"] == "reference"]
+    assert reference["pairs"] == 64 and reference["eval_pairs"] == 20
+    pairs = zip(one_summary["losses"], two_summary["losses"], strict=True)
+    assert max(abs(a - b) for a, b in pairs) < 1e-5
+    for key in (
+        "trainLoss",
+        "evalLoss",
+        "rewardMargin",
+        "preferenceAccuracy",
+        "evalRewardMargin",
+        "chosenLogps",
+    ):
+        assert two_summary["metrics"][key] == pytest.approx(one_summary["metrics"][key], abs=1e-5), key
+    assert one_summary["progress"]["trainedTokens"] == two_summary["progress"]["trainedTokens"]
