@@ -284,8 +284,11 @@ def test_a_resumed_dpo_run_keeps_its_reference_and_matches_an_uninterrupted_one(
     assert whole_losses[-1] < whole_losses[0]
 
 
-def test_two_cpu_processes_run_dpo_exactly_like_one(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubetune_trainer import launch
+@pytest.mark.parametrize("strategy", ["DDP", "FSDP"])
+def test_two_cpu_processes_run_dpo_exactly_like_one(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    from kubetune_trainer import launch, parallel
     from kubetune_trainer.contract import OutputConfig
     from kubetune_trainer.recipe import MICRO_BATCH_TOKENS_ENV
 
@@ -300,7 +303,7 @@ def test_two_cpu_processes_run_dpo_exactly_like_one(ws: Workspace, monkeypatch: 
         replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/two/")),
         "two",
         **micro,
-        **{launch.CPU_PROCESSES_ENV: "2"},
+        **{launch.CPU_PROCESSES_ENV: "2", parallel.FORCE_STRATEGY_ENV: strategy},
     )
     one = ws.run(replace(config, output=OutputConfig(uri=f"s3://{ws.bucket}/one/")), monkeypatch, **micro)
     assert one.code == 0, one.summary.message
@@ -312,6 +315,7 @@ def test_two_cpu_processes_run_dpo_exactly_like_one(ws: Workspace, monkeypatch: 
         ws.read_json("two/training_summary.json"),
     )
     assert two_summary["provenance"]["resolved"]["worldSize"] == 2
+    assert two_summary["provenance"]["resolved"]["strategy"] == strategy
     # Each rank scored its share of the pairs for the reference; together they equal one process's.
     (reference,) = [e for e in log_events(output.splitlines()) if e["event"] == "reference"]
     assert reference["pairs"] == 64 and reference["eval_pairs"] == 20
@@ -327,3 +331,33 @@ def test_two_cpu_processes_run_dpo_exactly_like_one(ws: Workspace, monkeypatch: 
     ):
         assert two_summary["metrics"][key] == pytest.approx(one_summary["metrics"][key], abs=1e-5), key
     assert one_summary["progress"]["trainedTokens"] == two_summary["progress"]["trainedTokens"]
+
+
+def test_dpo_on_full_weights_publishes_a_model_that_prefers_the_chosen_answers(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    train_records, held_out = preference_pairs()
+    train = ws.put("prefs/train.jsonl", jsonl(train_records))
+    val = ws.put("prefs/val.jsonl", jsonl(held_out))
+    base = dpo_config(ws, train, val)
+    config = replace(
+        base,
+        lora=None,
+        dpo=DpoConfig(beta=0.1, parameters="Full"),
+        hyperparameters=replace(base.hyperparameters, max_steps=30, learning_rate=1e-3, eval_every_steps=30),
+    )
+    result = ws.run(config, monkeypatch)
+    assert result.code == 0, result.summary.message
+    assert result.summary.adapter is not None and "model.safetensors" in result.summary.adapter.files
+    assert result.summary.metrics is not None and result.summary.metrics["evalRewardMargin"] > 0
+
+    # The published model, against the base as reference, by plain forward passes.
+    out = tmp_path / "model"
+    download(ws, "out/", out)
+    policy = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference, tokenizer = load_base(ws, tmp_path / "base")
+    accuracy = preference_accuracy(policy, reference, tokenizer, held_out)
+    assert accuracy == pytest.approx(result.summary.metrics["evalPreferenceAccuracy"], abs=1 / 64 + 1e-9)
+    assert accuracy > 0.6
