@@ -161,6 +161,36 @@ def instruction_dataset(rows: int, offset: int = 0) -> list[dict[str, Any]]:
     return examples
 
 
+# Preference pairs with a learnable rule: the chosen answer names a thing of the kind the prompt asks for,
+# the rejected one a thing of another kind.
+PREFERENCE_KINDS = {
+    "number": ["one", "two", "three", "four", "five"],
+    "color": ["red", "green", "blue", "yellow", "black"],
+    "animal": ["cat", "dog", "bird", "fish"],
+    "place": ["river", "mountain", "city", "country"],
+}
+
+
+def preference_dataset(seed: int = 11) -> list[dict[str, str]]:
+    """All 242 (prompt, chosen, rejected) pairs of the rule above, shuffled by ``seed``: slices of it share
+    no pair."""
+    import random
+
+    triples = [
+        (kind, good, bad)
+        for kind, words in PREFERENCE_KINDS.items()
+        for good in words
+        for other, wrong in PREFERENCE_KINDS.items()
+        if other != kind
+        for bad in wrong
+    ]
+    random.Random(seed).shuffle(triples)
+    return [
+        {"prompt": f"Name a {kind}:", "chosen": f" {good}", "rejected": f" {bad}"}
+        for kind, good, bad in triples
+    ]
+
+
 def to_jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 

@@ -196,6 +196,7 @@ def now_utc() -> datetime:
 
 def describe(job: dict[str, Any], now: datetime, width: int = 80, color: bool = False) -> str:
     status = obj_at(job, "status") or {}
+    preferences = _preferences_line(job)  # DPO only
     lines = [
         f"Name:         {name_of(job)}",
         f"Namespace:    {text_at(job, 'metadata', 'namespace') or NONE}",
@@ -207,6 +208,7 @@ def describe(job: dict[str, Any], now: datetime, width: int = 80, color: bool = 
         f"Output:       {text_at(job, 'spec', 'output', 'uri') or NONE}",
         f"Progress:     {_progress_line(job)}",
         f"Metrics:      {_metrics_line(job)}",
+        *([f"Preferences:  {preferences}"] if preferences != NONE else []),
         f"Started:      {text_at(status, 'startTime') or NONE}",
         f"Completed:    {text_at(status, 'completionTime') or NONE}",
         f"Restarts:     {int(number_at(status, 'restarts') or 0)}",
@@ -278,6 +280,24 @@ def _metrics_line(job: dict[str, Any]) -> str:
         parts.append(
             f"best eval {best:.4g}" + (f" at step {int(best_step)}" if best_step is not None else "")
         )
+    return ", ".join(parts) or NONE
+
+
+def _preferences_line(job: dict[str, Any]) -> str:
+    """DPO's metrics: reward margin and preference accuracy (train, eval), the answers' log-probabilities."""
+    names = [
+        ("rewardMargin", "reward margin"),
+        ("preferenceAccuracy", "accuracy"),
+        ("evalRewardMargin", "eval margin"),
+        ("evalPreferenceAccuracy", "eval accuracy"),
+        ("chosenLogps", "logp chosen"),
+        ("rejectedLogps", "rejected"),
+    ]
+    parts = [
+        f"{label} {value:.4g}"
+        for key, label in names
+        if (value := number_at(job, "status", "metrics", key)) is not None
+    ]
     return ", ".join(parts) or NONE
 
 

@@ -31,9 +31,15 @@ class SecretRef(_Model):
     name: str
 
 
+class AdapterRef(_Model):
+    uri: str
+    sha256: str | None = None
+
+
 class BaseModelSpec(_Model):
     uri: str
     credentials_secret_ref: SecretRef | None = None
+    adapter: AdapterRef | None = None  # a PEFT adapter to start from
 
 
 class DatasetSpec(_Model):
@@ -51,6 +57,12 @@ class LoraSpec(_Model):
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
+
+
+class DpoSpec(_Model):
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    parameters: str = "LoRA"  # LoRA | Full
 
 
 class HyperparametersSpec(_Model):
@@ -132,6 +144,7 @@ class FineTuneJobSpec(_Model):
     dataset: DatasetSpec
     method: str
     lora: LoraSpec | None = None
+    dpo: DpoSpec | None = None
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
     output: OutputSpec
     s3: S3Spec = Field(default_factory=S3Spec)
@@ -149,6 +162,13 @@ class FineTuneJobSpec(_Model):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     dry_run: bool = False
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+
+    @property
+    def weights_method(self) -> str:
+        """LoRA, QLoRA or Full: what trains and what is published (DPO trains LoRA adapters or Full)."""
+        if self.method == "DPO":
+            return (self.dpo or DpoSpec()).parameters
+        return self.method
 
 
 # --- status -----------------------------------------------------------------------------------------------
@@ -184,6 +204,13 @@ class TrainingMetrics(_Model):
     best_eval_loss: float | None = None
     best_step: int | None = None
     eval_token_accuracy: float | None = None
+    # method DPO
+    reward_margin: float | None = None
+    preference_accuracy: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
 
 
 class SelectedStep(_Model):

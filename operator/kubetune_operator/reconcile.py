@@ -763,6 +763,12 @@ def _apply_sample(st: _Status, sample: TrainerSample) -> None:
         best_eval_loss=_sig(sample.best_eval_loss, old_metrics.best_eval_loss),
         best_step=_int(sample.best_step, old_metrics.best_step),
         eval_token_accuracy=_share(sample.eval_token_accuracy, old_metrics.eval_token_accuracy),
+        reward_margin=_sig(sample.reward_margin, old_metrics.reward_margin),
+        preference_accuracy=_sig(sample.preference_accuracy, old_metrics.preference_accuracy),
+        chosen_logps=_sig(sample.chosen_logps, old_metrics.chosen_logps),
+        rejected_logps=_sig(sample.rejected_logps, old_metrics.rejected_logps),
+        eval_reward_margin=_sig(sample.eval_reward_margin, old_metrics.eval_reward_margin),
+        eval_preference_accuracy=_sig(sample.eval_preference_accuracy, old_metrics.eval_preference_accuracy),
     )
     st.fields["history"] = history.add_sample(
         st.old.history, _int(sample.step, None), sample.train_loss, sample.eval_loss, sample.learning_rate
@@ -785,7 +791,7 @@ def _succeed(st: _Status, job: FineTuneJob, spec: FineTuneJobSpec, trainer_job: 
     completed = str((trainer_job.get("status") or {}).get("completionTime") or st.now)
     _record_times(st, trainer_job, pod, completed)
     st.fields["restarts"] = max(st.old.restarts or 0, observed.job_failed_count(trainer_job))
-    kind = "adapter" if spec.method in contract.ADAPTER_METHODS else "model"
+    kind = "adapter" if spec.weights_method in contract.ADAPTER_METHODS else "model"
     if record is None:
         _finish_failed(
             st,
@@ -924,6 +930,12 @@ def _apply_summary(st: _Status, summary: TerminationSummary, *, finished: bool) 
             best_eval_loss=m.get("bestEvalLoss"),
             best_step=m.get("bestStep"),
             eval_token_accuracy=m.get("evalTokenAccuracy"),
+            reward_margin=m.get("rewardMargin"),
+            preference_accuracy=m.get("preferenceAccuracy"),
+            chosen_logps=m.get("chosenLogps"),
+            rejected_logps=m.get("rejectedLogps"),
+            eval_reward_margin=m.get("evalRewardMargin"),
+            eval_preference_accuracy=m.get("evalPreferenceAccuracy"),
         ),
     )
     if finished:

@@ -27,6 +27,12 @@ class TrainerSample:
     trained_tokens: float | None = None
     eta_seconds: float | None = None
     eval_token_accuracy: float | None = None
+    reward_margin: float | None = None
+    preference_accuracy: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
 
 
 _METRIC_FIELDS: dict[str, str] = {
@@ -43,6 +49,12 @@ _METRIC_FIELDS: dict[str, str] = {
     contract.METRIC_TRAINED_TOKENS: "trained_tokens",
     contract.METRIC_ETA_SECONDS: "eta_seconds",
     contract.METRIC_EVAL_TOKEN_ACCURACY: "eval_token_accuracy",
+    contract.METRIC_REWARD_MARGIN: "reward_margin",
+    contract.METRIC_PREFERENCE_ACCURACY: "preference_accuracy",
+    contract.METRIC_CHOSEN_LOGPS: "chosen_logps",
+    contract.METRIC_REJECTED_LOGPS: "rejected_logps",
+    contract.METRIC_EVAL_REWARD_MARGIN: "eval_reward_margin",
+    contract.METRIC_EVAL_PREFERENCE_ACCURACY: "eval_preference_accuracy",
 }
 assert set(_METRIC_FIELDS.values()) == {f.name for f in fields(TrainerSample)}
 

@@ -33,11 +33,31 @@ def validate(job: FineTuneJob) -> list[str]:
         )
     if spec.method not in contract.METHODS:
         problems.append(f"spec.method: {spec.method!r} is not one of {', '.join(contract.METHODS)}")
-    if spec.lora is not None and spec.method not in contract.ADAPTER_METHODS:
+    if spec.lora is not None and spec.weights_method not in contract.ADAPTER_METHODS:
         problems.append(
-            "spec.lora: only allowed with the adapter methods (LoRA, QLoRA); remove the lora block or set "
-            "method: LoRA"
+            "spec.lora: only allowed with the adapter methods (LoRA, QLoRA, DPO on LoRA); remove the lora "
+            "block or set method: LoRA"
         )
+    if spec.dpo is not None and spec.method not in contract.PREFERENCE_METHODS:
+        problems.append("spec.dpo: only allowed with method DPO; remove the dpo block or set method: DPO")
+    if spec.dpo is not None and spec.dpo.parameters not in contract.DPO_PARAMETERS:
+        problems.append(
+            f"spec.dpo.parameters: {spec.dpo.parameters!r} is not one of {', '.join(contract.DPO_PARAMETERS)}"
+        )
+    preference = spec.method in contract.PREFERENCE_METHODS
+    if spec.dataset.format != "Auto" and preference != (spec.dataset.format == "Preference"):
+        problems.append(
+            f"spec.dataset.format: {spec.dataset.format} does not go with method {spec.method}: DPO reads "
+            "preference pairs (format Auto or Preference), the other methods any other format"
+        )
+    adapter = spec.base_model.adapter
+    if adapter is not None and spec.weights_method not in contract.ADAPTER_METHODS:
+        problems.append(
+            f"spec.baseModel.adapter: method {spec.method} trains {spec.weights_method} weights, not "
+            "adapters; remove baseModel.adapter or use LoRA, QLoRA or DPO on LoRA"
+        )
+    if adapter is not None and not adapter.uri.startswith("s3://"):
+        problems.append(f"spec.baseModel.adapter.uri: {adapter.uri!r} must be an s3:// prefix")
     checkpointing = spec.hyperparameters.activation_checkpointing
     if checkpointing not in contract.ACTIVATION_CHECKPOINTING_SETTINGS:
         problems.append(

@@ -111,6 +111,19 @@ def test_describe_shows_conditions_adapter_and_the_loss_chart() -> None:
     assert "* train loss   o eval loss" in text
 
 
+def test_describe_shows_the_preference_metrics_of_a_dpo_job_only() -> None:
+    dpo = make_job(
+        metrics={"trainLoss": 0.41, "rewardMargin": 1.25, "preferenceAccuracy": 0.9, "evalRewardMargin": 1.1,
+                 "evalPreferenceAccuracy": 0.875, "chosenLogps": -12.5, "rejectedLogps": -20.25}
+    )  # fmt: skip
+    text = job_view.describe(dpo, NOW)
+    assert (
+        "Preferences:  reward margin 1.25, accuracy 0.9, eval margin 1.1, eval accuracy 0.875, "
+        "logp chosen -12.5, rejected -20.25"
+    ) in text
+    assert "Preferences:" not in job_view.describe(make_job(metrics={"trainLoss": 1.0}), NOW)
+
+
 @pytest.mark.parametrize(
     "status",
     [

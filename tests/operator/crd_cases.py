@@ -142,9 +142,88 @@ CASES: list[CrdCase] = [
     CrdCase(
         "lora-block-with-full-method",
         {"spec.lora": {"r": 8}},
-        "spec.lora is allowed only when spec.method is LoRA or QLoRA",
+        "spec.lora is allowed only when spec.method is LoRA, QLoRA or DPO on LoRA adapters",
         field="spec",
         base="full",
+    ),
+    # DPO: preference tuning on LoRA adapters (lora block allowed) or Full (no lora block); dpo only with DPO
+    CrdCase("dpo-on-lora-with-lora-block", {"spec.method": "DPO", "spec.dpo": {"beta": 0.2}}),
+    CrdCase("dpo-without-dpo-block", {"spec.method": "DPO", "spec.dataset.format": "Preference"}),
+    CrdCase(
+        "dpo-full-without-lora-block",
+        {"spec.method": "DPO", "spec.lora": None, "spec.dpo": {"parameters": "Full", "labelSmoothing": 0.1}},
+    ),
+    CrdCase(
+        "dpo-full-with-lora-block",
+        {"spec.method": "DPO", "spec.dpo": {"parameters": "Full"}},
+        "spec.lora is allowed only when spec.method is LoRA, QLoRA or DPO on LoRA adapters",
+        field="spec",
+    ),
+    CrdCase(
+        "dpo-block-with-lora-method",
+        {"spec.dpo": {"beta": 0.1}},
+        "spec.dpo is allowed only when spec.method is DPO",
+        field="spec",
+    ),
+    CrdCase(
+        "dpo-beta-zero",
+        {"spec.method": "DPO", "spec.dpo": {"beta": 0}},
+        "greater than 0",
+        "spec.dpo.beta",
+        "minimum",
+    ),
+    CrdCase(
+        "dpo-label-smoothing-half",
+        {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0.5}},
+        "spec.dpo.labelSmoothing must be less than 0.5",
+        field="spec.dpo.labelSmoothing",
+    ),
+    CrdCase("dpo-label-smoothing-zero", {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0}}),
+    CrdCase("dpo-label-smoothing-fraction", {"spec.method": "DPO", "spec.dpo": {"labelSmoothing": 0.25}}),
+    CrdCase(
+        "dpo-parameters-unknown",
+        {"spec.method": "DPO", "spec.dpo": {"parameters": "QLoRA"}},
+        "supported values",
+        "spec.dpo.parameters",
+        "enum",
+    ),
+    CrdCase(
+        "dpo-on-messages",
+        {"spec.method": "DPO", "spec.dataset.format": "Messages"},
+        "spec.dataset.format Preference goes with spec.method DPO",
+        field="spec",
+    ),
+    CrdCase(
+        "lora-on-preference-pairs",
+        {"spec.dataset.format": "Preference"},
+        "spec.dataset.format Preference goes with spec.method DPO",
+        field="spec",
+    ),
+    # baseModel.adapter: an S3 prefix (optional digest), only where adapters train
+    CrdCase(
+        "start-adapter-with-lora",
+        {"spec.baseModel.adapter": {"uri": "s3://adapters/sft/", "sha256": "ab" * 32}},
+    ),
+    CrdCase("start-adapter-with-dpo", {"spec.method": "DPO", "spec.baseModel.adapter": {"uri": "s3://adapters/sft/"}}),
+    CrdCase(
+        "start-adapter-with-full",
+        {"spec.baseModel.adapter": {"uri": "s3://adapters/sft/"}},
+        "spec.baseModel.adapter needs a method that trains adapters",
+        field="spec",
+        base="full",
+    ),
+    CrdCase(
+        "start-adapter-not-s3",
+        {"spec.baseModel.adapter": {"uri": "hf://org/adapter"}},
+        "spec.baseModel.adapter.uri must be an S3 prefix",
+        field="spec.baseModel.adapter.uri",
+    ),
+    CrdCase(
+        "start-adapter-bad-digest",
+        {"spec.baseModel.adapter": {"uri": "s3://adapters/sft/", "sha256": "ABC"}},
+        "should match",
+        "spec.baseModel.adapter.sha256",
+        "pattern",
     ),
     # exactly one of epochs / maxSteps
     CrdCase(
@@ -509,6 +588,13 @@ CASES: list[CrdCase] = [
         "spec.dataset is immutable: " + IMMUTABLE,
         field="spec.dataset",
         update={"spec.dataset.columnMap": {"prompt": "question"}},
+    ),
+    CrdCase(
+        "update-dpo-beta",
+        {"spec.method": "DPO", "spec.dpo": {"beta": 0.1}},
+        "spec.dpo is immutable: it defines the training run; " + IMMUTABLE,
+        field="spec",
+        update={"spec.dpo.beta": 0.3},
     ),
     CrdCase(
         "update-method",

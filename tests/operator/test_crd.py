@@ -184,7 +184,8 @@ def test_immutable_run_fields_have_transition_rules_and_the_rest_stay_mutable() 
             "message": f"spec.{name} is immutable: create a new FineTuneJob instead",
         } in rules
     spec_level = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
-    assert spec_level == [
+    assert sorted(spec_level) == [
+        "has(self.dpo) == has(oldSelf.dpo) && (!has(self.dpo) || self.dpo == oldSelf.dpo)",
         "has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora)",
         "has(self.validation) == has(oldSelf.validation) && (!has(self.validation) || self.validation =="
         " oldSelf.validation)",
@@ -218,7 +219,7 @@ def test_spec_and_status_fields_are_the_agreed_ones() -> None:
     props = version_schema()["properties"]
     spec, status = props["spec"]["properties"], props["status"]["properties"]
     assert set(spec) == {
-        "baseModel", "dataset", "method", "lora", "hyperparameters", "output", "s3", "resources",
+        "baseModel", "dataset", "method", "lora", "dpo", "hyperparameters", "output", "s3", "resources",
         "checkpointing", "suspend", "activeDeadlineSeconds", "backoffLimit", "schedulingTimeoutSeconds",
         "progressDeadlineSeconds", "startupDeadlineSeconds", "peerTimeoutSeconds",
             "ttlSecondsAfterFinished",
@@ -311,7 +312,13 @@ def test_duplicate_env_names_are_rejected() -> None:
 # --- the examples -------------------------------------------------------------------------------------------
 
 EXAMPLES = crd_helpers.load_examples()
-REQUIRED_EXAMPLES = {"lora-s3.yaml", "full-sft.yaml", "with-validation.yaml", "suspended-kueue.yaml"}
+REQUIRED_EXAMPLES = {
+    "lora-s3.yaml",
+    "full-sft.yaml",
+    "with-validation.yaml",
+    "suspended-kueue.yaml",
+    "sft-then-dpo.yaml",
+}
 
 
 def _jobs(file_name: str) -> list[dict[str, Any]]:
@@ -329,6 +336,10 @@ def test_the_required_examples_exist_and_show_what_they_are_named_for() -> None:
     assert "validation" in dataset or "validationSplit" in dataset
     (suspended,) = _jobs("suspended-kueue.yaml")
     assert suspended["spec"]["suspend"] is True and suspended["spec"]["queueName"]
+    sft, dpo = _jobs("sft-then-dpo.yaml")
+    assert sft["spec"]["method"] == "LoRA" and dpo["spec"]["method"] == "DPO"
+    assert dpo["spec"]["baseModel"]["adapter"]["uri"] == sft["spec"]["output"]["uri"]
+    assert dpo["spec"]["baseModel"]["uri"] == sft["spec"]["baseModel"]["uri"]
 
 
 @pytest.mark.parametrize("file_name", sorted(EXAMPLES))

@@ -328,6 +328,41 @@ def test_qlora_renders_its_lora_block_and_no_merged_model(config: OperatorConfig
     assert rendered.output.merge_adapter is False  # nothing to merge a 4-bit base into
 
 
+def test_dpo_renders_its_block_the_lora_block_and_the_start_adapter(config: OperatorConfig) -> None:
+    from kubetune_trainer.config import validate
+
+    job = job_for(
+        method="DPO",
+        dpo={"beta": 0.2, "labelSmoothing": 0.1},
+        lora={"r": 8, "alpha": 16},
+        baseModel={"uri": "s3://models/m/", "adapter": {"uri": "s3://adapters/sft/", "sha256": "ab" * 32}},
+        dataset={"train": "s3://d/prefs.jsonl", "format": "Preference"},
+        output={"uri": "s3://adapters/dpo/", "mergeAdapter": True},
+    )
+    rendered = render_trainer_config(job, config)
+    assert rendered.method == "DPO" and rendered.weights_method == "LoRA"
+    assert rendered.dpo == contract.DpoConfig(beta=0.2, label_smoothing=0.1, parameters="LoRA")
+    assert rendered.lora == contract.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=None)
+    assert rendered.adapter == contract.StartAdapter(uri="s3://adapters/sft/", sha256="ab" * 32)
+    assert rendered.output.merge_adapter is True
+    assert validate(contract.TrainerConfig.from_json(rendered.to_json())) == []
+    # Defaults: the dpo block omitted still reaches the trainer with the CRD's defaults.
+    plain = render_trainer_config(job_for(method="DPO"), config)
+    assert plain.dpo == contract.DpoConfig() and plain.lora == contract.LoraConfig()
+    assert plain.adapter is None
+
+
+def test_dpo_on_full_weights_renders_no_lora_and_no_merge(config: OperatorConfig) -> None:
+    from kubetune_trainer.config import validate
+
+    output = {"uri": "s3://models/dpo/", "mergeAdapter": True}
+    job = job_for(method="DPO", dpo={"parameters": "Full"}, output=output)
+    rendered = render_trainer_config(job, config)
+    assert rendered.lora is None and rendered.weights_method == "Full"
+    assert rendered.output.merge_adapter is False
+    assert validate(rendered) == []
+
+
 def test_activation_checkpointing_is_rendered_with_its_default(config: OperatorConfig) -> None:
     assert render_trainer_config(job_for(), config).hyperparameters.activation_checkpointing == "Auto"
     hp = {"epochs": 1, "activationCheckpointing": "Always"}

@@ -41,6 +41,39 @@ def test_contract_gauges_are_read_from_prometheus_text() -> None:
     )
 
 
+def test_dpo_gauges_are_read_from_prometheus_text() -> None:
+    text = metrics_text(
+        **{
+            contract.METRIC_STEP: 12,
+            contract.METRIC_REWARD_MARGIN: 0.75,
+            contract.METRIC_PREFERENCE_ACCURACY: 0.875,
+            contract.METRIC_CHOSEN_LOGPS: -10.5,
+            contract.METRIC_REJECTED_LOGPS: -14.25,
+            contract.METRIC_EVAL_REWARD_MARGIN: 0.5,
+            contract.METRIC_EVAL_PREFERENCE_ACCURACY: 0.8125,
+        }
+    )
+    assert parse_trainer_metrics(text) == TrainerSample(
+        step=12,
+        reward_margin=0.75,
+        preference_accuracy=0.875,
+        chosen_logps=-10.5,
+        rejected_logps=-14.25,
+        eval_reward_margin=0.5,
+        eval_preference_accuracy=0.8125,
+    )
+
+
+def test_the_trainers_gauges_are_the_ones_the_operator_reads() -> None:
+    from kubetune_trainer.metrics import GAUGES, Metrics
+
+    trainer = Metrics()
+    trainer.set(**{key: index + 1.5 for index, key in enumerate(GAUGES)})
+    sample = parse_trainer_metrics(generate_latest(trainer.registry).decode())
+    expected = {key: index + 1.5 for index, key in enumerate(GAUGES)}
+    assert {key: getattr(sample, key) for key in GAUGES} == expected
+
+
 def test_nan_means_not_reported() -> None:
     text = metrics_text(**{contract.METRIC_EVAL_LOSS: math.nan, contract.METRIC_STEP: 3})
     sample = parse_trainer_metrics(text)

@@ -65,7 +65,7 @@ def test_status_round_trips_in_camel_case_without_nulls() -> None:
 @pytest.mark.parametrize(
     ("overrides", "problem"),
     [
-        ({"method": "Full"}, "spec.lora: only allowed with the adapter methods (LoRA, QLoRA)"),
+        ({"method": "Full"}, "spec.lora: only allowed with the adapter methods (LoRA, QLoRA, DPO on LoRA)"),
         ({"hyperparameters": {"epochs": 1, "maxSteps": 5}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {}}, "set exactly one of epochs or maxSteps"),
         ({"hyperparameters": {"epochs": 1, "batchTokens": 4096, "microBatchSize": 4}}, "use one style"),
@@ -79,6 +79,27 @@ def test_status_round_trips_in_camel_case_without_nulls() -> None:
         ({"baseModel": {"uri": "pvc://Model_Store/llama"}}, "must name a PersistentVolumeClaim"),
         ({"output": {"uri": "s3://out/no-slash"}}, "spec.output.uri"),
         ({"checkpointing": {"everySteps": 10, "everyMinutes": 5}}, "set everySteps or everyMinutes"),
+        ({"dpo": {"beta": 0.1}}, "spec.dpo: only allowed with method DPO"),
+        (
+            {"method": "DPO", "dpo": {"parameters": "QLoRA"}},
+            "spec.dpo.parameters: 'QLoRA' is not one of LoRA, Full",
+        ),
+        (
+            {"method": "DPO", "dataset": {"train": "s3://d/t.jsonl", "format": "Messages"}},
+            "spec.dataset.format: Messages does not go with method DPO",
+        ),
+        (
+            {"dataset": {"train": "s3://d/t.jsonl", "format": "Preference"}},
+            "spec.dataset.format: Preference does not go with method LoRA",
+        ),
+        (
+            {"method": "Full", "baseModel": {"uri": "s3://m/x/", "adapter": {"uri": "s3://a/sft/"}}},
+            "spec.baseModel.adapter: method Full trains Full weights, not adapters",
+        ),
+        (
+            {"method": "DPO", "baseModel": {"uri": "s3://m/x/", "adapter": {"uri": "hf://a/sft"}}},
+            "spec.baseModel.adapter.uri: 'hf://a/sft' must be an s3:// prefix",
+        ),
     ],
 )
 def test_validation_names_field_and_fix(overrides: dict[str, object], problem: str) -> None:
@@ -91,6 +112,10 @@ def test_validation_names_field_and_fix(overrides: dict[str, object], problem: s
 
 def test_valid_spec_has_no_problems_and_long_names_are_rejected() -> None:
     assert validate(parse(make_job())) == []
+    start = {"uri": "s3://adapters/sft/", "sha256": "ab" * 32}
+    base = {"uri": "s3://models/llama-3.2-1b/", "adapter": start}
+    assert validate(parse(make_job(method="DPO", dpo={"beta": 0.2}, baseModel=base))) == []
+    assert validate(parse(make_job(method="DPO", dpo={"parameters": "Full"}))) == []
     long_name = "n" * 55
     assert any("at most 54" in p for p in validate(parse(make_job(long_name))))
     assert validate(parse(make_job("n" * 54))) == []

@@ -129,7 +129,7 @@ CASES = [
             "Reconciling": (F, "InvalidSpec"),
         },
         events=["InvalidSpec"],
-        message_has="spec.lora: only allowed with the adapter methods (LoRA, QLoRA)",
+        message_has="spec.lora: only allowed with the adapter methods (LoRA, QLoRA, DPO on LoRA)",
     ),
     Case(
         "Kueue admits the queued Job -> Suspended=False Admitted",
@@ -719,6 +719,56 @@ def test_full_fine_tune_records_the_model(config: OperatorConfig) -> None:
     assert outcome.status.adapter is None
     assert outcome.status.model is not None and outcome.status.model.uri == "s3://models/out/"
     assert outcome.status.message == "model written to s3://models/out/"
+
+
+DPO_METRICS = {
+    "trainLoss": 0.41,
+    "rewardMargin": 1.25,
+    "preferenceAccuracy": 0.9,
+    "chosenLogps": -12.5,
+    "rejectedLogps": -20.25,
+    "evalRewardMargin": 1.1,
+    "evalPreferenceAccuracy": 0.875,
+}
+
+
+@pytest.mark.parametrize(("parameters", "kind"), [("LoRA", "adapter"), ("Full", "model")])
+def test_dpo_records_its_result_and_preference_metrics(
+    config: OperatorConfig, parameters: str, kind: str
+) -> None:
+    done = observed_children(
+        trainer_job=make_trainer_job(succeeded=1, conditions=[job_condition("Complete")]),
+        pods=[make_pod(phase="Succeeded", terminated=terminated(0, _summary_with(metrics=DPO_METRICS)))],
+    )
+    job = make_job(method="DPO", dpo={"beta": 0.1, "parameters": parameters})
+    _, outcome = chain(job, [CREATED, done], config)
+    status = outcome.status
+    assert getattr(status, kind) is not None and getattr(status, kind).uri == "s3://adapters/support-bot/"
+    assert getattr(status, "model" if kind == "adapter" else "adapter") is None
+    assert status.message == f"{kind} written to s3://adapters/support-bot/"
+    assert status.metrics is not None
+    assert status.metrics.model_dump(by_alias=True, exclude_none=True) == DPO_METRICS
+
+
+def test_dpo_metrics_come_from_the_scrape_while_training(config: OperatorConfig) -> None:
+    sample = TrainerSample(
+        step=10,
+        total_steps=40,
+        train_loss=0.6,
+        reward_margin=0.31,
+        preference_accuracy=0.75,
+        chosen_logps=-9.5,
+        rejected_logps=-11.0,
+        eval_reward_margin=0.2,
+        eval_preference_accuracy=0.625,
+    )
+    seen = observed_children(trainer_job=make_trainer_job(active=1), pods=[RUNNING_POD], sample=sample)
+    _, outcome = chain(make_job(method="DPO"), [CREATED, seen], config)
+    metrics = outcome.status.metrics
+    assert metrics is not None
+    assert (metrics.reward_margin, metrics.preference_accuracy) == (0.31, 0.75)
+    assert (metrics.chosen_logps, metrics.rejected_logps) == (-9.5, -11.0)
+    assert (metrics.eval_reward_margin, metrics.eval_preference_accuracy) == (0.2, 0.625)
 
 
 def _complete(*pods: Obj) -> Observed:

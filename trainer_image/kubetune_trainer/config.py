@@ -11,7 +11,9 @@ from kubetune_trainer.contract import (
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_DIR,
     CONFIG_PATH_ENV,
+    DPO_PARAMETERS,
     METHODS,
+    PREFERENCE_METHODS,
     SELECT_POLICIES,
     TEXT_MODES,
     TrainerConfig,
@@ -19,7 +21,7 @@ from kubetune_trainer.contract import (
 )
 from kubetune_trainer.errors import TrainerError
 
-FORMATS = ("Auto", "Messages", "PromptCompletion", "Alpaca", "ShareGPT", "Text")
+FORMATS = ("Auto", "Messages", "PromptCompletion", "Alpaca", "ShareGPT", "Text", "Preference")
 SCHEDULERS = ("Cosine", "Linear", "Constant")
 TRAIN_ON = ("Completions", "All")
 MODEL_SCHEMES = ("s3://", "hf://", "pvc://", "/")
@@ -65,10 +67,38 @@ def validate(config: TrainerConfig) -> list[str]:
         f"baseModel {config.base_model!r} must start with s3://, hf://, pvc:// or be an absolute path",
     )
     need(config.method in METHODS, f"method {config.method!r} must be one of {', '.join(METHODS)}")
+    weights = config.weights_method
     need(
-        config.lora is None or config.method in ADAPTER_METHODS,
-        f"lora is allowed only with the adapter methods ({', '.join(ADAPTER_METHODS)})",
+        config.lora is None or weights in ADAPTER_METHODS,
+        f"lora is allowed only with the adapter methods ({', '.join(ADAPTER_METHODS)}) and DPO on LoRA",
     )
+    preference = config.method in PREFERENCE_METHODS
+    need(config.dpo is None or preference, "dpo is allowed only with method DPO")
+    if config.dpo is not None:
+        need(config.dpo.beta > 0, f"dpo.beta must be > 0, got {config.dpo.beta}")
+        need(
+            0 <= config.dpo.label_smoothing < 0.5,
+            f"dpo.labelSmoothing must be in [0, 0.5), got {config.dpo.label_smoothing}",
+        )
+        need(
+            config.dpo.parameters in DPO_PARAMETERS,
+            f"dpo.parameters {config.dpo.parameters!r} must be one of {', '.join(DPO_PARAMETERS)}",
+        )
+    if config.adapter is not None:
+        need(
+            config.adapter.uri.startswith("s3://") and len(config.adapter.uri) > len("s3://x/"),
+            f"baseModel.adapter.uri {config.adapter.uri!r} must be an s3:// prefix holding a PEFT adapter",
+        )
+        need(
+            weights in ADAPTER_METHODS,
+            f"baseModel.adapter needs adapters to train: method {config.method} trains "
+            f"{weights} weights; use LoRA, QLoRA or DPO on LoRA",
+        )
+        digest = config.adapter.sha256
+        need(
+            digest is None or (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)),
+            f"baseModel.adapter.sha256 {digest!r} must be 64 lowercase hex digits",
+        )
     if config.lora is not None:
         need(config.lora.r >= 1, f"lora.r must be >= 1, got {config.lora.r}")
         need(config.lora.alpha > 0, f"lora.alpha must be > 0, got {config.lora.alpha}")
@@ -89,6 +119,14 @@ def validate(config: TrainerConfig) -> list[str]:
         f"dataset.validationSplit must be in (0, 0.5), got {data.validation_split}",
     )
     need(data.format in FORMATS, f"dataset.format {data.format!r} must be one of {', '.join(FORMATS)}")
+    need(
+        data.format in ("Auto", "Preference") or not preference,
+        f"method DPO reads preference pairs: dataset.format must be Auto or Preference, got {data.format!r}",
+    )
+    need(
+        data.format != "Preference" or preference,
+        "dataset.format Preference holds preference pairs, which only method DPO trains on",
+    )
     need(
         16 <= data.max_seq_length <= 131072,
         f"dataset.maxSeqLength must be in [16, 131072], got {data.max_seq_length}",
@@ -151,7 +189,7 @@ def validate(config: TrainerConfig) -> list[str]:
         out.uri.startswith("s3://") and out.uri.endswith("/") and len(out.uri) > len("s3://x/"),
         f"output.uri {out.uri!r} must be an s3:// prefix ending in '/', e.g. s3://adapters/my-job/",
     )
-    need(not (out.merge_adapter and config.method != "LoRA"), "output.mergeAdapter applies only to LoRA")
+    need(not (out.merge_adapter and weights != "LoRA"), "output.mergeAdapter applies only to LoRA adapters")
     need(
         out.select in SELECT_POLICIES,
         f"output.select {out.select!r} must be one of {', '.join(SELECT_POLICIES)}",

@@ -54,11 +54,24 @@ METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
 METRIC_TRAINED_TOKENS = "kubetune_trainer_trained_tokens"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
 METRIC_EVAL_TOKEN_ACCURACY = "kubetune_trainer_eval_token_accuracy"
+# Preference tuning (method DPO) only.
+METRIC_REWARD_MARGIN = "kubetune_trainer_reward_margin"
+METRIC_PREFERENCE_ACCURACY = "kubetune_trainer_preference_accuracy"
+METRIC_CHOSEN_LOGPS = "kubetune_trainer_chosen_logps"
+METRIC_REJECTED_LOGPS = "kubetune_trainer_rejected_logps"
+METRIC_EVAL_REWARD_MARGIN = "kubetune_trainer_eval_reward_margin"
+METRIC_EVAL_PREFERENCE_ACCURACY = "kubetune_trainer_eval_preference_accuracy"
 
 # Training methods. The adapter methods train LoRA adapters on a frozen base (QLoRA: a 4-bit NF4 base) and
 # publish the adapter; Full trains every weight and publishes the model.
 ADAPTER_METHODS = ("LoRA", "QLoRA")
-METHODS = (*ADAPTER_METHODS, "Full")
+# DPO is preference tuning: it trains LoRA adapters (dpo.parameters: LoRA, the default) or every weight
+# (dpo.parameters: Full) to prefer each pair's chosen answer over its rejected one, relative to the model it
+# starts from.
+PREFERENCE_METHODS = ("DPO",)
+METHODS = (*ADAPTER_METHODS, "Full", *PREFERENCE_METHODS)
+# dpo.parameters: which weights preference tuning trains.
+DPO_PARAMETERS = ("LoRA", "Full")
 # hyperparameters.activationCheckpointing: Auto follows the memory plan.
 ACTIVATION_CHECKPOINTING_SETTINGS = ("Auto", "Always", "Never")
 # output.select: which weights are published. Last: those after the last step; BestEval: those of the
@@ -261,6 +274,22 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    beta: float = 0.1  # strength of the pull towards the reference model (higher: stay closer to it)
+    label_smoothing: float = 0.0  # assumed fraction of pairs whose preference is wrong (conservative DPO)
+    parameters: str = "LoRA"  # LoRA (adapters, the lora block applies) | Full (every weight)
+
+
+@dataclass(frozen=True)
+class StartAdapter:
+    """A PEFT adapter (an S3 prefix holding adapter_config.json and adapter_model.safetensors) that training
+    starts from: SFT continues it, DPO starts its policy from it and takes it as the reference."""
+
+    uri: str = ""
+    sha256: str | None = None  # of adapter_model.safetensors, checked when given
+
+
+@dataclass(frozen=True)
 class Hyperparameters:
     epochs: float | None = None  # exclusive with max_steps; one of them is set after defaulting
     max_steps: int | None = None
@@ -318,8 +347,10 @@ class TrainerConfig:
     version: int = CONTRACT_VERSION
     job: JobRef = field(default_factory=JobRef)
     base_model: str = ""  # s3://bucket/prefix/, hf://org/name[@rev], pvc://claim/path or a local path
-    method: str = "LoRA"  # LoRA | QLoRA | Full
+    adapter: StartAdapter | None = None  # start from this adapter instead of fresh ones
+    method: str = "LoRA"  # LoRA | QLoRA | Full | DPO
     lora: LoraConfig | None = None
+    dpo: DpoConfig | None = None  # method DPO only
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -330,6 +361,14 @@ class TrainerConfig:
     # The GPU product the job asked for (the nodeSelector on nvidia.com/gpu.product, else the operator's
     # default): the validation pod plans memory and estimates time for it. None: the trainer's default.
     gpu_product: str | None = None
+
+    @property
+    def weights_method(self) -> str:
+        """How the weights train and publish: the method itself, or for DPO the method of the weights it
+        trains (LoRA adapters or Full)."""
+        if self.method in PREFERENCE_METHODS:
+            return (self.dpo or DpoConfig()).parameters
+        return self.method
 
     def to_json(self) -> str:
         return json.dumps(_to_json_dict(self), indent=2, sort_keys=True)

@@ -12,6 +12,11 @@ Formats (``Auto`` detects by keys, in this order):
     ShareGPT          {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}
     Alpaca            {"instruction": "...", "input": "...", "output": "..."}
     Text              {"text": "..."}
+    Preference        {"prompt": ..., "chosen": ..., "rejected": ...}            (strings, or message lists)
+                      {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
+
+Preference records (method DPO only) become a ``PreferenceRecord``: two records sharing the prompt, the loss
+on each side's answer.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune_trainer.contract import TrainerReason
+from kubetune_trainer.dpo import PreferenceExample
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.packing import IGNORE_INDEX, Example
 from kubetune_trainer.storage import FetchedObject, ObjectInfo, S3Uri, Storage
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
-AUTO_ORDER = ("Messages", "PromptCompletion", "ShareGPT", "Alpaca", "Text")
+AUTO_ORDER = ("Messages", "PromptCompletion", "ShareGPT", "Alpaca", "Text", "Preference")
 MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
 SHAREGPT_ROLES = {
     "system": "system",
@@ -82,9 +88,19 @@ class BadRecord(ValueError):
     """A record that cannot be used; the message says which field is wrong and how."""
 
 
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference pair: the same prompt answered the preferred way (``chosen``) and the other way."""
+
+    where: str
+    chosen: Record
+    rejected: Record
+
+
 @dataclass
 class ParseResult:
     records: list[Record] = field(default_factory=list)
+    pairs: list[PreferenceRecord] = field(default_factory=list)  # format Preference: records stays empty
     problems: list[tuple[str, str]] = field(default_factory=list)  # (where, what)
     format: str = ""
     detected_at: str = ""
@@ -202,12 +218,95 @@ def _parse_text(obj: dict[str, Any], column_map: dict[str, str]) -> Record:
     return Record("", segments=((_require_str(obj, "text"), True),))
 
 
-PARSERS: dict[str, Callable[[dict[str, Any], dict[str, str]], Record]] = {
+def _parse_preference(obj: dict[str, Any], column_map: dict[str, str]) -> PreferenceRecord:
+    """{"prompt", "chosen", "rejected"} (strings; or message lists, the prompt either given apart or the
+    shared prefix of both chats) or OpenAI's {"input": {"messages"}, "preferred_output",
+    "non_preferred_output"}."""
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        source = _field(obj, "input")
+        if not isinstance(source, dict):
+            raise BadRecord(f"'input' must be an object with 'messages', got {_type_name(source)}")
+        prompt = _messages(source, "messages", "role", "content", MESSAGE_ROLES, column_map)
+        chosen = _messages(obj, "preferred_output", "role", "content", MESSAGE_ROLES, column_map)
+        rejected = _messages(obj, "non_preferred_output", "role", "content", MESSAGE_ROLES, column_map)
+        return _preference_chats(prompt, chosen, rejected, ("preferred_output", "non_preferred_output"))
+    chosen_raw, rejected_raw = _field(obj, "chosen"), _field(obj, "rejected")
+    prompt_raw = obj.get("prompt")
+    if isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+        if not isinstance(prompt_raw, str):
+            raise BadRecord(
+                f"'prompt' must be a string when chosen and rejected are, got {_type_name(prompt_raw)}"
+            )
+        for key, answer in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+            if not answer.strip():
+                raise BadRecord(f"'{key}' is empty")
+        if chosen_raw == rejected_raw:
+            raise BadRecord(
+                "'chosen' and 'rejected' are identical; a pair must differ to say which is preferred"
+            )
+        return PreferenceRecord(
+            "",
+            Record("", segments=((prompt_raw, False), (chosen_raw, True))),
+            Record("", segments=((prompt_raw, False), (rejected_raw, True))),
+        )
+    if not (isinstance(chosen_raw, list) and isinstance(rejected_raw, list)):
+        raise BadRecord(
+            f"'chosen' and 'rejected' must both be strings or both be message lists, got "
+            f"{_type_name(chosen_raw)} and {_type_name(rejected_raw)}"
+        )
+    chosen = _messages(obj, "chosen", "role", "content", MESSAGE_ROLES, column_map)
+    rejected = _messages(obj, "rejected", "role", "content", MESSAGE_ROLES, column_map)
+    if prompt_raw is None:  # the prompt is what both chats share
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        return _preference_chats(chosen[:shared], chosen[shared:], rejected[shared:], ("chosen", "rejected"))
+    if not isinstance(prompt_raw, list):
+        raise BadRecord(
+            f"'prompt' must be a message list when chosen and rejected are, got {_type_name(prompt_raw)}"
+        )
+    prompt = _messages(obj, "prompt", "role", "content", MESSAGE_ROLES, column_map)
+    answers = []
+    for key, chat in (("chosen", chosen), ("rejected", rejected)):
+        if chat[: len(prompt)] == prompt:  # the whole chat, the prompt first
+            answers.append(chat[len(prompt) :])
+        elif chat[0][0] == "assistant":  # the answer alone
+            answers.append(chat)
+        else:
+            raise BadRecord(
+                f"'prompt' is not a prefix of '{key}': give '{key}' as the whole chat starting with the "
+                "prompt's messages, or as the assistant's answer alone"
+            )
+    return _preference_chats(prompt, answers[0], answers[1], ("chosen", "rejected"))
+
+
+def _preference_chats(
+    prompt: list[tuple[str, str]],
+    chosen: list[tuple[str, str]],
+    rejected: list[tuple[str, str]],
+    keys: tuple[str, str],
+) -> PreferenceRecord:
+    for key, answer in zip(keys, (chosen, rejected), strict=True):
+        if not answer or not any(role == "assistant" and content.strip() for role, content in answer):
+            raise BadRecord(f"'{key}' has no assistant answer after the prompt (an empty side)")
+    if chosen == rejected:
+        raise BadRecord(
+            f"'{keys[0]}' and '{keys[1]}' are identical; a pair must differ to say which is preferred"
+        )
+    return PreferenceRecord(
+        "",
+        Record("", turns=_conversation(prompt + chosen, trained_from=len(prompt))),
+        Record("", turns=_conversation(prompt + rejected, trained_from=len(prompt))),
+    )
+
+
+PARSERS: dict[str, Callable[[dict[str, Any], dict[str, str]], Record | PreferenceRecord]] = {
     "Messages": _parse_messages,
     "PromptCompletion": _parse_prompt_completion,
     "ShareGPT": _parse_sharegpt,
     "Alpaca": _parse_alpaca,
     "Text": _parse_text,
+    "Preference": _parse_preference,
 }
 
 # The keys that identify a format when ``format: Auto``.
@@ -217,6 +316,11 @@ SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
     "ShareGPT": ("conversations",),
     "Alpaca": ("instruction", "output"),
     "Text": ("text",),
+    "Preference": ("chosen", "rejected"),
+}
+# A format that more than one set of keys identifies.
+OTHER_SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
+    "Preference": ("preferred_output", "non_preferred_output"),
 }
 
 
@@ -224,6 +328,8 @@ def detect_format(obj: dict[str, Any]) -> str | None:
     """The first format (in ``AUTO_ORDER``) whose keys the object has, or None."""
     for name in AUTO_ORDER:
         if all(key in obj for key in SIGNATURE_KEYS[name]):
+            return name
+        if name in OTHER_SIGNATURE_KEYS and all(key in obj for key in OTHER_SIGNATURE_KEYS[name]):
             return name
     return None
 
@@ -358,7 +464,10 @@ def _parse_one(result: ParseResult, where: str, obj: dict[str, Any], column_map:
             message += f"; it looks like {other} but the dataset is {result.format}{origin}"
         result.problems.append((where, message))
         return
-    result.records.append(Record(where, record.turns, record.segments))
+    if isinstance(record, PreferenceRecord):
+        result.pairs.append(PreferenceRecord(where, record.chosen, record.rejected))
+    else:
+        result.records.append(Record(where, record.turns, record.segments))
 
 
 def describe_problems(problems: Sequence[tuple[str, str]], source: str) -> str:
@@ -431,7 +540,7 @@ def load_records(
     result = parse_records([(n, o.data) for n, o in zip(names, objects, strict=True)], fmt, column_map)
     if result.problems:
         raise TrainerError(TrainerReason.INVALID_DATASET, describe_problems(result.problems, uri))
-    if not result.records:
+    if not result.records and not result.pairs:
         raise TrainerError(
             TrainerReason.EMPTY_DATASET, f"{uri} holds no records; upload at least one example"
         )
@@ -615,6 +724,49 @@ def tokenize_records(
             "shorten the prompts",
         )
     return examples, stats
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferenceRecord], tokenize: Tokenize, source: str
+) -> tuple[list[PreferenceExample], TokenizeStats]:
+    """Both sides of every pair tokenized as ``tokenize_records`` does one record (``examples`` counts pairs,
+    ``tokens`` both sides); a pair either side of which truncation leaves without an answer token is
+    dropped."""
+    pair_examples: list[PreferenceExample] = []
+    stats = TokenizeStats()
+    problems: list[tuple[str, str]] = []
+    for pair in pairs:
+        sides = []
+        for record in (pair.chosen, pair.rejected):
+            try:
+                sides.append(tokenize(record))
+            except BadRecord as err:
+                problems.append((pair.where, str(err)))
+            except Exception as err:  # a template that raises on this conversation
+                problems.append((pair.where, f"the chat template failed: {err}"))
+        if len(sides) != 2:
+            continue
+        cut = tokenize.max_seq_length
+        if any(len(side.input_ids) > cut for side in sides):
+            stats.truncated += 1
+            sides = [Example(side.input_ids[:cut], side.labels[:cut]) for side in sides]
+        if any(all(label == IGNORE_INDEX for label in side.labels[1:]) for side in sides):
+            stats.dropped_no_labels += 1
+            continue
+        pair_examples.append(PreferenceExample(sides[0], sides[1]))
+        stats.examples += 1
+        stats.tokens += sum(len(side.input_ids) for side in sides)
+        stats.label_tokens += sum(1 for side in sides for label in side.labels[1:] if label != IGNORE_INDEX)
+    if problems:
+        raise TrainerError(TrainerReason.INVALID_DATASET, describe_problems(problems, source))
+    if not pair_examples:
+        raise TrainerError(
+            TrainerReason.EMPTY_DATASET,
+            f"{source}: no preference pair keeps an answer token on both sides after truncation to "
+            f"maxSeqLength={tokenize.max_seq_length} ({stats.dropped_no_labels} dropped); raise "
+            "dataset.maxSeqLength or shorten the prompts",
+        )
+    return pair_examples, stats
 
 
 def split_validation(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -445,6 +445,24 @@ def _label_hidden_states(
     return selected, head, lm.config
 
 
+def prediction_hidden(
+    model: nn.Module, batch: PackedBatch | PaddedBatch
+) -> tuple[torch.Tensor, nn.Module, Any]:
+    """The decoder's last hidden states at the batch's prediction positions ([num_label_tokens, d]), the LM
+    head that turns them into logits, and the model's config (what ``loss_sum`` runs before its loss)."""
+    decoder = _decoder(model)
+    lm = causal_lm(model)
+    if isinstance(batch, PackedBatch):
+        outputs = decoder(**batch.model_inputs(), use_cache=False)
+    elif isinstance(batch, PaddedBatch):
+        outputs = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    else:
+        raise TypeError(f"expected a PackedBatch or PaddedBatch, got {type(batch).__name__}")
+    hidden = outputs.last_hidden_state
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.prediction_positions)
+    return selected, lm.get_output_embeddings(), lm.config
+
+
 # ----------------------------------------------------------------------------------------------------
 # Micro-step size
 # ----------------------------------------------------------------------------------------------------

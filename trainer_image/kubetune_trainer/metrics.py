@@ -34,6 +34,28 @@ GAUGES = {
         contract.METRIC_EVAL_TOKEN_ACCURACY,
         "Share of the validation set's label tokens predicted exactly (arg-max), at the last evaluation",
     ),
+    # Preference tuning (DPO) only; means per pair.
+    "reward_margin": (
+        contract.METRIC_REWARD_MARGIN,
+        "Chosen minus rejected implicit reward, beta * log(policy / reference), over the last step's pairs",
+    ),
+    "preference_accuracy": (
+        contract.METRIC_PREFERENCE_ACCURACY,
+        "Share of the last step's pairs whose chosen answer out-rewards the rejected one (ties count 1/2)",
+    ),
+    "chosen_logps": (
+        contract.METRIC_CHOSEN_LOGPS,
+        "Policy log-probability of the chosen answers (last step)",
+    ),
+    "rejected_logps": (
+        contract.METRIC_REJECTED_LOGPS,
+        "Policy log-probability of the rejected answers (last step)",
+    ),
+    "eval_reward_margin": (contract.METRIC_EVAL_REWARD_MARGIN, "Reward margin on the validation pairs"),
+    "eval_preference_accuracy": (
+        contract.METRIC_EVAL_PREFERENCE_ACCURACY,
+        "Preference accuracy on the validation pairs",
+    ),
 }
 
 

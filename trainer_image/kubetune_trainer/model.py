@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer import contract
-from kubetune_trainer.contract import LoraConfig, TrainerReason
+from kubetune_trainer.contract import LoraConfig, StartAdapter, TrainerReason
 from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.storage import S3Uri, Storage
 
@@ -200,15 +200,63 @@ def load_model(path: Path, uri: str, dtype: Any, **options: Any) -> Any:
     return model
 
 
-def apply_method(model: Any, method: str, lora: LoraConfig | None) -> Any:
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def fetch_start_adapter(
+    adapter: StartAdapter, storage: Storage, work_dir: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The PEFT adapter training starts from (``baseModel.adapter``), in a local directory, and its
+    provenance; the sha256 of adapter_model.safetensors is checked against ``adapter.sha256`` when given
+    (the digest a FineTuneJob reports in status.adapter.sha256)."""
+    prefix = S3Uri.parse(adapter.uri if adapter.uri.endswith("/") else adapter.uri + "/")
+    listed = storage.list(prefix, not_found=TrainerReason.MODEL_NOT_FOUND)
+    names = {o.uri.key[len(prefix.key) :]: o for o in listed}
+    missing = [name for name in ADAPTER_FILES if name not in names]
+    if missing:
+        found = f"found {', '.join(sorted(names)[:8])}" if names else "it holds no objects"
+        raise TrainerError(
+            TrainerReason.MODEL_NOT_FOUND,
+            f"baseModel.adapter {adapter.uri} has no {' or '.join(missing)} ({found}); point it at a PEFT "
+            "adapter, e.g. another FineTuneJob's status.adapter.uri",
+        )
+    dest = work_dir / "start-adapter"
+    files = {}
+    for name in ADAPTER_FILES:
+        fetched = storage.download(names[name].uri, dest / name, not_found=TrainerReason.MODEL_NOT_FOUND)
+        files[name] = fetched.sha256
+    digest = files["adapter_model.safetensors"]
+    if adapter.sha256 is not None and adapter.sha256 != digest:
+        raise TrainerError(
+            TrainerReason.INVALID_MODEL,
+            f"baseModel.adapter {adapter.uri}: adapter_model.safetensors has sha256 {digest}, not the "
+            f"{adapter.sha256} the job names; the adapter changed since that digest was taken: check the URI "
+            "or update baseModel.adapter.sha256",
+        )
+    return dest, {"uri": adapter.uri, "sha256": digest}
+
+
+def apply_method(model: Any, method: str, lora: LoraConfig | None, start: Path | None = None) -> Any:
     """LoRA adapters on the chosen (default: every linear) layers, for LoRA and QLoRA alike (on QLoRA's 4-bit
-    layers PEFT puts float adapters beside the quantized weight), or every weight trainable for Full."""
+    layers PEFT puts float adapters beside the quantized weight), or every weight trainable for Full. With
+    ``start`` (a PEFT adapter directory) the adapters are that adapter's, trainable, and its own settings
+    (r, alpha, dropout, target modules) replace ``lora``."""
     if method == "Full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
+
+    if start is not None:
+        try:
+            return PeftModel.from_pretrained(model, start, is_trainable=True)
+        except Exception as err:  # PEFT raises several types for an adapter of another shape
+            raise TrainerError(
+                TrainerReason.INVALID_MODEL,
+                f"baseModel.adapter does not fit this base model ({type(err).__name__}: {err}); start from "
+                "an adapter trained on the same baseModel.uri",
+            ) from err
 
     lora = lora or LoraConfig()
     peft_config = PeftLoraConfig(
@@ -232,3 +280,15 @@ def apply_method(model: Any, method: str, lora: LoraConfig | None) -> Any:
 def trainable_parameters(model: Any) -> dict[str, Any]:
     """Trainable parameters by name (tied weights once), the part of the model a checkpoint stores."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout layer's probability to 0 (LoRA's adapter dropout included); returns how many.
+    Preference tuning scores the reference without dropout, so the policy must train without it too: with
+    it, every pair's reward margin would start as noise instead of 0."""
+    from torch import nn
+
+    layers = [module for module in model.modules() if isinstance(module, nn.Dropout)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)

@@ -148,10 +148,14 @@ class LossModel(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: object, evaluate: bool = False) -> tuple[torch.Tensor | int, ...]:
-        """(summed loss, label tokens); with ``evaluate``, also the label tokens predicted exactly
-        (``fastpath.eval_sums``), computed without gradients."""
+        """(summed loss, label tokens) of an SFT batch, with ``evaluate`` also the label tokens predicted
+        exactly (``fastpath.eval_sums``, without gradients); (per-pair summed log-probabilities [pairs, 2],
+        pairs) of a preference batch (``dpo.PairBatch``)."""
+        from kubetune_trainer.dpo import PairBatch, sequence_logps
         from kubetune_trainer.fastpath import eval_sums, loss_sum
 
+        if isinstance(batch, PairBatch):
+            return sequence_logps(self.model, batch), batch.num_pairs
         if evaluate:
             return eval_sums(self.model, batch)  # type: ignore[arg-type]
         return loss_sum(self.model, batch)  # type: ignore[arg-type]

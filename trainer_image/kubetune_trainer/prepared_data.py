@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_trainer import data, dataset_cache
-from kubetune_trainer.contract import TrainerConfig
+from kubetune_trainer.contract import PREFERENCE_METHODS, TrainerConfig, TrainerReason
 from kubetune_trainer.dataset_cache import CachedData, CacheKey
+from kubetune_trainer.errors import TrainerError
 from kubetune_trainer.metrics import log_event
 from kubetune_trainer.storage import FetchedObject, ObjectInfo, Storage
 
@@ -20,24 +21,28 @@ from kubetune_trainer.storage import FetchedObject, ObjectInfo, Storage
 class Records:
     """Every record of both splits, validated."""
 
-    train: list[data.Record]
-    validation: list[data.Record]
+    train: list[Any]  # data.Record, or data.PreferenceRecord for method DPO
+    validation: list[Any]
     format: str
     train_objects: list[FetchedObject]
     validation_objects: list[FetchedObject]
 
 
 def read_records(config: TrainerConfig, storage: Storage) -> Records:
-    """Fetch and validate every record (InvalidDataset / EmptyDataset name the lines), then split."""
+    """Fetch and validate every record (InvalidDataset / EmptyDataset name the lines), then split. Method DPO
+    reads preference pairs, and only DPO does."""
     dataset, seed = config.dataset, config.hyperparameters.seed
+    preference = config.method in PREFERENCE_METHODS
     fmt, column_map = dataset.format, dataset.column_map
     train_parsed, train_objects = data.load_records(storage, dataset.train, fmt, column_map)
-    val_records: list[data.Record] = []
+    check_data_fits_method(train_parsed, dataset.train, preference)
+    val_records: list[Any] = []
     val_objects: list[FetchedObject] = []
     if dataset.validation:
         val_parsed, val_objects = data.load_records(storage, dataset.validation, fmt, column_map)
-        val_records = val_parsed.records
-    train_records = train_parsed.records
+        check_data_fits_method(val_parsed, dataset.validation, preference)
+        val_records = val_parsed.pairs if preference else val_parsed.records
+    train_records: list[Any] = train_parsed.pairs if preference else train_parsed.records
     if dataset.validation_split:
         keep, held = data.split_validation(len(train_records), dataset.validation_split, seed)
         train_records, val_records = [train_records[i] for i in keep], [train_records[i] for i in held]
@@ -51,18 +56,42 @@ def read_records(config: TrainerConfig, storage: Storage) -> Records:
     return Records(train_records, val_records, train_parsed.format, train_objects, val_objects)
 
 
+def check_data_fits_method(parsed: Any, uri: str, preference: bool) -> None:
+    """Preference pairs for DPO, and only for DPO: InvalidDataset naming the format found otherwise."""
+    if preference and not parsed.pairs:
+        raise TrainerError(
+            TrainerReason.INVALID_DATASET,
+            f"{uri} holds {parsed.format} records; method DPO trains on preference pairs: "
+            '{"prompt", "chosen", "rejected"} or {"input", "preferred_output", "non_preferred_output"} '
+            "(see dataset formats in the README)",
+        )
+    if not preference and parsed.pairs:
+        raise TrainerError(
+            TrainerReason.INVALID_DATASET,
+            f"{uri} holds preference pairs (format Preference), which only method DPO trains on; set "
+            "method: DPO, or give records of an SFT format",
+        )
+
+
 def tokenize(records: Records, tokenizer: Any, config: TrainerConfig) -> CachedData:
     """Tokenize both splits (chat template, label masks, truncation to maxSeqLength; Text records longer than
     that cut into windows under textMode Chunk, so continued pretraining keeps their tails)."""
     dataset = config.dataset
     tokenize_one = data.Tokenize(tokenizer, dataset.max_seq_length, config.hyperparameters.train_on == "All")
-    chunk = records.format == "Text" and dataset.text_mode == "Chunk"
-    train, train_stats = data.tokenize_records(records.train, tokenize_one, dataset.train, chunk)
+    train: list[Any]
     validation: list[Any] = []
+    if config.method in PREFERENCE_METHODS:  # both sides of each pair; a pair is never cut into windows
+        train, train_stats = data.tokenize_pairs(records.train, tokenize_one, dataset.train)
+    else:
+        chunk = records.format == "Text" and dataset.text_mode == "Chunk"
+        train, train_stats = data.tokenize_records(records.train, tokenize_one, dataset.train, chunk)
     stats = {"train": train_stats.as_dict()}
     if records.validation:
         source = dataset.validation or f"{dataset.train} (validationSplit)"
-        validation, eval_stats = data.tokenize_records(records.validation, tokenize_one, source, chunk)
+        if config.method in PREFERENCE_METHODS:
+            validation, eval_stats = data.tokenize_pairs(records.validation, tokenize_one, source)
+        else:
+            validation, eval_stats = data.tokenize_records(records.validation, tokenize_one, source, chunk)
         stats["validation"] = eval_stats.as_dict()
     if train_stats.truncated:
         log_event("truncated", examples=train_stats.truncated, max_seq_length=dataset.max_seq_length)

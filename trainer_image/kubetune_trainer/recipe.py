@@ -26,9 +26,11 @@ from kubetune_trainer.config import load_config
 from kubetune_trainer.contract import (
     DEFAULT_TERMINATION_LOG,
     DEFAULT_WORK_DIR,
+    PREFERENCE_METHODS,
     TERMINATION_LOG_ENV,
     WORK_DIR_ENV,
     AdapterRecord,
+    DpoConfig,
     EarlyStop,
     Hyperparameters,
     LoraConfig,
@@ -123,6 +125,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     config = load_config()
     progress.config = config
     hp = config.hyperparameters
+    weights = config.weights_method  # LoRA | QLoRA | Full; DPO trains LoRA adapters or Full weights
+    preference = config.method in PREFERENCE_METHODS
 
     import torch
 
@@ -213,11 +217,20 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     planned_strategy = progress.plan.get("strategy") if progress.plan else None
     forced = os.environ.get(FORCE_STRATEGY_ENV) or None
     strategy = run_strategy(planned_strategy, runtime.world_size, forced)
-    place = preparation.load_place(strategy, config.method, runtime.device)
-    base = preparation.load_base_model(model_dir, config.base_model, config.method, runtime.device, place)
+    place = preparation.load_place(strategy, weights, runtime.device)
+    base = preparation.load_base_model(model_dir, config.base_model, weights, runtime.device, place)
     prepare_model(base, runtime.device)
+    start_adapter, start_provenance = None, None
+    if config.adapter is not None:  # continue this adapter (SFT), or start the policy from it (DPO)
+        fetched_adapter = (
+            model.fetch_start_adapter(config.adapter, storage, work_dir) if runtime.local_rank == 0 else None
+        )
+        start_adapter, start_provenance = runtime.from_local_main(fetched_adapter)
+        log_event("start_adapter", **start_provenance)
     torch.manual_seed(hp.seed)  # adapter initialisation depends on the seed only
-    trainable = model.apply_method(base, config.method, config.lora)
+    trainable = model.apply_method(base, weights, config.lora, start_adapter)
+    if preference:
+        log_event("dropout_disabled", layers=model.disable_dropout(trainable))
     planned = progress.plan.get("activationCheckpointing") if progress.plan else None
     checkpointing = preparation.use_activation_checkpointing(hp.activation_checkpointing, planned)
     if checkpointing:
@@ -234,12 +247,12 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         # A model still on the host (FSDP) cannot be probed on the GPU: the memory plan's budget stands in.
         on_host = progress.plan is not None and place != runtime.device
         planned_tokens = progress.plan.get("microStepTokens") if on_host else None
-        batching = resolve_batching(hp, trainable, runtime, config.dataset.max_seq_length, planned_tokens)
-        lengths = [len(e.input_ids) for e in train_examples]
+        batching = resolve_batching(hp, trainable, runtime, longest_example(config), planned_tokens)
+        lengths = [example_length(e) for e in train_examples]
         plan = build_plan(lengths, batching, hp.seed, epochs=hp.epochs, max_steps=hp.max_steps)
     batching = plan.batching
     eval_batches = batching.micro_batches(
-        [len(e.input_ids) for e in eval_examples], range(len(eval_examples))
+        [example_length(e) for e in eval_examples], range(len(eval_examples))
     )
 
     # 6. Share the model out (FSDP) or replicate it; then the optimizer, and the checkpoint's state.
@@ -267,6 +280,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             **{f"{split}_{k}": v for split, stats in prepared.stats.items() for k, v in stats.items()},
         },
         "baseModel": model_provenance,
+        **({"startAdapter": start_provenance} if start_provenance else {}),
         "resolved": {
             "totalSteps": plan.total_steps,
             "stepsPerEpoch": plan.steps_per_epoch,
@@ -305,6 +319,8 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         checkpoint_every_minutes=config.checkpointing.every_minutes,
         keep_best=keep_best,
         early_stopping_patience=hp.early_stopping_patience,
+        dpo_beta=(config.dpo or DpoConfig()).beta if preference else None,
+        dpo_label_smoothing=(config.dpo or DpoConfig()).label_smoothing,
     )
     trainer = Trainer(
         loss_model,
@@ -341,9 +357,10 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
     if runtime.is_main:
         if gathered is not None:  # sharded: publish a whole copy, rebuilt on the CPU from the shards
             result = model.apply_method(
-                model.load_model(model_dir, config.base_model, preparation.load_dtype(config.method, "cpu")),
-                config.method,
+                model.load_model(model_dir, config.base_model, preparation.load_dtype(weights, "cpu")),
+                weights,
                 config.lora,
+                start_adapter,
             )
             result.load_state_dict(gathered)
         job = {"name": config.job.name, "namespace": config.job.namespace, "uid": config.job.uid}
@@ -362,7 +379,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         publish.write_local(
             result,
             tokenizer,
-            config.method,
+            weights,
             config.base_model,
             summary_file,
             local,
@@ -374,13 +391,13 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
             local,
             config.output.uri,
             config.base_model,
-            config.method,
+            weights,
             job,
             {"metrics": final_metrics, "progress": final_progress, "selected": _camel_keys(selected)},
         )
         storage.delete_prefix(checkpointer.root)
         shutil.rmtree(local, ignore_errors=True)
-        print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(config.method)}", flush=True)
+        print(f"sha256 {record.sha256}  {config.output.uri}{publish.weights_file(weights)}", flush=True)
     # The group is done once the result is published: no process reports success before rank 0 has.
     runtime.barrier()
     # 9. Report: rank 0 carries the result record; the others only say that training finished.
@@ -424,6 +441,8 @@ def _cached_examples(
     model is fetched (and its own error reported after)."""
     from kubetune_trainer import dataset_cache, model, prepared_data
 
+    if config.method in PREFERENCE_METHODS:
+        return None, None, "preference pairs are not cached; the trainer tokenizes them"
     try:
         tokenizer_dir = model.fetch_tokenizer_files(config.base_model, storage, work_dir)
         tokenizer = model.load_tokenizer(tokenizer_dir, config.base_model)
@@ -437,6 +456,20 @@ def _cached_examples(
         storage, key, config.output.uri, vocab, config.dataset.max_seq_length
     )
     return key, cached, why_not
+
+
+def longest_example(config: TrainerConfig) -> int:
+    """Tokens of the longest example a micro-step must hold: maxSeqLength, or twice that for a preference
+    pair (both sides share a micro-step)."""
+    sides = 2 if config.method in PREFERENCE_METHODS else 1
+    return sides * config.dataset.max_seq_length
+
+
+def example_length(example: Any) -> int:
+    """Tokens an example (or a preference pair, both sides) takes in a micro-batch."""
+    from kubetune_trainer.dpo import PreferenceExample
+
+    return example.length if isinstance(example, PreferenceExample) else len(example.input_ids)
 
 
 def resolve_batching(
@@ -505,7 +538,7 @@ def plan_memory(
     from kubetune_trainer.fastpath import choose_token_budget
 
     hp, lora = config.hyperparameters, config.lora or LoraConfig()
-    max_seq_length = config.dataset.max_seq_length
+    max_seq_length = longest_example(config)
     if hp.micro_batch_size is not None or hp.gradient_accumulation is not None:
         tokens = (hp.micro_batch_size or 1) * max_seq_length
     else:
@@ -526,7 +559,7 @@ def plan_memory(
             f"({type(err).__name__}: {err})",
         ) from err
     request = memory_plan.Request(
-        method=config.method,
+        method=config.weights_method,
         processes=processes,
         micro_tokens=tokens,
         device_type=device_type,
@@ -571,6 +604,12 @@ def _metrics(state: Any) -> dict[str, float]:
         "evalTokenAccuracy": state.eval_token_accuracy,
         "learningRate": state.learning_rate,
         "gradNorm": state.grad_norm,
+        "rewardMargin": state.reward_margin,
+        "preferenceAccuracy": state.preference_accuracy,
+        "chosenLogps": state.chosen_logps,
+        "rejectedLogps": state.rejected_logps,
+        "evalRewardMargin": state.eval_reward_margin,
+        "evalPreferenceAccuracy": state.eval_preference_accuracy,
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 

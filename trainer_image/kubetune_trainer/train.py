@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -19,6 +19,15 @@ import torch
 
 from kubetune_trainer.checkpoint import Checkpointer, capture_rng
 from kubetune_trainer.contract import TrainerReason
+from kubetune_trainer.dpo import (
+    STAT_FIELDS,
+    PairBatch,
+    PreferenceExample,
+    collate_pairs,
+    dpo_loss,
+    pair_stats,
+    stats_as_means,
+)
 from kubetune_trainer.errors import Interrupted, TrainerError
 from kubetune_trainer.group import step_collective_timeout, worker_peer_timeout
 from kubetune_trainer.metrics import Metrics, log_event
@@ -187,6 +196,17 @@ class TrainState:
     # The step whose trainable weights the checkpoint keeps besides the current ones (output.select
     # BestEval); None: it keeps none.
     best_weights_step: int | None = None
+    # Preference tuning (DPO) only: the last step's means per pair, and the last evaluation's.
+    reward_margin: float | None = None
+    preference_accuracy: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    eval_reward_margin: float | None = None
+    eval_preference_accuracy: float | None = None
+    # The reference model's summed log-probabilities of every pair, [chosen, rejected], computed before the
+    # first step; a resumed run reads them back instead of recomputing them from trained weights.
+    reference: list[list[float]] | None = None
+    eval_reference: list[list[float]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +228,8 @@ class LoopSettings:
     checkpoint_every_minutes: float | None
     keep_best: bool = False  # output.select BestEval: hold a copy of the weights of the best evaluation
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    dpo_beta: float | None = None  # set: preference tuning (the examples are PreferenceExamples)
+    dpo_label_smoothing: float = 0.0
 
 
 def make_optimizer(
@@ -275,9 +297,9 @@ class Trainer:
         model: LossModel,
         optimizer: torch.optim.Optimizer,
         plan: Plan,
-        examples: Sequence[Example],
+        examples: Sequence[Example] | Sequence[PreferenceExample],
         eval_batches: Sequence[list[int]],
-        eval_examples: Sequence[Example],
+        eval_examples: Sequence[Example] | Sequence[PreferenceExample],
         settings: LoopSettings,
         runtime: Runtime,
         checkpointer: Checkpointer | None,
@@ -312,9 +334,17 @@ class Trainer:
         # With keep_best: the trainable weights after step state.best_weights_step (restored with a
         # checkpoint, or taken at the first evaluation).
         self.best_weights = best_weights
+        self.preference = settings.dpo_beta is not None
+        # The reference log-probabilities as tensors [pairs, 2] on the device (preference tuning).
+        self.reference: torch.Tensor | None = None
+        self.eval_reference: torch.Tensor | None = None
 
-    def collate(self, indices: Sequence[int], pool: Sequence[Example]) -> PackedBatch | PaddedBatch:
+    def collate(self, indices: Sequence[int], pool: Sequence[Any]) -> PackedBatch | PaddedBatch | PairBatch:
         chosen = [pool[i] for i in indices]
+        if self.preference:
+            return collate_pairs(chosen, indices, self.settings.packing, self.settings.pad_id).to(
+                self.runtime.device
+            )
         if self.settings.packing:
             return collate_packed(chosen).to(self.runtime.device)
         return collate_padded(chosen, self.settings.pad_id).to(self.runtime.device)
@@ -326,6 +356,8 @@ class Trainer:
         run_start = window_start = time.monotonic()
         window_tokens = 0
         start_step = self.state.step
+        if self.preference:
+            self._prepare_reference()
         self.model.train()
         for step in range(self.state.step, self.total):
             self._stop_if_requested()
@@ -355,6 +387,12 @@ class Trainer:
             now = time.monotonic()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             eta = (self.total - self.state.step) * (now - run_start) / (self.state.step - start_step)
+            self.metrics.set(
+                reward_margin=self.state.reward_margin,
+                preference_accuracy=self.state.preference_accuracy,
+                chosen_logps=self.state.chosen_logps,
+                rejected_logps=self.state.rejected_logps,
+            )
             self.metrics.set(
                 step=self.state.step,
                 epoch=self.epoch(),
@@ -394,11 +432,12 @@ class Trainer:
     def optimizer_step(self, micro_batches: list[list[int]]) -> tuple[float, int, float]:
         """One optimizer step over ``micro_batches`` (lists of indices into the training examples); returns
         (mean loss over the step's label tokens, tokens, grad norm). ``run`` calls it once per planned step;
-        the benchmark (``kubetune_devtools.bench``) times this same call."""
+        the benchmark (``kubetune_devtools.bench``) times this same call. Preference tuning: the mean DPO
+        loss over the step's pairs, each pair weighing the same."""
         mine = micro_batches[self.runtime.rank :: self.runtime.world_size]
         batches = [self.collate(indices, self.examples) for indices in mine]
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)],
+            [sum(self._loss_units(b) for b in batches), sum(b.num_tokens for b in batches)],
             dtype=torch.float64,
             device=self.runtime.device,
         )
@@ -408,18 +447,31 @@ class Trainer:
         weights = [1.0] * len(batches) + [0.0] * (self._forwards(len(micro_batches)) - len(batches))
         batches += [self.collate(micro_batches[0], self.examples)] * (len(weights) - len(batches))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        pair_totals = torch.zeros(len(STAT_FIELDS), dtype=torch.float64, device=self.runtime.device)
         for batch, weight in zip(batches, weights, strict=True):
             if self.stop.requested and self.runtime.world_size == 1:
                 # Drop the half-accumulated step; the checkpoint is of the last completed one.
                 self.optimizer.zero_grad(set_to_none=True)
                 self._stop_if_requested()
             with self.runtime.autocast():
-                summed, _ = self.model(batch)
+                output, _ = self.model(batch)
+            if isinstance(batch, PairBatch):
+                scores = self._dpo(output, batch, self.reference)
+                summed = scores.losses.sum()
+                pair_totals += weight * pair_stats(scores, output)
+            else:
+                summed = output
             (summed * (weight / max(1, label_tokens))).backward()
             loss_total += weight * summed.detach().double()
         if not self.sharded:  # FSDP reduced each micro-batch's gradients in its backward
             self._all_reduce_gradients()
         loss = float(self.runtime.all_reduce(loss_total).item()) / max(1, label_tokens)
+        if self.preference:
+            means = stats_as_means(self.runtime.all_reduce(pair_totals).tolist(), label_tokens)
+            self.state.reward_margin = means["reward_margin"]
+            self.state.preference_accuracy = means["preference_accuracy"]
+            self.state.chosen_logps = means["chosen_logps"]
+            self.state.rejected_logps = means["rejected_logps"]
         if not math.isfinite(loss):
             raise TrainerError(
                 TrainerReason.TRAINING_DIVERGED,
@@ -430,6 +482,100 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, tokens, grad_norm
+
+    def _loss_units(self, batch: PackedBatch | PaddedBatch | PairBatch) -> int:
+        """What a step's loss is averaged over: label tokens, or pairs for preference tuning."""
+        return batch.num_pairs if isinstance(batch, PairBatch) else batch.num_label_tokens
+
+    def _dpo(self, policy: torch.Tensor, batch: PairBatch, reference: torch.Tensor | None) -> Any:
+        if reference is None or self.settings.dpo_beta is None:
+            raise RuntimeError("preference tuning needs the reference log-probabilities first")
+        reference_pairs = reference.index_select(0, batch.pairs)
+        return dpo_loss(policy, reference_pairs, self.settings.dpo_beta, self.settings.dpo_label_smoothing)
+
+    def _each_forward(
+        self, batches: Sequence[list[int]], pool: Sequence[PreferenceExample]
+    ) -> Iterator[tuple[torch.Tensor, PairBatch]]:
+        """(output, batch) of a forward pass (no gradient) over this process's share of ``batches``; under
+        FSDP every process runs as many forwards as the busiest one, and the extra ones are not yielded."""
+        mine = batches[self.runtime.rank :: self.runtime.world_size]
+        for position in range(self._forwards(len(batches))):
+            counted = position < len(mine)
+            batch = self.collate(mine[position] if counted else batches[0], pool)
+            with torch.no_grad(), self.runtime.autocast():
+                output, _ = self.model(batch)
+            if counted and isinstance(batch, PairBatch):
+                yield output, batch
+        if self.sharded:
+            self.model.reshard()  # type: ignore[operator]
+
+    def _reference_logps(self, pool: Sequence[PreferenceExample]) -> list[list[float]]:
+        """The current model's summed log-probabilities of every pair in ``pool`` (evaluation mode): the
+        reference, when taken before the first step."""
+        lengths = [pair.length for pair in pool]
+        batching = self.plan.batching
+        batches = (
+            batching.micro_batches(lengths, range(len(pool))) if batching else [[i] for i in range(len(pool))]
+        )
+        values = torch.zeros(len(pool), 2, dtype=torch.float64, device=self.runtime.device)
+        self.model.eval()
+        for output, batch in self._each_forward(batches, pool):
+            values.index_copy_(0, batch.pairs, output.double())
+        self.model.train()
+        return [[float(a), float(b)] for a, b in self.runtime.all_reduce(values).tolist()]
+
+    def _prepare_reference(self) -> None:
+        """Reference log-probabilities of the training and validation pairs: computed now from the model
+        before its first step, or those a checkpoint carried."""
+        started = time.monotonic()
+        computed = self.state.reference is None
+        if self.state.reference is None:
+            self.state.reference = self._reference_logps(self.examples)  # type: ignore[arg-type]
+        if self.state.eval_reference is None and self.eval_examples:
+            self.state.eval_reference = self._reference_logps(self.eval_examples)  # type: ignore[arg-type]
+        self.reference = self._reference_tensor(self.state.reference, len(self.examples))
+        if self.state.eval_reference is not None:
+            self.eval_reference = self._reference_tensor(self.state.eval_reference, len(self.eval_examples))
+        if self.runtime.is_main:
+            means = self.reference.double().mean(0).tolist()
+            log_event(
+                "reference",
+                pairs=len(self.examples),
+                eval_pairs=len(self.eval_examples),
+                chosen_logps=round(means[0], 6),
+                rejected_logps=round(means[1], 6),
+                computed=computed,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    def _reference_tensor(self, values: Any, pairs: int) -> torch.Tensor:
+        """Reference values (computed, or read back from a checkpoint's state) as a [pairs, 2] tensor;
+        anything else is refused, naming what would fix it."""
+        try:
+            tensor = torch.tensor(values, dtype=torch.float32, device=self.runtime.device)
+        except (TypeError, ValueError, RuntimeError):
+            tensor = torch.zeros(0)
+        if tensor.shape != (pairs, 2) or not bool(torch.isfinite(tensor).all()):
+            raise TrainerError(
+                TrainerReason.INVALID_CONFIG,
+                f"the checkpoint's reference log-probabilities do not fit the {pairs} preference pairs of "
+                "this dataset (it changed since the checkpoint was written); delete the job's checkpoints "
+                "under output.uri to start over",
+            )
+        return tensor
+
+    def evaluate_preferences(self) -> dict[str, float]:
+        """Means per validation pair: DPO loss, reward margin, preference accuracy, log-probabilities."""
+        self.model.eval()
+        fields = len(STAT_FIELDS)
+        totals = torch.zeros(fields + 1, dtype=torch.float64, device=self.runtime.device)
+        for output, batch in self._each_forward(self.eval_batches, self.eval_examples):  # type: ignore[arg-type]
+            scores = self._dpo(output, batch, self.eval_reference)
+            totals[:fields] += pair_stats(scores, output)
+            totals[fields] += batch.num_pairs
+        self.model.train()
+        *summed, pairs = self.runtime.all_reduce(totals).tolist()
+        return stats_as_means(summed, pairs)
 
     def _forwards(self, micro_batches: int) -> int:
         """Forward passes each process runs for a step of ``micro_batches``: its share, or under FSDP the
@@ -475,7 +621,18 @@ class Trainer:
         return summed_all / max(1.0, count_all), correct_all / max(1.0, count_all)
 
     def _evaluate(self) -> None:
-        loss, accuracy = self.evaluate()
+        accuracy: float | None = None
+        if self.preference:
+            means = self.evaluate_preferences()
+            loss = means["loss"]
+            self.state.eval_reward_margin = means["reward_margin"]
+            self.state.eval_preference_accuracy = means["preference_accuracy"]
+            self.metrics.set(
+                eval_reward_margin=self.state.eval_reward_margin,
+                eval_preference_accuracy=self.state.eval_preference_accuracy,
+            )
+        else:
+            loss, accuracy = self.evaluate()
         self.state.eval_loss, self.state.eval_token_accuracy = loss, accuracy
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = loss, self.state.step
@@ -495,9 +652,10 @@ class Trainer:
                 "eval",
                 step=self.state.step,
                 eval_loss=round(loss, 6),
-                eval_token_accuracy=round(accuracy, 6),
+                eval_token_accuracy=None if accuracy is None else round(accuracy, 6),
                 best_eval_loss=round(self.state.best_eval_loss, 6),
                 best_step=self.state.best_step,
+                **self._preference_fields("eval_reward_margin", "eval_preference_accuracy"),
             )
 
     def _keep_best_weights(self) -> None:
@@ -538,7 +696,17 @@ class Trainer:
                 tokens_per_s=round(tokens_per_s, 1),
                 trained_tokens=self.state.trained_tokens,
                 eta_s=round(eta, 1),
+                **self._preference_fields(
+                    "reward_margin", "preference_accuracy", "chosen_logps", "rejected_logps"
+                ),
             )
+
+    def _preference_fields(self, *names: str) -> dict[str, Any]:
+        """The named preference metrics of the state, rounded for a log line (none for SFT)."""
+        if not self.preference:
+            return {}
+        values = {name: getattr(self.state, name) for name in names}
+        return {name: round(value, 6) for name, value in values.items() if value is not None}
 
     def _checkpoint_due(self) -> bool:
         if self.checkpointer is None or self.state.step >= self.total:

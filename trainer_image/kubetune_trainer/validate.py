@@ -15,7 +15,13 @@ import traceback
 from typing import Any
 
 from kubetune_trainer.config import load_config
-from kubetune_trainer.contract import VALIDATED_REASON, TerminationSummary, TrainerConfig, TrainerReason
+from kubetune_trainer.contract import (
+    PREFERENCE_METHODS,
+    VALIDATED_REASON,
+    TerminationSummary,
+    TrainerConfig,
+    TrainerReason,
+)
 from kubetune_trainer.errors import EXIT_OK, EXIT_RETRYABLE, TrainerError
 from kubetune_trainer.metrics import log_event
 
@@ -44,7 +50,7 @@ def main() -> int:
 
 def run() -> TerminationSummary:
     from kubetune_trainer import dataset_cache, memory_plan, model, preparation, prepared_data, throughput
-    from kubetune_trainer.recipe import plan_memory, work_directory
+    from kubetune_trainer.recipe import example_length, plan_memory, work_directory
     from kubetune_trainer.storage import Storage, make_client
 
     config = load_config()
@@ -78,13 +84,15 @@ def run() -> TerminationSummary:
     device_type = "cpu" if config.gpus == 0 else "cuda"
     plan = plan_memory(config, model_config, device_type=device_type, processes=devices, capacity=capacity)
     shape = memory_plan.model_shape(model_config)
-    steps, trained_tokens = step_plan(
-        config, [len(e.input_ids) for e in prepared.train], plan.micro_tokens, devices
-    )
+    train_lengths = [example_length(e) for e in prepared.train]
+    steps, trained_tokens = step_plan(config, train_lengths, plan.micro_tokens, devices)
 
-    key = prepared_data.key_of_records(config, tokenizer_dir, records)
-    cache = dataset_cache.write(storage, key, config.output.uri, prepared)
-    log_event("dataset_cache_written", uri=str(cache), digest=key.digest)
+    cache_record: dict[str, str] | None = None
+    if config.method not in PREFERENCE_METHODS:  # the cache holds SFT examples; the trainer tokenizes pairs
+        key = prepared_data.key_of_records(config, tokenizer_dir, records)
+        cache = dataset_cache.write(storage, key, config.output.uri, prepared)
+        log_event("dataset_cache_written", uri=str(cache), digest=key.digest)
+        cache_record = {"uri": str(cache), "digest": key.digest}
 
     summary = plan.summary()
     if gpu is None and config.gpus > 0:
@@ -94,12 +102,13 @@ def run() -> TerminationSummary:
             "steps": steps,
             "examples": {"train": len(prepared.train), "validation": len(prepared.validation)},
             "tokens": {
-                "train": sum(len(e.input_ids) for e in prepared.train),
-                "validation": sum(len(e.input_ids) for e in prepared.validation),
+                "train": sum(train_lengths),
+                "validation": sum(example_length(e) for e in prepared.validation),
             },
-            "cache": {"uri": str(cache), "digest": key.digest},
         }
     )
+    if cache_record is not None:
+        summary["cache"] = cache_record
     estimate = throughput.estimate(product, shape.parameters, config.method, devices, trained_tokens)
     if estimate is not None:
         summary["estimate"] = estimate

@@ -15,7 +15,7 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
     """Everything the trainer reads, with the operator's defaults filled in."""
     spec = spec_of(job)
     lora = None
-    if spec.method in contract.ADAPTER_METHODS:
+    if spec.weights_method in contract.ADAPTER_METHODS:
         block = spec.lora
         lora = (
             contract.LoraConfig()
@@ -27,6 +27,19 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
                 target_modules=list(block.target_modules) or None,
             )
         )
+    dpo = None
+    if spec.method in contract.PREFERENCE_METHODS:
+        preference = spec.dpo
+        dpo = (
+            contract.DpoConfig()
+            if preference is None
+            else contract.DpoConfig(
+                beta=preference.beta,
+                label_smoothing=preference.label_smoothing,
+                parameters=preference.parameters,
+            )
+        )
+    start = spec.base_model.adapter
     hp = spec.hyperparameters
     checkpointing = spec.checkpointing
     every_minutes: float | None
@@ -39,8 +52,10 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
     return contract.TrainerConfig(
         job=contract.JobRef(name=job.name, namespace=job.namespace, uid=job.metadata.uid),
         base_model=spec.base_model.uri,
+        adapter=contract.StartAdapter(uri=start.uri, sha256=start.sha256) if start else None,
         method=spec.method,
         lora=lora,
+        dpo=dpo,
         dataset=contract.DatasetConfig(
             train=spec.dataset.train,
             validation=spec.dataset.validation,
@@ -67,10 +82,11 @@ def render_trainer_config(job: FineTuneJob, config: OperatorConfig) -> contract.
             eval_every_steps=hp.eval_every_steps,
             early_stopping_patience=hp.early_stopping_patience,
         ),
-        # A merged model is written for LoRA only (a 4-bit QLoRA base and Full have nothing to merge into).
+        # A merged model is written for LoRA adapters only (a 4-bit QLoRA base and Full have nothing to
+        # merge into).
         output=contract.OutputConfig(
             uri=spec.output.uri,
-            merge_adapter=spec.output.merge_adapter and spec.method == "LoRA",
+            merge_adapter=spec.output.merge_adapter and spec.weights_method == "LoRA",
             select=spec.output.select,
         ),
         s3=contract.S3Config(
