@@ -123,7 +123,16 @@ def test_trainer_dpo_loss_equals_the_reference_implementation(packing: bool, smo
         [],
         [],
         LoopSettings(
-            1e-3, "Constant", 0.0, packing, tokenizer.pad_token_id, None, None, None, beta, smoothing
+            1e-3,
+            "Constant",
+            0.0,
+            packing,
+            tokenizer.pad_token_id,
+            None,
+            None,
+            None,
+            dpo_beta=beta,
+            dpo_label_smoothing=smoothing,
         ),
         Runtime(torch.device("cpu"), 0, 1, None),
         None,
@@ -298,7 +307,9 @@ def test_truncation_drops_a_pair_left_without_an_answer() -> None:
 def test_reference_values_of_the_wrong_shape_are_refused_with_what_to_do() -> None:
     model, tokenizer = build_tiny_model(seed=0)
     pairs = tokenized_pairs(PAIRS, tokenizer)
-    settings = LoopSettings(1e-3, "Constant", 0.0, True, tokenizer.pad_token_id, None, None, None, 0.1)
+    settings = LoopSettings(
+        1e-3, "Constant", 0.0, True, tokenizer.pad_token_id, None, None, None, dpo_beta=0.1
+    )
     trainer = Trainer(
         LossModel(model),
         make_optimizer(model, 1e-3, 0.0),
@@ -330,7 +341,6 @@ def test_a_micro_step_is_planned_to_hold_a_whole_pair() -> None:
 
     model, _ = build_tiny_model(seed=0)
     model_config = model.config.to_dict()
-    runtime = Runtime(torch.device("cpu"), 0, 1, None)
     sft = TrainerConfig(
         method="LoRA",
         dataset=DatasetConfig(train="s3://d/t.jsonl", max_seq_length=128),
@@ -338,5 +348,6 @@ def test_a_micro_step_is_planned_to_hold_a_whole_pair() -> None:
     )
     dpo = replace(sft, method="DPO", dpo=DpoConfig())
     # A step of 200 tokens: an SFT micro-step takes 200 of them; one pair may be 2 x 128 tokens long.
-    assert plan_memory(sft, runtime, model_config).summary()["microStepTokens"] == 200
-    assert plan_memory(dpo, runtime, model_config).summary()["microStepTokens"] == 256
+    on_cpu = {"device_type": "cpu", "processes": 1, "capacity": None}
+    assert plan_memory(sft, model_config, **on_cpu).summary()["microStepTokens"] == 200
+    assert plan_memory(dpo, model_config, **on_cpu).summary()["microStepTokens"] == 256
