@@ -48,7 +48,7 @@ LOSS_TOLERANCE = 1e-5
 
 def job_pods(kube: KubeClient, ns: str, name: str) -> list[JSON]:
     return sorted(
-        pods_of(kube, ns, f"kubetune.io/job-name={name}"),
+        pods_of(kube, ns, f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer"),
         key=lambda p: (
             p["metadata"].get("annotations", {}).get(INDEX, ""),
             p["metadata"]["creationTimestamp"],
@@ -422,8 +422,10 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
     victim = wait_pod(
         kube,
         ns,
-        f"kubetune.io/job-name={name}",
-        lambda p: p["metadata"]["annotations"][INDEX] == "1" and p["status"].get("phase") == "Running",
+        f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer",
+        lambda p: (
+            p["metadata"].get("annotations", {}).get(INDEX) == "1" and p["status"].get("phase") == "Running"
+        ),
         timeout=120,
         what="the pod with completion index 1 running",
     )
