@@ -196,3 +196,41 @@ def _key(ws: Workspace, config: Any) -> Any:
     storage = ws_storage(ws)
     tokenizer_dir = model.fetch_tokenizer_files(config.base_model, storage, ws.tmp / "tok")
     return prepared_data.current_key(config, storage, tokenizer_dir)
+
+
+def test_preference_pairs_are_validated_counted_and_planned_but_not_cached(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, tokenizer: Any
+) -> None:
+    """Method DPO: the validation pod reads pairs (refusing SFT records and bad pairs with their line), counts
+    a pair's tokens as both sides, and plans; the token cache holds SFT examples only, so none is written."""
+    from e2e.demo import preference_dataset
+
+    from kubetune_trainer.contract import DpoConfig
+
+    pairs = preference_dataset()[:24]
+    train = ws.put("data/pairs.jsonl", jsonl(pairs))
+    config = ws.config(train, method="DPO", dpo=DpoConfig())
+    code, summary = validate(ws, replace(config, base_model=weightless_model(ws)), monkeypatch)
+    assert code == EXIT_OK, summary
+    plan = summary.plan or {}
+    assert plan["examples"] == {"train": 24, "validation": 0}
+    # Both sides of every pair, tokenized here with the same tokenizer, independently of the validation pod.
+    sides = sum(
+        len(tokenizer(p["prompt"] + p[side]).input_ids) for p in pairs for side in ("chosen", "rejected")
+    )
+    assert abs(plan["tokens"]["train"] - sides) <= 4 * len(pairs), (plan["tokens"], sides)
+    assert "cache" not in plan
+    assert not ws.s3.client().list_objects_v2(Bucket=ws.bucket, Prefix="out/cache/").get("Contents")
+
+    def with_train(uri: str) -> Any:
+        return replace(config, dataset=replace(config.dataset, train=uri))
+
+    bad = [*pairs[:3], {**pairs[3], "rejected": pairs[3]["chosen"]}]
+    code, summary = validate(ws, with_train(ws.put("data/bad-pairs.jsonl", jsonl(bad))), monkeypatch)
+    assert code == EXIT_PERMANENT
+    assert summary.reason == "InvalidDataset" and "bad-pairs.jsonl:4" in summary.message, summary.message
+
+    sft_records = ws.put("data/chat.jsonl", jsonl(chat_records(5)))
+    code, summary = validate(ws, with_train(sft_records), monkeypatch)
+    assert code == EXIT_PERMANENT and summary.reason == "InvalidDataset", summary
+    assert "method DPO trains on preference pairs" in summary.message
