@@ -302,7 +302,7 @@ def run(stop: Any, metrics: Metrics, progress: Progress) -> TerminationSummary:
         resumed_from=restored.uri if restored else None,
         resumed_step=state.step,
         examples=len(train_examples),
-        tokens=sum(len(e.input_ids) for e in train_examples),
+        tokens=sum(example_length(e) for e in train_examples),
         micro_batch_tokens=batching.token_budget,
         accumulation=batching.accumulation // runtime.world_size,
     )
