@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,12 @@ class Pod:
         return {pid for pid in found if pid_running(pid)}
 
 
-def start_pods(ws: Workspace, config: Any, name: str, port: int, nodes: int = 2) -> list[Pod]:
+def start_pods(
+    ws: Workspace, config: Any, name: str, port: int, nodes: int = 2, only: Sequence[int] | None = None
+) -> list[Pod]:
+    """The pods of a group of ``nodes`` (``only`` some of them: the others are gone)."""
     pods = []
-    for index in range(nodes):
+    for index in range(nodes) if only is None else only:
         env = {**os.environ, **ws.env(config, f"{name}-pod{index}")}
         env.update(
             {
@@ -267,6 +271,30 @@ def test_a_killed_pod_stops_the_group_which_resumes_from_the_checkpoint(
     assert len(resumed) == len(expected) == 24
     assert relative(resumed[-1], expected[-1]) < RELATIVE_TOLERANCE
     assert pods[0].summary().adapter is not None
+
+
+def test_a_pod_started_after_the_group_published_exits_without_waiting_for_its_peers(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod killed while the group was exiting is started again by the Job; its peers have ended and will not
+    come back, so it must not wait for them: it finds this job's result published and ends at once."""
+    train = ws.put("data/train.jsonl", jsonl(chat_records(12, seed=8)))
+    config = job_config(ws, train, steps=2, out="published", every_steps=None)
+    published = ws.run(config, monkeypatch, **{MICRO_BATCH_TOKENS_ENV: MICRO_TOKENS})
+    assert published.code == 0 and published.summary.adapter is not None, published.summary.message
+    port = free_port()  # nobody listens: no rendezvous can happen
+    (late,) = start_pods(ws, config, "late-peer", port, only=[1])
+    assert late.wait(60) == 0, late.tail()
+    assert late.summary().adapter is None and late.summary().outcome == "Succeeded"
+    (first,) = start_pods(ws, config, "late-first", port, only=[0])
+    assert first.wait(60) == 0, first.tail()
+    assert first.summary().adapter == published.summary.adapter
+    # Another job's result at the same output is not this job's: that pod waits for its group.
+    other = replace(config, job=replace(config.job, uid="another-uid"))
+    (waiting,) = start_pods(ws, other, "other-job", port, only=[1])
+    with pytest.raises(subprocess.TimeoutExpired):
+        waiting.process.wait(timeout=15)
+    kill_pod(waiting)
 
 
 def test_a_failed_worker_is_counted_once_by_its_own_pod(ws: Workspace) -> None:

@@ -41,6 +41,8 @@ def main() -> int:
         except ValueError as err:
             return launch.invalid_setting(str(err))
         if settings is not None:
+            if config is not None and group.finished_before(config, settings.node_rank):
+                return 0
             run_id = f"kubetune-{config.job.uid or config.job.name}" if config is not None else "kubetune"
             return group.launch_group(settings, count, on_gpu, run_id)
         if count > 1:

@@ -356,6 +356,31 @@ def _group_agent_class() -> Any:
     return GroupAgent
 
 
+def finished_before(config: Any, node_rank: int) -> bool:
+    """Whether the group already published this job's result: a pod started again after that (killed while
+    the group was exiting) must not wait for peers that have ended, which would never come back. It reports
+    the published result (pod 0, whose report the operator reads) or that training finished, and the pod
+    exits 0. Storage errors are left to the recipe, which reports them with their reasons."""
+    from kubetune_trainer import publish
+    from kubetune_trainer.metrics import log_event
+    from kubetune_trainer.recipe import _success, write_termination_message
+    from kubetune_trainer.storage import Storage, make_client
+
+    try:
+        already = publish.published(Storage(make_client(config.s3)), config.output.uri, config.job.uid)
+    except Exception:  # the recipe reads the same objects and reports what failed, with its reason
+        return False
+    if already is None:
+        return False
+    record, manifest = already
+    log_event("already_published", every_rank=True, node_rank=node_rank, uri=record.uri)
+    mine = record if node_rank == 0 else None
+    write_termination_message(
+        _success(mine, manifest.get("metrics") or {}, manifest.get("progress") or {}, {}, None)
+    )
+    return True
+
+
 def launch_group(settings: GroupSettings, per_pod: int, on_gpu: bool, run_id: str) -> int:
     """Run this pod's ``per_pod`` workers as part of the group; returns the pod's exit code and writes its
     termination message."""
