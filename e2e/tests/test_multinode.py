@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,7 +240,7 @@ def test_pods_of_an_indexed_job_resolve_each_other_by_name(
 
 # --- real training (needs the trainer's multi-node launcher) -----------------------------------------------
 
-STEPS = 8
+STEPS = 24
 TRAIN_ENV = [{"name": "KUBETUNE_MICRO_BATCH_TOKENS", "value": "128"}]
 HYPERPARAMETERS = {
     "maxSteps": STEPS,
@@ -396,6 +397,22 @@ def _listening(ip: str, port: int) -> bool:
         return s.connect_ex((ip, port)) == 0
 
 
+def checkpointed_at(cluster: ClusterInfo, ns: str, name: str, step: int, timeout: float) -> None:
+    """Wait until the log of the pod with completion index 0 shows a checkpoint of ``step`` or later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log in (Path(cluster.dir) / "pods" / ns).glob(f"{name}-trainer-0-*/logs/trainer.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if '"checkpoint"' not in line or not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("event") == "checkpoint" and event.get("step", 0) >= step:
+                        return
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of step {step} from {name}'s pod 0 in {timeout} s")
+
+
 def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
     cluster: ClusterInfo, kube: KubeClient, operator: Any, mn_buckets: S3Server, reference: JSON
 ) -> None:
@@ -413,12 +430,9 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
         peerTimeoutSeconds=20,
     )
     kube.create(ftj_path(ns), manifest)
-    kube.wait_for(
-        ftj_path(ns, name),
-        lambda o: (o.get("status", {}).get("progress") or {}).get("step", 0) >= 3,
-        timeout=600,
-        what="the group to pass step 2",
-    )
+    # Killed mid-run: right after rank 0 logs its checkpoint of step 3 (the status is scraped every few
+    # seconds, later than that), with most of the 24 steps still to go.
+    checkpointed_at(cluster, ns, name, step=3, timeout=600)
     victim = wait_pod(
         kube,
         ns,
