@@ -155,13 +155,21 @@ class KubeClient:
             if e.status != 409:
                 raise
         name = manifest["metadata"]["name"]
-        current = self.get(f"{path}/{name}")
-        manifest = dict(manifest)
-        manifest["metadata"] = {
-            **manifest["metadata"],
-            "resourceVersion": current["metadata"]["resourceVersion"],
-        }
-        return self.replace(f"{path}/{name}", manifest)
+        # A controller may write the object between the read and the replace (409 again): read it again, as
+        # kubectl's client-side apply does.
+        for attempt in range(5):
+            current = self.get(f"{path}/{name}")
+            replacing = dict(manifest)
+            replacing["metadata"] = {
+                **manifest["metadata"],
+                "resourceVersion": current["metadata"]["resourceVersion"],
+            }
+            try:
+                return self.replace(f"{path}/{name}", replacing)
+            except ApiError as e:
+                if e.status != 409 or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     def server_side_apply(self, path: str, manifest: JSON, manager: str = "kubetune-e2e") -> JSON:
         """``kubectl apply --server-side --force-conflicts``: ``path`` is the collection, the name comes from
