@@ -409,7 +409,7 @@ def checkpointed_at(cluster: ClusterInfo, ns: str, name: str, step: int, timeout
                     event = json.loads(line)
                     if event.get("event") == "checkpoint" and event.get("step", 0) >= step:
                         return
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise AssertionError(f"no checkpoint of step {step} from {name}'s pod 0 in {timeout} s")
 
 
@@ -430,20 +430,22 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
         peerTimeoutSeconds=20,
     )
     kube.create(ftj_path(ns), manifest)
-    # Killed mid-run: right after rank 0 logs its checkpoint of step 3 (the status is scraped every few
-    # seconds, later than that), with most of the 24 steps still to go.
-    checkpointed_at(cluster, ns, name, step=3, timeout=600)
     victim = wait_pod(
         kube,
         ns,
         f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer",
         lambda p: (
-            p["metadata"].get("annotations", {}).get(INDEX) == "1" and p["status"].get("phase") == "Running"
+            p["metadata"].get("annotations", {}).get(INDEX) == "1"
+            and p["status"].get("phase") == "Running"
+            and bool(p["status"].get("containerStatuses"))
         ),
-        timeout=120,
+        timeout=300,
         what="the pod with completion index 1 running",
     )
     pid = int(victim["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
+    # Killed mid-run: the moment rank 0 logs its checkpoint of step 3, with most of the 24 steps to go (on an
+    # idle machine the tiny model runs a step in well under a second, faster than the status is scraped).
+    checkpointed_at(cluster, ns, name, step=3, timeout=600)
     os.killpg(pid, signal.SIGKILL)
     pod_ips = {p["status"]["podIP"] for p in job_pods(kube, ns, name) if p["status"].get("podIP")}
 

@@ -24,8 +24,10 @@ def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     from kubetune_devtools.tiny import save_tiny_model
 
     client = s3.client()
-    for bucket in ("models", "datasets", "adapters"):
-        client.create_bucket(Bucket=bucket)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in ("models", "datasets", "adapters"):  # shared by the modules that train on the node agent
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
     upload_directory(client, save_tiny_model(tmp_path_factory.mktemp("tiny-model")), "models", "tiny/")
     client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=to_jsonl(instruction_dataset(48)))
     pairs = preference_dataset()
@@ -45,7 +47,9 @@ def run_to_the_end(cluster: ClusterInfo, kube: KubeClient, ns: str, manifest: JS
     try:
         done = kube.wait_for(ftj_path(ns, name), finished, timeout=420, what=f"{name} to finish")
     finally:
-        pods = pods_of(kube, ns, f"kubetune.io/job-name={name}")
+        # The trainer pods' logs, oldest first (the validation pod's is not one of them).
+        pods = pods_of(kube, ns, f"kubetune.io/job-name={name},app.kubernetes.io/component=trainer")
+        pods.sort(key=lambda pod: pod["metadata"]["creationTimestamp"])
         logs = [container_log(cluster, ns, pod["metadata"]["name"], "trainer") for pod in pods]
         for pod, log in zip(pods, logs, strict=True):
             print(f"--- trainer log {pod['metadata']['name']} ---")

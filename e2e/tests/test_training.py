@@ -34,8 +34,10 @@ def buckets(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     from kubetune_devtools.tiny import save_tiny_model
 
     client = s3.client()
-    for bucket in ("models", "datasets", "adapters"):
-        client.create_bucket(Bucket=bucket)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in ("models", "datasets", "adapters"):  # shared by the modules that train on the node agent
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
     upload_directory(client, save_tiny_model(tmp_path_factory.mktemp("tiny-model")), "models", "tiny/")
     client.put_object(Bucket="datasets", Key="chat/train.jsonl", Body=to_jsonl(instruction_dataset(48)))
     return s3
