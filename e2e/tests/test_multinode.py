@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -397,20 +397,20 @@ def _listening(ip: str, port: int) -> bool:
         return s.connect_ex((ip, port)) == 0
 
 
-def checkpointed_at(cluster: ClusterInfo, ns: str, name: str, step: int, timeout: float) -> None:
-    """Wait until the log of the pod with completion index 0 shows a checkpoint of ``step`` or later."""
+def checkpointed_at(buckets: S3Server, name: str, step: int, timeout: float) -> None:
+    """Wait until the group has committed a checkpoint of ``step`` or later: its manifest, written last, is in
+    S3 (what the trainer's resume reads, and sooner than a log line relayed through the elastic agent)."""
+    client = buckets.client()
+    pattern = re.compile(rf"^{re.escape(name)}/checkpoints/step-(\d+)/manifest\.json$")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for log in (Path(cluster.dir) / "pods" / ns).glob(f"{name}-trainer-0-*/logs/trainer.log"):
-            for line in log.read_text(errors="replace").splitlines():
-                if '"checkpoint"' not in line or not line.startswith("{"):
-                    continue
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if event.get("event") == "checkpoint" and event.get("step", 0) >= step:
-                        return
+        listed = client.list_objects_v2(Bucket="mn-adapters", Prefix=f"{name}/checkpoints/")
+        for item in listed.get("Contents", []):
+            found = pattern.match(item["Key"])
+            if found and int(found.group(1)) >= step:
+                return
         time.sleep(0.02)
-    raise AssertionError(f"no checkpoint of step {step} from {name}'s pod 0 in {timeout} s")
+    raise AssertionError(f"no checkpoint of step {step} from {name} in {timeout} s")
 
 
 def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
@@ -443,9 +443,9 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
         what="the pod with completion index 1 running",
     )
     pid = int(victim["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
-    # Killed mid-run: the moment rank 0 logs its checkpoint of step 3, with most of the 24 steps to go (on an
-    # idle machine the tiny model runs a step in well under a second, faster than the status is scraped).
-    checkpointed_at(cluster, ns, name, step=3, timeout=600)
+    # Killed mid-run: the moment the group's checkpoint of step 3 is committed, with most of the 24 steps
+    # to go (the tiny model runs a step in well under a second, faster than the status is scraped).
+    checkpointed_at(mn_buckets, name, step=3, timeout=600)
     os.killpg(pid, signal.SIGKILL)
     pod_ips = {p["status"]["podIP"] for p in job_pods(kube, ns, name) if p["status"].get("podIP")}
 
