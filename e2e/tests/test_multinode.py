@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -397,6 +398,19 @@ def _listening(ip: str, port: int) -> bool:
         return s.connect_ex((ip, port)) == 0
 
 
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process under it."""
+    from kubetune_trainer.group import child_processes
+
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(child_processes(pid))
+    return found
+
+
 def checkpointed_at(buckets: S3Server, name: str, step: int, timeout: float) -> None:
     """Wait until the group has committed a checkpoint of ``step`` or later: its manifest, written last, is in
     S3 (what the trainer's resume reads, and sooner than a log line relayed through the elastic agent)."""
@@ -446,7 +460,11 @@ def test_a_group_that_loses_a_pod_resumes_from_its_checkpoint(
     # Killed mid-run: the moment the group's checkpoint of step 3 is committed, with most of the 24 steps
     # to go (the tiny model runs a step in well under a second, faster than the status is scraped).
     checkpointed_at(mn_buckets, name, step=3, timeout=600)
-    os.killpg(pid, signal.SIGKILL)
+    # The whole container, as the kernel kills a cgroup: the launcher and its workers (the elastic agent
+    # starts each worker in a session of its own, so the launcher's process group alone is not all of it).
+    for victim_pid in sorted(process_tree(pid), reverse=True):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim_pid, signal.SIGKILL)
     pod_ips = {p["status"]["podIP"] for p in job_pods(kube, ns, name) if p["status"].get("podIP")}
 
     done = kube.wait_for(
