@@ -13,6 +13,27 @@ from kubetune_operator.models import FineTuneJob
 from kubetune_trainer import contract
 
 TRAINER_UID = 1000
+
+
+def container_security_context() -> dict[str, Any]:
+    """The hardened container every pod the operator creates runs (restricted Pod Security level)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod-level half of the same: the trainer image's non-root user, the runtime's seccomp profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 HF_HOME = contract.DEFAULT_WORK_DIR + "/hf"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 AWS_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
@@ -292,23 +313,12 @@ def build_trainer_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any
         "volumeMounts": mounts,
         "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }

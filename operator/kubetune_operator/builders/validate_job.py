@@ -18,7 +18,13 @@ from typing import Any
 
 from kubetune_operator import labels
 from kubetune_operator.builders.common import child_metadata, spec_of
-from kubetune_operator.builders.trainer_job import TRAINER_UID, _env, pvc_claim, trainer_image
+from kubetune_operator.builders.trainer_job import (
+    _env,
+    container_security_context,
+    pod_security_context,
+    pvc_claim,
+    trainer_image,
+)
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.models import FineTuneJob
 from kubetune_trainer import contract
@@ -65,23 +71,12 @@ def build_validate_job(job: FineTuneJob, config: OperatorConfig) -> dict[str, An
         "volumeMounts": mounts,
         "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }
